@@ -1,0 +1,306 @@
+"""The engine interface and the plain-Python types that cross it.
+
+Nothing here imports mlx or torch. What crosses the boundary is ints, lists of
+ints, floats, str, numpy arrays (for logits) and the small frozen dataclasses
+below — never an mx.array or a torch.Tensor.
+
+Shared algorithms that need a model but not a framework (streaming text,
+context checks, log-likelihood scoring over KV sessions) live here once, as
+template methods; each engine supplies only the small framework-facing pieces.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad model, bad data, not enough memory...).
+
+    The CLI prints these as one line, without a traceback.
+    """
+
+
+# ---------------------------------------------------------------- plain types
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: every engine does the same work
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One generated token, timed after the device really computed it."""
+
+    token: int
+    text: str  # the new text this token completes (may be "" mid-character)
+    time_s: float  # time.perf_counter() after synchronising the device
+    from_draft: bool = False  # accepted from a speculative draft
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    current_bytes: int | None
+    peak_bytes: int | None
+    source: str  # e.g. "mx.get_peak_memory", "torch.cuda.max_memory_allocated", "process peak RSS"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    backend: str
+    path: str
+    architecture: str
+    model_type: str
+    parameters: int
+    dtype: str
+    device: str
+    weight_bytes: int
+    # bytes one decode step reads: all weights except the input embedding table
+    # (a lookup reads one row), unless it is tied to the output head.
+    decode_bytes_per_token: int
+    vocab_size: int
+    context_length: int
+    quantization: str | None = None
+    versions: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- KV sessions
+
+
+class KVSession(ABC):
+    """A model plus its KV cache: feed tokens, read logits, roll back.
+
+    Speculative decoding and log-likelihood scoring are written once on top of
+    this (see backends/speculation.py and Backend.score).
+    """
+
+    length: int = 0  # tokens in the cache
+
+    @abstractmethod
+    def feed(self, ids: Sequence[int], keep: int = 0) -> np.ndarray:
+        """Append `ids` to the cache; return float32 logits [n, vocab] for the
+        last `keep` positions (all positions when keep == 0)."""
+
+    @abstractmethod
+    def crop(self, length: int) -> None:
+        """Forget everything after the first `length` tokens."""
+
+
+# ---------------------------------------------------------------- streaming text
+
+
+class IncrementalDetokenizer:
+    """Turns a token stream into text pieces.
+
+    Decodes the tokens of the current line together (SentencePiece drops a
+    leading space when a token is decoded alone) and holds text back while it
+    ends in an incomplete UTF-8 character (U+FFFD), like transformers'
+    TextStreamer; the cost per token is one decode of the current line.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.line: list[int] = []
+        self.emitted = 0
+
+    def add(self, token: int) -> str:
+        self.line.append(token)
+        text = self.tokenizer.decode(self.line, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self.emitted :]
+        if text.endswith("\n"):
+            self.line, self.emitted = [], 0
+        else:
+            self.emitted = len(text)
+        return piece
+
+
+# ---------------------------------------------------------------- the interface
+
+
+class Backend(ABC):
+    """One loaded model on one engine.
+
+    Engines implement: `load`, `_token_stream`, `session`, `memory`,
+    `reset_peak_memory`, `info`. Everything else is shared here.
+    """
+
+    name: str = "?"
+    tokenizer = None  # a transformers tokenizer, loaded from the model folder
+    eos_ids: frozenset = frozenset()
+    context_length: int = 0
+    vocab_size: int = 0
+
+    # -- engine-specific ---------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: Path, *, device: str | None = None, dtype: str | None = None,
+             trust_remote_code: bool = False, quantize: str | None = None,
+             group_size: int = 64) -> "Backend":
+        """Load an HF-format folder (config.json + safetensors + tokenizer)."""
+
+    @abstractmethod
+    def _token_stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
+        """Yield up to gen.max_tokens token ids (no EOS handling), each only once
+        the device has computed it."""
+
+    @abstractmethod
+    def session(self) -> KVSession:
+        """A fresh KV session on this model."""
+
+    @abstractmethod
+    def memory(self) -> MemoryStats: ...
+
+    @abstractmethod
+    def reset_peak_memory(self) -> None: ...
+
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    def close(self) -> None:
+        """Free the model's memory (engines override when they hold device caches)."""
+
+    def memory_bandwidth(self) -> tuple[float | None, str]:
+        """(GB/s, source) of the memory the weights are read from during decode.
+
+        Apple GPUs: the chip's published figure; CPUs: measured here. Engines
+        with other devices (CUDA) override this.
+        """
+        from backends import host
+
+        if getattr(self, "device", "cpu") in ("gpu", "mps"):
+            chip = host.chip_name()
+            value = host.apple_bandwidth_gbs(chip)
+            return value, f"published figure for {chip}" if value else f"unknown chip {chip!r}"
+        return host.measured_read_bandwidth_gbs(), "measured host read bandwidth (best of 5, all cores)"
+
+    # -- shared -------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if not self.has_chat_template:
+            raise UserError("this model has no chat template")
+        out = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in transformers 5
+            out = out["input_ids"]
+        return list(out)
+
+    def check_fits(self, n_prompt: int, max_tokens: int = 0) -> None:
+        if n_prompt == 0:
+            raise UserError("the prompt is empty")
+        if n_prompt + max_tokens > self.context_length:
+            raise UserError(
+                f"prompt of {n_prompt} tokens + {max_tokens} new tokens is longer than "
+                f"the model's context of {self.context_length} tokens")
+
+    def stream(self, prompt_ids: list[int], gen: GenerationConfig, *,
+               draft: "Backend | None" = None, num_draft: int = 4) -> Iterator[Chunk]:
+        """Generate from `prompt_ids`, one Chunk per token.
+
+        Stops at EOS (unless gen.ignore_eos; the EOS token itself is not
+        yielded) or after gen.max_tokens. With `draft`, tokens come from
+        speculative decoding (lossless: same distribution as without).
+        """
+        self.check_fits(len(prompt_ids), gen.max_tokens)
+        if draft is not None:
+            from backends.speculation import speculative_tokens
+            tokens = speculative_tokens(self, draft, list(prompt_ids), gen, num_draft)
+        else:
+            tokens = ((t, False) for t in self._token_stream(list(prompt_ids), gen))
+        detok = IncrementalDetokenizer(self.tokenizer)
+        try:
+            for n, (token, from_draft) in enumerate(tokens):
+                now = time.perf_counter()
+                if token in self.eos_ids and not gen.ignore_eos:
+                    break
+                yield Chunk(token, detok.add(token), now, from_draft)
+                if n + 1 >= gen.max_tokens:
+                    break
+        finally:
+            close = getattr(tokens, "close", None)
+            if close:
+                close()
+
+    def generate(self, prompt_ids: list[int], gen: GenerationConfig, **kw) -> list[int]:
+        return [c.token for c in self.stream(prompt_ids, gen, **kw)]
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 next-token logits [len(ids), vocab], for parity checks."""
+        return self.session().feed(list(ids))
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """Log-likelihood of each continuation given its context.
+
+        lm-evaluation-harness semantics: trailing spaces of the context move to
+        the continuation; the continuation's tokens are those of
+        tokenize(context + continuation) past tokenize(context). Returns
+        (sum of log-probabilities, whether every token was the argmax).
+        Pairs sharing a context reuse its KV cache.
+        """
+        encoded = [self.encode_pair(c, x) for c, x in pairs]
+        return score_encoded(self, encoded)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n_spaces = len(context) - len(context.rstrip(" "))
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.tokenize(context + continuation)
+        ctx = self.tokenize(context)
+        return whole[: len(ctx)], whole[len(ctx):]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def score_encoded(backend: Backend, encoded: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """Score (context ids, continuation ids) pairs; a context shared by
+    consecutive pairs is fed once and its cache cropped back after each
+    continuation."""
+    results: list[tuple[float, bool]] = []
+    session, current_ctx, ctx_logits = None, None, None
+    for ctx, cont in encoded:
+        if not cont:
+            raise UserError("empty continuation")
+        if not ctx:  # lm-eval: an empty context is conditioned on EOS/BOS
+            ctx = [next(iter(backend.eos_ids))]
+        backend.check_fits(len(ctx) + len(cont) - 1)
+        if ctx != current_ctx:
+            session = backend.session()
+            ctx_logits = session.feed(ctx, keep=1)[-1]
+            current_ctx = ctx
+        logits = [ctx_logits]
+        if len(cont) > 1:
+            logits.extend(session.feed(cont[:-1]))
+            session.crop(len(ctx))
+        logp = log_softmax(np.stack(logits))
+        total = float(sum(logp[i, t] for i, t in enumerate(cont)))
+        greedy = all(int(np.argmax(logp[i])) == t for i, t in enumerate(cont))
+        results.append((total, greedy))
+    return results

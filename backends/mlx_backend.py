@@ -1,0 +1,150 @@
+"""MLX engine: mlx-lm models on Metal (Apple Silicon) or the CPU."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import _get_classes, get_total_parameters, load_model
+from transformers import AutoTokenizer
+
+from backends import hf_folder
+from backends.base import Backend, GenerationConfig, KVSession, MemoryStats, ModelInfo, UserError
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def default_device() -> str:
+    return "gpu" if mx.metal.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    # The GPU runs what the weights are published in (bf16 for all four models);
+    # the CPU runs float32 (exact, and what the torch engine uses there too).
+    return "bfloat16" if device == "gpu" else "float32"
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+class MLXSession(KVSession):
+    def __init__(self, backend: "MLXBackend"):
+        self.model = backend.model
+        self.cache = make_prompt_cache(backend.model)
+        self.length = 0
+
+    def feed(self, ids: Sequence[int], keep: int = 0) -> np.ndarray:
+        logits = self.model(mx.array([list(ids)]), cache=self.cache)[0]
+        if keep:
+            logits = logits[-keep:]
+        self.length += len(ids)
+        return np.array(logits.astype(mx.float32))
+
+    def crop(self, length: int) -> None:
+        if length < self.length:
+            trim_prompt_cache(self.cache, self.length - length)
+            self.length = length
+
+
+class MLXBackend(Backend):
+    name = "mlx"
+
+    def __init__(self, model, tokenizer, path: Path, config: dict, device: str, dtype: str,
+                 quantization: str | None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.quantization = quantization
+        self.eos_ids = hf_folder.eos_ids(path, tokenizer)
+        self.context_length = hf_folder.context_length(config)
+        self.vocab_size = int(config.get("vocab_size") or tokenizer.vocab_size)
+
+    @classmethod
+    def load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
+             quantize=None, group_size=64) -> "MLXBackend":
+        device = device or default_device()
+        if device not in ("gpu", "cpu"):
+            raise UserError(f"unknown MLX device {device!r}; choose gpu or cpu")
+        if device == "gpu" and not mx.metal.is_available():
+            raise UserError("MLX has no GPU here (Metal is only on Apple Silicon); use --device cpu")
+        mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        dtype = dtype or default_dtype(device)
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        path = Path(path)
+        config = hf_folder.read_config(path)
+        try:
+            _get_classes(config)
+        except ValueError as e:
+            raise UserError(f"the MLX engine (mlx-lm {_version('mlx-lm')}) cannot load architecture "
+                            f"{(config.get('architectures') or ['?'])[0]} ({e})") from None
+        hf_folder.safetensors_files(path)  # clear error before mlx-lm's
+        model, config = load_model(path, lazy=True, trust_remote_code=trust_remote_code)
+        quantization = None
+        if "quantization" in config:  # an mlx-lm quantized folder: keep its packed weights
+            q = config["quantization"]
+            quantization = f"int{q['bits']} (group {q['group_size']}, from folder)"
+        # set_dtype casts floating parameters only: packed quantized weights stay as they are.
+        model.set_dtype(DTYPES[dtype])
+        if quantize:
+            from backends.mlx_quant import quantize_model
+            quantization = quantize_model(model, quantize, group_size)
+        mx.eval(model.parameters())
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, path, config, device, dtype, quantization)
+
+    def _token_stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
+        if gen.seed is not None:
+            mx.random.seed(gen.seed)
+        sampler = make_sampler(temp=gen.temperature, top_p=gen.top_p if gen.top_p < 1.0 else 0.0)
+        # generate_step yields token.item(): the device has computed the token by then.
+        for token, _ in generate_step(mx.array(prompt_ids), self.model, max_tokens=gen.max_tokens,
+                                      sampler=sampler):
+            yield token
+
+    def session(self) -> MLXSession:
+        return MLXSession(self)
+
+    def memory(self) -> MemoryStats:
+        return MemoryStats(mx.get_active_memory(), mx.get_peak_memory(), "mx.get_peak_memory")
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
+    def info(self) -> ModelInfo:
+        leaves = tree_flatten(self.model.parameters())
+        weight_bytes = sum(v.nbytes for _, v in leaves)
+        embed_bytes = 0
+        if not self.config.get("tie_word_embeddings", False):
+            embed = next((m for _, m in self.model.named_modules()
+                          if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))), None)
+            if embed is not None:
+                embed_bytes = sum(v.nbytes for _, v in tree_flatten(embed.parameters()))
+        return ModelInfo(
+            backend=self.name, path=str(self.path),
+            architecture=(self.config.get("architectures") or ["?"])[0],
+            model_type=self.config.get("model_type", "?"),
+            parameters=get_total_parameters(self.model),
+            dtype=self.dtype, device=self.device, weight_bytes=weight_bytes,
+            decode_bytes_per_token=weight_bytes - embed_bytes, vocab_size=self.vocab_size,
+            context_length=self.context_length, quantization=self.quantization,
+            versions={"mlx": _version("mlx"), "mlx-lm": _version("mlx-lm")})
+
+    def close(self) -> None:
+        self.model = None
+        mx.clear_cache()

@@ -1,0 +1,189 @@
+"""PyTorch engine: transformers models on CUDA, MPS or CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from backends import hf_folder, host
+from backends.base import Backend, GenerationConfig, KVSession, MemoryStats, ModelInfo, UserError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_dtype(device: str) -> str:
+    # bf16 on CUDA (what the weights are published in), fp16 on MPS (fast
+    # there), fp32 on CPU (exact; the one dtype both engines agree on).
+    return {"cuda": "bfloat16", "mps": "float16"}.get(device.split(":")[0], "float32")
+
+
+def check_device(device: str) -> None:
+    kind = device.split(":")[0]
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if kind not in ok:
+        raise UserError(f"unknown torch device {device!r}; choose cuda, mps or cpu")
+    if not ok[kind]:
+        found = [k for k, v in ok.items() if v]
+        raise UserError(f"torch device {kind!r} is not available here; available: {', '.join(found)}")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Greedy when temperature == 0, else temperature + nucleus sampling. logits: [1, vocab]."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        return order.gather(-1, torch.multinomial(sorted_p, 1)).squeeze(-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+class TorchSession(KVSession):
+    def __init__(self, backend: "TorchBackend"):
+        self.backend = backend
+        self.cache = DynamicCache(config=backend.model.config)
+        self.length = 0
+
+    @torch.inference_mode()
+    def feed(self, ids: Sequence[int], keep: int = 0) -> np.ndarray:
+        inp = torch.tensor([list(ids)], device=self.backend.device)
+        out = self.backend.model(input_ids=inp, cache=self.cache, use_cache=True, logits_to_keep=keep)
+        self.length += len(ids)
+        return out.logits[0].float().cpu().numpy()
+
+    def crop(self, length: int) -> None:
+        if length < self.length:
+            self.cache.crop(length - self.length)  # transformers 5: a negative count removes tokens
+            self.length = length
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model, tokenizer, path: Path, device: str, dtype: str, quantization: str | None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.device = device
+        self.dtype = dtype
+        self.quantization = quantization
+        self.eos_ids = hf_folder.eos_ids(path, tokenizer)
+        self.context_length = hf_folder.context_length(model.config.to_dict())
+        self.vocab_size = int(model.config.vocab_size)
+
+    @classmethod
+    def load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
+             quantize=None, group_size=64) -> "TorchBackend":
+        device = device or default_device()
+        check_device(device)
+        dtype = dtype or default_dtype(device)
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (ValueError, KeyError) as e:
+            arch = hf_folder.read_config(path).get("architectures") or ["?"]
+            raise UserError(f"the torch engine (transformers {transformers.__version__}) cannot load "
+                            f"architecture {arch[0]}: {str(e).splitlines()[0]}") from None
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+            use_safetensors=True)
+        model.to(device).eval()
+        quantization = None
+        if quantize:
+            from backends.torch_quant import quantize_model
+            quantization = quantize_model(model, quantize, group_size, device)
+        return cls(model, tokenizer, Path(path), device, dtype, quantization)
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elif self.device == "mps":
+            torch.mps.synchronize()
+
+    @torch.inference_mode()
+    def _token_stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
+        if gen.seed is not None:
+            torch.manual_seed(gen.seed)
+        cache = DynamicCache(config=self.model.config)
+        inp = torch.tensor([prompt_ids], device=self.device)
+        # Prefill computes the output head for the last position only, as generate() does.
+        logits = self.model(input_ids=inp, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        for n in range(gen.max_tokens):
+            token = sample(logits, gen.temperature, gen.top_p)
+            yield int(token.item())  # .item() waits for the device: the timestamp is honest
+            if n + 1 == gen.max_tokens:
+                break
+            logits = self.model(input_ids=token.view(1, 1), cache=cache, use_cache=True).logits[:, -1, :]
+
+    def session(self) -> TorchSession:
+        return TorchSession(self)
+
+    def memory(self) -> MemoryStats:
+        if self.device.startswith("cuda"):
+            return MemoryStats(torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(),
+                               "torch.cuda.max_memory_allocated")
+        if self.device == "mps":
+            # MPS keeps no peak counter: report what the driver holds now.
+            return MemoryStats(torch.mps.current_allocated_memory(), torch.mps.driver_allocated_memory(),
+                               "torch.mps.driver_allocated_memory (current, no peak counter)")
+        return MemoryStats(host.current_rss_bytes(), host.peak_rss_bytes(), "process peak RSS")
+
+    def reset_peak_memory(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        elif self.device == "cpu":
+            host.reset_peak_rss()
+
+    def info(self) -> ModelInfo:
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        params = sum(p.numel() for p in self.model.parameters())
+        embed = self.model.get_input_embeddings().weight
+        tied = self.model.get_output_embeddings().weight.data_ptr() == embed.data_ptr()
+        embed_bytes = 0 if tied else embed.numel() * embed.element_size()
+        config = self.model.config
+        return ModelInfo(
+            backend=self.name, path=str(self.path), architecture=(config.architectures or ["?"])[0],
+            model_type=config.model_type, parameters=params, dtype=self.dtype, device=self.device,
+            weight_bytes=weight_bytes, decode_bytes_per_token=weight_bytes - embed_bytes,
+            vocab_size=self.vocab_size, context_length=self.context_length, quantization=self.quantization,
+            versions={"torch": torch.__version__, "transformers": transformers.__version__})
+
+    def memory_bandwidth(self) -> tuple[float | None, str]:
+        if not self.device.startswith("cuda"):
+            return super().memory_bandwidth()
+        # device-to-device copy of 1 GiB reads and writes it once each
+        x = torch.empty(2**28, dtype=torch.float32, device=self.device)
+        y = torch.empty_like(x)
+        best = 0.0
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            y.copy_(x)
+            end.record()
+            torch.cuda.synchronize()
+            best = max(best, 2 * x.nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
+        del x, y
+        return best, f"measured device copy bandwidth on {torch.cuda.get_device_name()}"
+
+    def close(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

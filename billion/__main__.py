@@ -1,0 +1,3 @@
+from billion.cli import main
+
+main()

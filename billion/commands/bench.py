@@ -1,0 +1,108 @@
+"""`billion bench`: speed and memory per engine, side by side, with a parity check."""
+
+from __future__ import annotations
+
+import time
+
+import click
+from rich.table import Table
+
+from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
+
+
+@click.command()
+@model_options
+@click.option("--prompt-tokens", "-p", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--gen-tokens", "-n", type=click.IntRange(2), default=128, show_default=True)
+@click.option("--runs", "-r", type=click.IntRange(1), default=3, show_default=True, help="Timed runs (median reported).")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt.")
+@click.option("--parity/--no-parity", default=True, show_default=True,
+              help="With several engines: compare their logits on the same tokens.")
+@results_option
+def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity, results_dir, **opts):
+    """Prefill and decode speed, time to first token and peak memory.
+
+    Random prompt tokens, EOS ignored, greedy: every engine does the same work. With
+    --backend all, engines run one after the other on the same weights and a parity
+    check compares their next-token distributions teacher-forced on the same tokens.
+    """
+    from billion import bench as task
+    from billion.compare import parity as parity_check, ratios
+    from billion.results import make_record, write_record
+
+    cfg = task.BenchConfig(prompt_tokens, gen_tokens, runs, warmup, seed)
+    names = engines(backend)
+    done, parity_data, parity_seq = {}, {}, None
+    interrupted = False
+    for name in names:
+        started = time.time()
+        with loaded(name, model, **load_kwargs(opts)) as b:
+            info = b.info()
+            console.print(f"[bold]{name}[/]: {info.architecture}, {info.parameters / 1e9:.2f}B parameters, "
+                          f"{info.dtype} on {info.device}" + (f", {info.quantization}" if info.quantization else ""))
+
+            def progress(kind, i, run):
+                if run:
+                    console.print(f"  run {i}/{runs}: TTFT {run.ttft_s:.3f} s, decode {run.decode_tps:.2f} tok/s")
+                else:
+                    console.print(f"  warm-up {i}/{warmup} done")
+
+            result = task.run_bench(b, cfg, on_run=progress)
+            metrics = dict(result.metrics)
+            if parity and len(names) > 1 and result.runs and not result.interrupted:
+                if parity_seq is None:  # every engine is scored on the first engine's tokens
+                    parity_seq = task.random_prompt(b.vocab_size, prompt_tokens, seed) + result.runs[0].tokens
+                with console.status(f"parity: {name} logits on {len(parity_seq)} tokens..."):
+                    try:
+                        parity_data[name] = (b.logits(parity_seq), result.runs[0].tokens)
+                    except KeyboardInterrupt:
+                        result.interrupted = True
+            status = "interrupted" if result.interrupted else "complete"
+            record = make_record("bench", name, model, {**task.config_dict(cfg), **load_kwargs(opts)}, metrics,
+                                 started=started, status=status,
+                                 extra={"model_info": info.__dict__, "runs": [r.__dict__ for r in result.runs]})
+            path = write_record(record, results_dir)
+            console.print(f"  record: {path}")
+            done[name] = metrics
+            if result.interrupted:
+                interrupted = True
+                break
+
+    _print_table(model, done)
+    if len(done) > 1:
+        first, *others = list(done)
+        for other in others:
+            r = ratios(done[first], done[other])
+            console.print(f"ratios {other}/{first}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
+        if done[first].get("memory_source") != done[others[0]].get("memory_source"):
+            console.print("peak memory: different counters per engine, shown side by side, not divided")
+    if len(parity_data) > 1:
+        (a_name, (la, ta)), *rest = parity_data.items()
+        for b_name, (lb, tb) in rest:
+            p = parity_check(la, lb, ta, tb)
+            console.print(f"[bold]parity {a_name} vs {b_name}[/] ({p['positions']} positions, teacher-forced): "
+                          f"top-1 agreement {p['top1_agreement']:.1%}, max |Δlogit| {p['max_abs_logit_diff']:.2e}, "
+                          f"mean KL {p['mean_kl']:.2e}, max KL {p['max_kl']:.2e}, first greedy divergence: "
+                          f"{p['first_greedy_divergence'] if p['first_greedy_divergence'] is not None else 'none'}"
+                          f" in {p['greedy_tokens_compared']} tokens")
+            rec = make_record("parity", f"{a_name},{b_name}", model, {**task.config_dict(cfg), **load_kwargs(opts)},
+                              p, started=time.time())
+            console.print(f"  record: {write_record(rec, results_dir)}")
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def _print_table(model: str, done: dict) -> None:
+    table = Table(title=f"bench {model}")
+    for col in ("engine", "prefill tok/s", "TTFT s", "decode tok/s (min-max)", "% BW ceiling", "weights GB",
+                "peak GB (source)"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    for name, m in done.items():
+        frac = m.get("bandwidth_fraction")
+        table.add_row(
+            name, fmt(m.get("prefill_tps")), fmt(m.get("ttft_s"), 3),
+            f"{fmt(m.get('decode_tps'))} ({fmt(m.get('decode_tps_min'))}-{fmt(m.get('decode_tps_max'))})",
+            f"{frac:.0%}" if frac else "-", fmt(m["weight_gb"]),
+            f"{fmt(m['peak_memory_gb'])} ({m['memory_source']})")
+    console.print(table)

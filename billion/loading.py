@@ -1,0 +1,88 @@
+"""From a model spec to a loaded engine: find or build the folder, check it fits, load it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import backends
+from backends.base import Backend, UserError
+from backends import hf_folder, host
+from billion.models import ModelSpec, parse_spec
+
+# What a Hub download fetches: safetensors weights only (pickle weights can run code).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+
+BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def billion_home() -> Path:
+    return Path(os.environ.get("BILLION_HOME", Path.home() / ".cache" / "billion"))
+
+
+def synthetic_path(spec: ModelSpec) -> Path:
+    return billion_home() / "models" / f"{spec.kind}-{spec.card.alias}-v1"
+
+
+def model_folder(spec: ModelSpec | str, progress: bool = True) -> Path:
+    """The local HF-format folder for a spec: built, downloaded, or as given."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind == "folder":
+        hf_folder.read_config(spec.path)
+        return spec.path
+    if spec.kind in ("random", "tiny"):
+        from backends.synthetic import build_folder
+
+        return build_folder(synthetic_path(spec), spec.card.config, spec.card.family, tiny=spec.kind == "tiny")
+    return download(spec, progress)
+
+
+def download(spec: ModelSpec, progress: bool = True) -> Path:
+    """Fetch (or find in the HF cache) a Hub model; honours HF_HOME and HF_HUB_OFFLINE."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    alias = spec.card.alias if spec.card else None
+    offline_hint = f"; for speed and memory without the weights use random:{alias}" if alias else ""
+    (enable_progress_bars if progress else disable_progress_bars)()
+    try:
+        path = Path(snapshot_download(spec.hub_id, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise UserError(f"{spec.hub_id} is gated: accept its licence at https://huggingface.co/{spec.hub_id} "
+                        f"and log in with `hf auth login` (or set HF_TOKEN){offline_hint}") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"no model {spec.hub_id!r} on the Hub (or it is private: log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        raise UserError(f"the weights of {spec.hub_id} are not in the local Hugging Face cache "
+                        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and downloading is not possible "
+                        f"(offline){offline_hint}") from None
+    except OSError as e:  # network failures surface as requests/httpx OSErrors
+        raise UserError(f"could not download {spec.hub_id}: {e}{offline_hint}") from None
+    hf_folder.safetensors_files(path)
+    return path
+
+
+def check_memory(path: Path, dtype: str | None, engine: str, device: str | None) -> None:
+    """Refuse, before loading, a model whose weights cannot fit in memory."""
+    params = hf_folder.parameter_count(path)
+    per = BYTES_PER_DTYPE.get(dtype or "", 4)  # the CPU default is float32: assume the worst
+    need = params * per
+    if device and device.startswith("cuda"):
+        return  # the engine reports CUDA out-of-memory itself; host RAM is not the limit
+    have = host.available_memory_bytes()
+    if need * 1.1 > have:
+        raise UserError(f"{path.name} needs about {need / 1e9:.1f} GB for its weights in {dtype or 'float32'} "
+                        f"({params / 1e9:.2f}B parameters) but only {have / 1e9:.1f} GB of memory is available "
+                        f"to the {engine} engine; try --dtype bfloat16 or --quantize int8")
+
+
+def load(engine: str, spec: ModelSpec | str, *, device=None, dtype=None, trust_remote_code=False,
+         quantize=None, group_size=64, progress=True) -> Backend:
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    cls = backends.get(engine)  # fails early, naming the install command
+    path = model_folder(spec, progress)
+    if not quantize:
+        check_memory(path, dtype, engine, device)
+    return cls.load(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                    quantize=quantize, group_size=group_size)

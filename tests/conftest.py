@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny HF-format models built on the fly, loaded in both engines.
+
+Everything is offline and on the CPU. Synthetic folders are built once per test
+session in a private BILLION_HOME (never the user's cache).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+ENGINES = ["mlx", "torch"]
+FAMILIES = ["tinyllama", "llama-3.2-1b", "stablelm-2-1.6b", "pythia-1b"]
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def billion_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("billion_home")
+    os.environ["BILLION_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(billion_home):
+    """alias -> folder of the tiny model of that family (built once)."""
+    from billion.loading import model_folder
+
+    return lambda alias="tinyllama": model_folder(f"tiny:{alias}", progress=False)
+
+
+_loaded: dict = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_folder):
+    """(engine, alias) -> that tiny model loaded on the CPU in float32 (cached for the session)."""
+    import backends
+
+    def get(engine: str, alias: str = "tinyllama"):
+        key = (engine, alias)
+        if key not in _loaded:
+            _loaded[key] = backends.get(engine).load(tiny_folder(alias), device="cpu", dtype="float32")
+        return _loaded[key]
+
+    return get
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    return tmp_path / "results"
