@@ -135,7 +135,8 @@ def build_folder(out: Path, config: dict, family: str, *, tiny: bool, seed: int 
     config = dict(config)
     if tiny:
         config.update(TINY[config["model_type"]], vocab_size=1024, max_position_embeddings=512)
-        config.pop("head_dim", None)
+        if "head_dim" in config:
+            config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
         if config.get("rope_scaling"):  # llama3 scaling needs original context < context
             config["rope_scaling"] = dict(config["rope_scaling"], original_max_position_embeddings=128)
     _, eos, _, gen_eos, _ = SPECIALS[family]
@@ -173,6 +174,7 @@ def build_folder(out: Path, config: dict, family: str, *, tiny: bool, seed: int 
         config["billion_synthetic"] = {"kind": "tiny" if tiny else "random", "seed": seed,
                                        "note": "seeded random weights: measures speed and memory, not quality"}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tmp.chmod(0o755)  # mkdtemp makes it private
         os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
 from billion.commands import console
 
 
 @click.command()
 def models():
-    """List the registered models, their aliases and what they need."""
+    """List the registered models, their aliases and what they need.
+
+    Use an alias, the Hub id, random:<alias> (real architecture, random weights) or
+    tiny:<alias> (toy size) as --model.
+    """
     from billion.models import MODELS
 
-    table = Table(title="models (use the alias, the Hub id, random:<alias> or tiny:<alias>)")
-    for col in ("alias", "hub id", "params", "context", "architecture", "tokenizer", "licence", "drafts for"):
-        table.add_column(col)
     for c in MODELS.values():
-        aliases = c.alias + (f" ({', '.join(c.old_aliases)})" if c.old_aliases else "")
-        table.add_row(aliases, c.hub_id, f"{c.parameters / 1e9:.2f}B", f"{c.context_length:,}", c.architecture,
-                      c.tokenizer, c.licence, ", ".join(c.drafts_for))
-    console.print(table)
+        aliases = ", ".join((c.alias, *c.old_aliases))
+        console.print(f"[bold]{c.alias}[/]  {c.hub_id}")
+        console.print(f"  aliases: {aliases}")
+        console.print(f"  {c.parameters:,} parameters, {c.architecture}, context {c.context_length:,} tokens, "
+                      f"{'chat' if c.chat else 'base model (no chat template)'}")
+        console.print(f"  tokenizer: {c.tokenizer}")
+        console.print(f"  licence: {c.licence}")
+        if c.drafts_for:
+            console.print(f"  can draft for: {', '.join(c.drafts_for)}")
