@@ -95,14 +95,15 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
 
 def _print_table(model: str, done: dict) -> None:
     table = Table(title=f"bench {model}")
-    for col in ("engine", "prefill tok/s", "TTFT s", "decode tok/s (min-max)", "% BW ceiling", "weights GB",
-                "peak GB (source)"):
+    for col in ("engine", "prefill tok/s", "TTFT s", "decode tok/s", "min-max", "% BW", "weights GB", "peak GB"):
         table.add_column(col, justify="left" if col == "engine" else "right")
     for name, m in done.items():
         frac = m.get("bandwidth_fraction")
-        table.add_row(
-            name, fmt(m.get("prefill_tps")), fmt(m.get("ttft_s"), 3),
-            f"{fmt(m.get('decode_tps'))} ({fmt(m.get('decode_tps_min'))}-{fmt(m.get('decode_tps_max'))})",
-            f"{frac:.0%}" if frac else "-", fmt(m["weight_gb"]),
-            f"{fmt(m['peak_memory_gb'])} ({m['memory_source']})")
+        table.add_row(name, fmt(m.get("prefill_tps")), fmt(m.get("ttft_s"), 3), fmt(m.get("decode_tps")),
+                      f"{fmt(m.get('decode_tps_min'))}-{fmt(m.get('decode_tps_max'))}",
+                      f"{frac:.0%}" if frac else "-", fmt(m["weight_gb"]), fmt(m["peak_memory_gb"]))
     console.print(table)
+    for name, m in done.items():
+        console.print(f"  {name}: peak memory from {m['memory_source']}; bandwidth {fmt(m['bandwidth_gbs'])} GB/s "
+                      f"({m['bandwidth_source']}); % BW = decode tok/s / (bandwidth / "
+                      f"{fmt(m['decode_gb_per_token'], 3)} GB read per token)")
