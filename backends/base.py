@@ -251,17 +251,30 @@ class Backend(ABC):
         """float32 next-token logits [len(ids), vocab], for parity checks."""
         return self.session().feed(list(ids))
 
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+    def score(self, pairs: Sequence[tuple[str, str]], batch_size: int = 1) -> list[tuple[float, bool]]:
         """Log-likelihood of each continuation given its context.
 
         lm-evaluation-harness semantics: trailing spaces of the context move to
         the continuation; the continuation's tokens are those of
         tokenize(context + continuation) past tokenize(context). Returns
         (sum of log-probabilities, whether every token was the argmax).
-        Pairs sharing a context reuse its KV cache.
+        batch_size 1: pairs sharing a context reuse its KV cache; more: pairs
+        run as padded batches (score_batched).
         """
         encoded = [self.encode_pair(c, x) for c, x in pairs]
+        if batch_size > 1:
+            return score_batched(self, encoded, batch_size)
         return score_encoded(self, encoded)
+
+    def batch_logits(self, rows: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """float32 logits [len(positions[i]), vocab] of each row at its positions
+        (position p: the next-token logits after rows[i][:p + 1]).
+
+        Engines override this with one right-padded forward pass over all rows:
+        a causal model's logits at a position never see the padding after it,
+        so no attention mask is needed. This fallback runs the rows one by one.
+        """
+        return [self.session().feed(list(ids))[list(pos)] for ids, pos in zip(rows, positions)]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         n_spaces = len(context) - len(context.rstrip(" "))
@@ -303,4 +316,37 @@ def score_encoded(backend: Backend, encoded: Sequence[tuple[list[int], list[int]
         total = float(sum(logp[i, t] for i, t in enumerate(cont)))
         greedy = all(int(np.argmax(logp[i])) == t for i, t in enumerate(cont))
         results.append((total, greedy))
+    return results
+
+
+def score_batched(backend: Backend, encoded: Sequence[tuple[list[int], list[int]]],
+                  batch_size: int) -> list[tuple[float, bool]]:
+    """Score (context ids, continuation ids) pairs in padded batches, as
+    lm-evaluation-harness does: each pair is the row context + continuation[:-1];
+    pairs with the same row (one context with one-token continuations, such as
+    MMLU's " A" ... " D") share it; rows run longest first, batch_size at a time."""
+    rows: dict[tuple, list[int]] = {}  # row -> indices of the pairs it scores
+    fixed = []
+    for i, (ctx, cont) in enumerate(encoded):
+        if not cont:
+            raise UserError("empty continuation")
+        if not ctx:  # lm-eval: an empty context is conditioned on EOS/BOS
+            ctx = [next(iter(backend.eos_ids))]
+        row = tuple(ctx) + tuple(cont[:-1])
+        backend.check_fits(len(row))
+        rows.setdefault(row, []).append(i)
+        fixed.append((ctx, cont))
+    results: list = [None] * len(encoded)
+    order = sorted(rows, key=len, reverse=True)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        # positions whose next-token logits score some continuation of this row
+        positions = [sorted({p for i in rows[r] for p in range(len(fixed[i][0]) - 1, len(r))}) for r in chunk]
+        for r, pos, logits in zip(chunk, positions, backend.batch_logits([list(r) for r in chunk], positions)):
+            logp = dict(zip(pos, log_softmax(logits)))
+            for i in rows[r]:
+                ctx, cont = fixed[i]
+                steps = [logp[len(ctx) - 1 + k] for k in range(len(cont))]
+                results[i] = (float(sum(s[t] for s, t in zip(steps, cont))),
+                              all(int(np.argmax(s)) == t for s, t in zip(steps, cont)))
     return results

@@ -120,6 +120,16 @@ class MLXBackend(Backend):
     def session(self) -> MLXSession:
         return MLXSession(self)
 
+    def batch_logits(self, rows, positions) -> list[np.ndarray]:
+        # One right-padded forward pass, no cache (see Backend.batch_logits). mlx-lm
+        # projects every position to the vocabulary; only the asked-for rows are copied out.
+        width = max(len(r) for r in rows)
+        padded = mx.array([list(r) + [0] * (width - len(r)) for r in rows])
+        logits = self.model(padded)
+        out = [logits[i, mx.array(list(pos))].astype(mx.float32) for i, pos in enumerate(positions)]
+        mx.eval(out)
+        return [np.array(x) for x in out]
+
     def memory(self) -> MemoryStats:
         return MemoryStats(mx.get_active_memory(), mx.get_peak_memory(), "mx.get_peak_memory")
 

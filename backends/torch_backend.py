@@ -136,6 +136,17 @@ class TorchBackend(Backend):
     def session(self) -> TorchSession:
         return TorchSession(self)
 
+    @torch.inference_mode()
+    def batch_logits(self, rows, positions) -> list[np.ndarray]:
+        # One right-padded forward pass, no cache (see Backend.batch_logits); a 2-D
+        # logits_to_keep projects only the asked-for positions to the vocabulary
+        # (each row's list padded to the same length by repeating its last position).
+        width, count = max(len(r) for r in rows), max(len(p) for p in positions)
+        ids = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        keep = torch.tensor([list(p) + [p[-1]] * (count - len(p)) for p in positions], device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+        return [logits[i, : len(p)].float().cpu().numpy() for i, p in enumerate(positions)]
+
     def memory(self) -> MemoryStats:
         if self.device.startswith("cuda"):
             return MemoryStats(torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(),
