@@ -46,6 +46,11 @@ def test_bench_all_engines_writes_records_and_parity(results_dir):
     assert p["top1_agreement"] == 1.0 and p["first_greedy_divergence"] is None
     assert p["max_abs_logit_diff"] < 1e-4 and p["positions"] == 16
     assert "ratios torch/mlx" in r.output and "parity mlx vs torch" in r.output
+    # reports are rendered from the records alone
+    md = results_dir / "README.md"
+    assert run("report", str(results_dir), "--markdown", str(md)).exit_code == 0
+    text = md.read_text()
+    assert "## bench" in text and "## parity" in text and "| mlx | tiny:tinyllama | float32 |" in text
 
 
 def test_ctrl_c_keeps_a_partial_record(results_dir, monkeypatch):

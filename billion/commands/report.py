@@ -1,0 +1,38 @@
+"""`billion report`: tables rendered from JSON records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from billion.commands import console
+
+
+@click.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True))
+@click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the tables as Markdown to this file (e.g. results/README.md).")
+@click.option("--task", default=None, help="Only records of this task (bench, parity, mmlu, ...).")
+def report(paths, markdown_out, task):
+    """Show the records under PATHS (default: results/) as one table per task."""
+    from billion.report import markdown, rows
+    from billion.results import read_records
+
+    records = read_records(paths or ["results"])
+    if task:
+        records = [r for r in records if r["task"] == task]
+    if not records:
+        console.print("no records found")
+        return
+    for name, (header, body) in rows(records).items():
+        table = Table(title=name)
+        for col in header[:-1]:  # the file name column is for the Markdown version
+            table.add_column(col)
+        for row in body:
+            table.add_row(*row[:-1])
+        console.print(table)
+    if markdown_out:
+        Path(markdown_out).write_text(markdown(records))
+        console.print(f"wrote {markdown_out}")
