@@ -1,0 +1,290 @@
+"""`billion chat`: a streaming terminal chat on either engine, and replies compared side by side."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from backends.base import UserError
+from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
+
+HELP = """\
+/clear          forget the conversation (the system message stays)
+/system [text]  set the system message (no text: remove it)
+/stats          this session's statistics
+/help           this list
+/quit           leave (or Ctrl-D; Ctrl-C at the prompt too)
+Ctrl-C during a reply stops that reply and keeps what was said in the conversation."""
+
+
+@click.command()
+@model_options
+@click.option("--prompt", "-p", default=None, help="Answer this one message and exit.")
+@click.option("--system", "-s", default=None, help="System message.")
+@click.option("--max-tokens", "-n", type=click.IntRange(1), default=256, show_default=True,
+              help="Most tokens per reply (it also stops at the model's end-of-turn token).")
+@click.option("--temperature", "-t", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="0 is greedy: the same reply on both engines (in float32).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed (each reply starts from it).")
+@click.option("--compare", "-c", "compare_models", multiple=True, metavar="MODEL",
+              help="Also send the conversation to MODEL (repeat it, or a comma list); with --backend all, "
+                   "every model on every engine. Replies are shown side by side with their speed.")
+@click.option("--draft", default=None, metavar="MODEL",
+              help="Speculative decoding with this draft model (same tokenizer), on each engine.")
+@click.option("--num-draft", type=click.IntRange(1), default=4, show_default=True,
+              help="Tokens the draft proposes per step.")
+@click.option("--json", "as_json", is_flag=True,
+              help="With --prompt: print the records as JSON Lines on stdout (one per model and engine).")
+@results_option
+def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, compare_models, draft, num_draft,
+         as_json, results_dir, **opts):
+    """Chat with a model in the terminal, or answer one --prompt.
+
+    Streams the reply, keeps the conversation, and shows tokens, time to first token
+    and tok/s after each reply. Models without a chat template (base models such as
+    Pythia) get a plain "User: …\\nAssistant:" transcript, said on screen. When the
+    conversation outgrows the model's context, the oldest exchanges are dropped (the
+    system message stays). Type /help in the chat for its commands.
+
+    Every run writes a JSON record: --prompt the reply and its timing, an interactive
+    session its statistics (not the conversation).
+    """
+    from backends.base import GenerationConfig
+
+    if as_json and prompt is None:
+        raise UserError("--json needs --prompt")
+    models = [model] + [m.strip() for spec in compare_models for m in spec.split(",") if m.strip()]
+    targets = [(name, spec) for spec in dict.fromkeys(models) for name in engines(backend)]
+    gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    config = {"system": system, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+              "seed": seed, "draft": draft, "num_draft": num_draft if draft else None, **load_kwargs(opts)}
+    setup = Setup(targets, gen, system, draft, num_draft, load_kwargs(opts), config, results_dir)
+    if prompt is not None:
+        answer_once(setup, prompt, as_json)
+    else:
+        interactive(setup)
+
+
+class Setup:
+    """What every model in the conversation shares."""
+
+    def __init__(self, targets, gen, system, draft, num_draft, load_opts, config, results_dir):
+        self.targets, self.gen, self.system = targets, gen, system
+        self.draft, self.num_draft = draft, num_draft
+        self.load_opts, self.config, self.results_dir = load_opts, config, results_dir
+
+    def new_chat(self, engine: str, spec: str, backend, stack: ExitStack, out: Console, drafts: dict):
+        from billion.chat import FALLBACK_TEMPLATE, Chat
+
+        draft = None
+        if self.draft:
+            if engine not in drafts:
+                drafts[engine] = stack.enter_context(loaded(engine, self.draft, **self.load_opts))
+            draft = drafts[engine]
+        if not backend.has_chat_template:
+            out.print(f"{label(engine, spec)}: {FALLBACK_TEMPLATE}", style="yellow", markup=False, soft_wrap=True)
+        return Chat(backend, self.gen, self.system, draft, self.num_draft)
+
+    def record(self, engine: str, spec: str, chat, started: float, mode: str, metrics: dict, status: str,
+               extra: dict) -> tuple[dict, Path]:
+        from billion.results import make_record, write_record
+
+        rec = make_record("chat", engine, spec, {**self.config, "mode": mode, "template": chat.template},
+                          metrics, started=started, status=status,
+                          extra={"model_info": chat.backend.info().__dict__, **extra})
+        return rec, write_record(rec, self.results_dir)
+
+
+def label(engine: str, spec: str) -> str:
+    """How a model and engine are named on screen: a local folder by its name."""
+    path = Path(spec).expanduser()
+    return f"{path.name if path.is_dir() else spec} ({engine})"
+
+
+def stats_line(stats) -> str:
+    parts = [f"{stats.tokens} tokens", f"TTFT {fmt(stats.ttft_s, 3)} s", f"{fmt(stats.decode_tps)} tok/s"]
+    if stats.tokens_from_draft:
+        parts.append(f"{stats.tokens_from_draft} from the draft")
+    if stats.stop not in ("eos", "stop_string"):
+        parts.append({"max_tokens": "stopped at --max-tokens", "interrupted": "interrupted"}[stats.stop])
+    return " · ".join(parts)
+
+
+def stream_to(out, pieces) -> None:
+    """Write a reply's text to `out` piece by piece, as the engine produces it."""
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+
+
+def run_reply(chat, text: str, out: Console, *, show_text: bool, name: str) -> object:
+    """One reply: streamed to stdout (show_text) or counted on a status line. Ctrl-C stops it."""
+    reply = chat.ask(text)
+    if reply.stats.dropped_turns:
+        out.print(f"[yellow]{name}: the conversation outgrew the context of {chat.backend.context_length} tokens: "
+                  f"dropped the {reply.stats.dropped_turns} oldest exchange(s) (the system message stays)[/]")
+    pieces = reply.pieces()
+    try:
+        if show_text:
+            stream_to(sys.stdout, pieces)
+        else:
+            with out.status(f"{name}: thinking...") as status:
+                for _ in pieces:
+                    status.update(f"{name}: {reply.stats.tokens} tokens")
+    except KeyboardInterrupt:
+        pieces.close()  # ends the reply now: it joins the history as it stands
+    if show_text:
+        sys.stdout.write("\n")
+    return reply
+
+
+def compare_table(replies: dict) -> Table:
+    """Replies side by side, one column per model and engine, with their speed."""
+    table = Table(show_lines=True)
+    table.add_column("")
+    for name in replies:
+        table.add_column(name, overflow="fold", max_width=60)
+    for row, value in (("reply", lambda r: Text(r.text)), ("tokens", lambda r: str(r.stats.tokens)),
+                       ("TTFT s", lambda r: fmt(r.stats.ttft_s, 3)), ("tok/s", lambda r: fmt(r.stats.decode_tps)),
+                       ("stop", lambda r: r.stats.stop)):
+        table.add_row(row, *(value(r) for r in replies.values()))
+    return table
+
+
+def same_replies_note(replies: dict) -> str:
+    texts = {r.text for r in replies.values()}
+    return "identical replies" if len(texts) == 1 else f"{len(texts)} different replies"
+
+
+def answer_once(setup: Setup, prompt: str, as_json: bool) -> None:
+    """--prompt: each model and engine in turn (one loaded at a time), then the side-by-side view."""
+    out = Console(stderr=True, highlight=False) if as_json else console
+    single = len(setup.targets) == 1
+    replies, records = {}, []
+    interrupted = False
+    for engine, spec in setup.targets:
+        started = time.time()
+        with ExitStack() as stack:
+            backend = stack.enter_context(loaded(engine, spec, **setup.load_opts))
+            chat = setup.new_chat(engine, spec, backend, stack, out, {})
+            name = label(engine, spec)
+            reply = run_reply(chat, prompt, out, show_text=single and not as_json, name=name)
+            interrupted = reply.stats.stop == "interrupted"
+            out.print(stats_line(reply.stats) if single else f"{name}: {stats_line(reply.stats)}", style="dim", soft_wrap=True)
+            rec, path = setup.record(engine, spec, chat, started, "prompt", reply.stats.as_metrics(),
+                                     "interrupted" if interrupted else "complete",
+                                     {"messages": chat.messages(), "reply": reply.text})
+            out.print(f"record: {path}", style="dim", soft_wrap=True, markup=False)
+            replies[name], records = reply, records + [rec]
+        if interrupted:
+            break
+    if not single:
+        out.print(compare_table(replies))
+        out.print(same_replies_note(replies))
+    if as_json:
+        for rec in records:
+            click.echo(json.dumps(rec, default=str))
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def interactive(setup: Setup) -> None:
+    """The chat loop: every model and engine loaded at once, each with its own history."""
+    chats, started = {}, time.time()
+    with ExitStack() as stack:
+        drafts: dict = {}
+        for engine, spec in setup.targets:
+            backend = stack.enter_context(loaded(engine, spec, **setup.load_opts))
+            chats[(engine, spec)] = setup.new_chat(engine, spec, backend, stack, console, drafts)
+        names = {key: label(*key) for key in chats}
+        for key, c in chats.items():
+            console.print(f"[bold]{names[key]}[/]: {c.template}, context {c.backend.context_length} tokens"
+                          + (f", draft {setup.draft}" if c.draft else ""))
+        console.print("[dim]/help for commands, /quit or Ctrl-D to leave[/]")
+        try:
+            loop(chats, names)
+        finally:
+            for (engine, spec), c in chats.items():
+                if c.replies:
+                    _, path = setup.record(engine, spec, c, started, "interactive", c.summary(), "complete",
+                                           {"replies": [r.as_metrics() for r in c.replies]})
+                    console.print(f"record: {path}", style="dim", soft_wrap=True, markup=False)
+
+
+def read_line() -> str | None:
+    """The user's next line; None at Ctrl-D or Ctrl-C."""
+    try:
+        return input("you> ")
+    except (EOFError, KeyboardInterrupt):
+        sys.stdout.write("\n")
+        return None
+
+
+def loop(chats: dict, names: dict) -> None:
+    single = len(chats) == 1
+    while (line := read_line()) is not None:
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            if not command(text, chats, names):
+                return
+            continue
+        replies = {}
+        try:
+            for key, c in chats.items():
+                reply = run_reply(c, text, console, show_text=single, name=names[key])
+                replies[names[key]] = reply
+                console.print(stats_line(reply.stats) if single else f"{names[key]}: {stats_line(reply.stats)}",
+                              style="dim", soft_wrap=True)
+                if reply.stats.stop == "interrupted":
+                    skipped = [names[k] for k in list(chats)[len(replies):]]
+                    if skipped:
+                        console.print(f"[yellow]skipped this message: {', '.join(skipped)}[/]")
+                    break
+        except UserError as e:
+            console.print(f"[red]error: {e}[/]")
+            continue
+        if not single and replies:
+            console.print(compare_table(replies))
+            console.print(same_replies_note(replies))
+
+
+def command(text: str, chats: dict, names: dict) -> bool:
+    """Run a /command; False means leave."""
+    name, _, arg = text.partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit", "/q"):
+        return False
+    if name == "/clear":
+        for c in chats.values():
+            c.clear()
+        console.print("conversation cleared" + (" (the system message stays)" if any(c.system for c in chats.values())
+                                                else ""))
+    elif name == "/system":
+        for c in chats.values():
+            c.system = arg or None
+        console.print(f"system message set: {arg}" if arg else "system message removed")
+    elif name == "/stats":
+        table = Table()
+        table.add_column("")
+        for key in chats:
+            table.add_column(names[key])
+        summaries = [c.summary() for c in chats.values()]
+        for k in summaries[0]:
+            table.add_row(k.replace("_", " "), *(fmt(s[k]) for s in summaries))
+        console.print(table)
+    elif name == "/help":
+        console.print(HELP, markup=False)
+    else:
+        console.print(f"unknown command {name}; /help lists them", markup=False)
+    return True
