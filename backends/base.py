@@ -217,17 +217,18 @@ class Backend(ABC):
                 f"the model's context of {self.context_length} tokens")
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig, *,
-               draft: "Backend | None" = None, num_draft: int = 4) -> Iterator[Chunk]:
+               draft: "Backend | None" = None, num_draft: int = 4, stats=None) -> Iterator[Chunk]:
         """Generate from `prompt_ids`, one Chunk per token.
 
         Stops at EOS (unless gen.ignore_eos; the EOS token itself is not
         yielded) or after gen.max_tokens. With `draft`, tokens come from
-        speculative decoding (lossless: same distribution as without).
+        speculative decoding (lossless: same distribution as without), counted
+        into `stats` (a backends.speculation.SpeculationStats) when given.
         """
         self.check_fits(len(prompt_ids), gen.max_tokens)
         if draft is not None:
             from backends.speculation import speculative_tokens
-            tokens = speculative_tokens(self, draft, list(prompt_ids), gen, num_draft)
+            tokens = speculative_tokens(self, draft, list(prompt_ids), gen, num_draft, stats)
         else:
             tokens = ((t, False) for t in self._token_stream(list(prompt_ids), gen))
         detok = IncrementalDetokenizer(self.tokenizer)
