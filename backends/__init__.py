@@ -7,6 +7,7 @@ works with either engine missing.
 from __future__ import annotations
 
 import importlib
+import logging
 
 from backends.base import UserError
 from backends.host import is_apple_silicon
@@ -22,6 +23,12 @@ INSTALL = {
     "mlx": 'pip install mlx-lm "mlx[cpu]"   (on macOS with Apple Silicon: pip install mlx-lm)',
     "torch": "pip install torch transformers",
 }
+
+
+# transformers imports torchao (when installed) on every model load; torchao then warns
+# about its CUDA-only extensions and a deprecated pytree registration: noise, not news.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 class EngineUnavailable(UserError):

@@ -107,6 +107,10 @@ class TorchBackend(Backend):
             use_safetensors=True)
         model.to(device).eval()
         quantization = None
+        folder_q = getattr(config, "quantization_config", None)
+        if folder_q:  # a folder written pre-quantized (billion quantize): its weights load as stored
+            folder_q = folder_q if isinstance(folder_q, dict) else folder_q.to_dict()
+            quantization = f"{folder_q.get('quant_method', '?')} {folder_q.get('quant_type', '')} (from folder)".strip()
         if quantize:
             from backends.torch_quant import quantize_model
             quantization = quantize_model(model, quantize, group_size, device)
@@ -164,11 +168,14 @@ class TorchBackend(Backend):
             host.reset_peak_rss()
 
     def info(self) -> ModelInfo:
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        params = sum(p.numel() for p in self.model.parameters())
+        # quantized weights (torchao subclasses, bitsandbytes) are counted as stored, not as they stand for
+        from backends.torch_quant import logical_numel, stored_bytes
+
+        weight_bytes = sum(stored_bytes(p) for p in self.model.parameters())
+        params = sum(logical_numel(p) for p in self.model.parameters())
         embed = self.model.get_input_embeddings().weight
-        tied = self.model.get_output_embeddings().weight.data_ptr() == embed.data_ptr()
-        embed_bytes = 0 if tied else embed.numel() * embed.element_size()
+        tied = self.model.get_output_embeddings().weight is embed
+        embed_bytes = 0 if tied else stored_bytes(embed)
         config = self.model.config
         return ModelInfo(
             backend=self.name, path=str(self.path), architecture=(config.architectures or ["?"])[0],

@@ -1,0 +1,93 @@
+"""MLX weight quantization: mlx-lm's affine scheme (what `mlx_lm.convert -q` does).
+
+Every layer with a quantized form (Linear, Embedding; a tied output head goes
+with its embedding) whose input width divides by the group size is packed to
+`bits` per weight in uint32 words, with one float scale and one float bias per
+group. The packed weights are what decode reads, so `info()` counts them as they
+are. Folders written by `save_folder` (or community mlx-lm 4-bit conversions)
+carry a `quantization` entry in config.json and load back as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import compute_bits_per_weight, quantize_model as mlx_lm_quantize, save_config, save_model
+
+from backends.base import UserError
+
+BITS = {"int8": 8, "int4": 4}
+GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts for affine mode
+
+
+def check_scheme(scheme: str, group_size: int) -> int:
+    if scheme not in BITS:
+        raise UserError(f"the MLX engine quantizes with {', '.join(BITS)} (mlx-lm affine); "
+                        f"{scheme!r} is not one of them")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"MLX affine quantization takes a group size of {', '.join(map(str, GROUP_SIZES))}, "
+                        f"not {group_size}")
+    return BITS[scheme]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(hasattr(m, "bits") for _, m in model.named_modules())
+
+
+def quantize(model: nn.Module, config: dict, scheme: str, group_size: int) -> tuple[dict, str]:
+    """Quantize `model` in place; return (config with its `quantization` entry, description)."""
+    bits = check_scheme(scheme, group_size)
+    if is_quantized(model):
+        raise UserError("this model folder is already quantized (its config.json has a `quantization` entry); "
+                        "load it without --quantize")
+    # mlx-lm prints its bits-per-weight line; the description below carries it instead.
+    with contextlib.redirect_stdout(io.StringIO()):
+        model, config = mlx_lm_quantize(model, config, group_size, bits, mode="affine")
+    mx.eval(model.parameters())
+    packed = sum(1 for _, m in model.named_modules() if hasattr(m, "bits"))
+    kept = [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not hasattr(m, "bits")]
+    note = f", {len(kept)} layers left in full precision (width not divisible by {group_size})" if kept else ""
+    description = (f"{scheme} (mlx-lm affine, group {group_size}, {packed} layers packed, "
+                   f"{compute_bits_per_weight(model):.2f} bits per weight with scales{note})")
+    return config, description
+
+
+def quantize_model(model: nn.Module, scheme: str, group_size: int) -> str:
+    """The engine's load-time hook (`--quantize`): quantize in place, describe what was done."""
+    return quantize(model, {}, scheme, group_size)[1]
+
+
+def save_folder(backend, out: Path, scheme: str, group_size: int) -> str:
+    """Quantize a loaded full-precision MLX backend and write an mlx-lm folder at `out`.
+
+    The folder is what `mlx_lm.convert -q` writes: packed safetensors, config.json
+    with `quantization`, the tokenizer and generation config of the source folder.
+    """
+    config, description = quantize(backend.model, dict(backend.config), scheme, group_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, backend.model)
+    save_config(config, config_path=out / "config.json")
+    backend.tokenizer.save_pretrained(out)
+    src = Path(backend.path)
+    if (src / "generation_config.json").is_file():
+        shutil.copy(src / "generation_config.json", out)
+    backend.quantization = description
+    return description
+
+
+def packed_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def folder_quantization(path: Path) -> dict | None:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return cfg.get("quantization")
