@@ -1,0 +1,130 @@
+"""`billion speculate`: speculative decoding measured against the target alone, per engine."""
+
+from __future__ import annotations
+
+import time
+
+import click
+from rich.table import Table
+
+from billion.commands import console, engines, fmt, loaded, results_option
+
+
+def _ks(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(x) for x in value.split(",") if x.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"expected a comma list of integers, got {value!r}") from None
+    if not ks or min(ks) < 1:
+        raise click.BadParameter("k must be at least 1")
+    return ks
+
+
+@click.command()
+@click.option("--target", "-t", envvar="BILLION_MODEL", default="random:tinyllama", show_default=True,
+              help="The model whose output you want: alias, Hub id, folder, random:<alias>, tiny:<alias>.")
+@click.option("--draft", "-d", default="layers:2", show_default=True,
+              help="A smaller model with the SAME vocabulary, or layers:N (the target's own first N layers, "
+                   "final norm and head).")
+@click.option("--backend", "-b", envvar="BILLION_BACKEND", default="auto", show_default=True,
+              help="mlx, torch, auto, all, or a comma list [env BILLION_BACKEND].")
+@click.option("--device", default=None, help="MLX: gpu|cpu; torch: cuda|mps|cpu. Default: the best available.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Default: float32 on CPU, bfloat16 on CUDA and MLX GPU, float16 on MPS.")
+@click.option("--k", "ks", default="4", show_default=True, callback=_ks,
+              help="Draft tokens per round; a comma list (1,2,4) sweeps them and reports the best.")
+@click.option("--gen-tokens", "-n", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--runs", "-r", type=click.IntRange(1), default=3, show_default=True,
+              help="Timed runs, each: target alone, draft alone, speculative for every k.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prompt", default=None, help="User message (wrapped in the chat template when there is one).")
+@click.option("--damp", type=float, default=None,
+              help="Demonstration on random: targets with a layers:N draft: scale the output projections of the "
+                   "layers the draft lacks by this factor (e.g. 0.1) in a copy of the target, so that acceptance "
+                   "is not ~0% on random weights. Same compute; says nothing about real models.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model folders to run their own code.")
+@results_option
+def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmup, temperature, top_p, seed,
+              prompt, damp, trust_remote_code, results_dir):
+    """Speculative decoding: a draft proposes k tokens, the target verifies them in one pass.
+
+    Lossless (greedy: the target's own tokens; sampling: the target's distribution). Draft and
+    target must share a vocabulary; this is checked before anything loads. Each run times, on
+    the same prompt and chat template, the target alone, the draft alone and speculative
+    decoding for every k (decode tokens/s after the first token); reports the acceptance rate
+    (accepted / drafted), tokens per round, the measured speedup and the speedup predicted by
+    Leviathan et al. (2023) from the acceptance and the draft/target cost ratio, and a prediction
+    with the measured cost of verifying k+1 tokens, whose ratio to the measured speedup is the
+    implementation's efficiency.
+    """
+    from billion import speculative as task
+    from billion.results import make_record, write_record
+
+    cfg = task.SpeculateConfig(ks, gen_tokens, runs, warmup, temperature, top_p, seed,
+                               prompt or task.DEFAULT_PROMPT)
+    names = engines(backend)
+    with console.status("checking the pair (building derived folders if needed)..."):
+        pair = task.prepare_pair(target, draft, damp)
+    console.print(f"target: {pair.target_label}\ndraft:  {pair.draft_label}")
+    kw = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    done = {}
+    for name in names:
+        started = time.time()
+        with loaded(name, str(pair.target), **kw) as t, loaded(name, str(pair.draft), **kw) as d:
+            ti, di = t.info(), d.info()
+            console.print(f"[bold]{name}[/]: target {ti.parameters / 1e9:.2f}B, draft {di.parameters / 1e9:.2f}B "
+                          f"parameters, {ti.dtype} on {ti.device}")
+
+            def progress(kind, i, result):
+                if kind == "warmup":
+                    console.print(f"  warm-up {i}/{warmup} done")
+                    return
+                spec = ", ".join(f"k={k} {fmt(v[-1])}" for k, v in result.spec_tps.items())
+                console.print(f"  run {i}/{runs}: target {fmt(result.target_tps[-1])} tok/s, "
+                              f"draft {fmt(result.draft_tps[-1])}, speculative {spec}")
+
+            with console.status(f"{name}: measuring..."):
+                result = task.measure(t, d, cfg, on_step=progress)
+            config = {**task.config_dict(cfg), "target": target, "draft": draft, "damp": damp, **kw,
+                      "target_label": pair.target_label, "draft_label": pair.draft_label}
+            record = make_record(
+                "speculate", name, target, config, result.metrics, started=started,
+                status="interrupted" if result.interrupted else "complete",
+                extra={"target_info": ti.__dict__, "draft_info": di.__dict__,
+                       "runs": {"target_tps": result.target_tps, "draft_tps": result.draft_tps,
+                                "speculative_tps": result.spec_tps, "greedy_same_as_target": result.same_as_target}})
+            console.print(f"  record: {write_record(record, results_dir)}")
+            done[name] = result.metrics
+            if result.interrupted:
+                break
+    _print_table(pair, done)
+    if any(m.get("runs_completed", 0) < runs for m in done.values()):
+        raise KeyboardInterrupt
+
+
+def _print_table(pair, done: dict) -> None:
+    for name, m in done.items():
+        if "target_tps" in m:
+            console.print(f"{name}: target alone {fmt(m['target_tps'])} tok/s, draft alone {fmt(m['draft_tps'])} "
+                          f"tok/s, cost ratio c = {fmt(m['cost_ratio'], 3)}")
+    table = Table(title=f"{pair.target_label} <- {pair.draft_label}")
+    for col in ("engine", "k", "accept", "tok/round", "spec tok/s", "speedup", "Leviathan", "verify",
+                "predicted", "eff.", "lossless"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    for name, m in done.items():
+        for k, r in m.get("per_k", {}).items():
+            best = "*" if k == m.get("best_k") and len(m["per_k"]) > 1 else ""
+            same = r["greedy_same_as_target"]
+            table.add_row(name, f"{k}{best}", f"{r['acceptance']:.0%}" if r["drafted"] else "-",
+                          fmt(r["tokens_per_round"]), fmt(r["speculative_tps"]), f"{fmt(r['speedup'])}x",
+                          f"{fmt(r['predicted_speedup_leviathan'])}x", fmt(r["verify_cost_target_steps"]),
+                          f"{fmt(r['predicted_speedup'])}x", f"{r['efficiency']:.0%}" if r["efficiency"] else "-",
+                          "sampled" if same is None else ("yes" if same else "NO"))
+    console.print(table)
+    console.print("accept: accepted / drafted. speedup: speculative / target-alone decode tok/s, same run, median "
+                  "over runs. Leviathan: E(alpha, k) / (k c + 1). verify: cost of a (k+1)-token target pass in "
+                  "one-token passes. predicted: measured tokens/round / (k c + verify). eff.: speedup / predicted. "
+                  "lossless: greedy output == the target's own. *: best k.")

@@ -1,0 +1,293 @@
+"""Speculative decoding as a measured task: pair checks, interleaved timing, theory.
+
+What it measures: on one engine, in the same run and interleaved run by run,
+the decode speed (tokens/s after the first token, prefill excluded) of the
+target alone, the draft alone and speculative decoding for each k, on the
+same prompt and chat template, and the acceptance statistics of every k
+(backends.speculation.SpeculationStats: acceptance = accepted / drafted).
+
+Theory (Leviathan et al. 2023, section 3.4): with a per-token acceptance
+probability alpha, k drafted tokens per round and a draft costing c target
+steps per token, a round yields E = (1 - alpha^(k+1)) / (1 - alpha) tokens
+and costs k*c + 1 target steps, so speedup = E / (k*c + 1). The paper's alpha
+is a per-token probability, not accepted/drafted: its estimate from the same
+counts is accepted / (accepted + rejections) (each drafted token is a trial
+until the first rejection). The "1" assumes verifying k+1 tokens costs one
+target step, which is true on a bandwidth-bound device; on a compute-bound
+CPU it is not, so a second prediction uses the measured cost v_k of a k+1
+token target pass and the measured tokens per round: E_measured / (k*c + v_k).
+measured / that prediction is the implementation's efficiency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from backends.base import Backend, GenerationConfig, UserError
+from backends.speculation import SpeculationStats
+from billion.bench import decode_rate
+from billion.loading import billion_home, model_folder
+from billion.models import MODELS, ModelSpec, parse_spec
+
+LAYER_DRAFT = re.compile(r"^layers:(\d+)$")
+DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+# ---------------------------------------------------------------- the pair, before loading
+
+
+@dataclass(frozen=True)
+class Pair:
+    target: Path
+    draft: Path
+    target_label: str
+    draft_label: str
+
+
+def _derived_path(folder: Path, tag: str) -> Path:
+    """Where a folder derived from `folder` is cached (user folders get a hash of their path)."""
+    models = billion_home() / "models"
+    if folder.parent == models:
+        return models / f"{folder.name}-{tag}"
+    digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]
+    return models / f"{folder.name}-{digest}-{tag}"
+
+
+def compatible_pairs(target: ModelSpec) -> str:
+    """Suggestions for a draft that shares the target's vocabulary."""
+    if target.kind in ("random", "tiny"):
+        return (f"use --draft layers:N (the target's own first N layers), or another {target.kind}:"
+                f"{target.card.alias} folder: synthetic folders share a tokenizer within a family only")
+    hub_id = (target.hub_id or "").lower()
+    drafts = [c.alias for c in MODELS.values() if hub_id in (t.lower() for t in c.drafts_for)]
+    if drafts:
+        return f"drafts known to share {target.text}'s vocabulary: {', '.join(drafts)}"
+    pairs = "; ".join(f"--draft {c.alias} for {' or '.join(c.drafts_for)}" for c in MODELS.values() if c.drafts_for)
+    return f"compatible pairs: {pairs}; or --draft layers:N (the target's own first N layers)"
+
+
+def check_vocabularies(target: ModelSpec, draft_folder: Path, target_folder: Path, draft_label: str) -> None:
+    """Same vocabulary size and the same token string for every id, else a UserError."""
+    from backends import hf_folder
+    from backends.draft_folder import tokenizer_vocabulary
+
+    refuse = f"{draft_label} cannot draft for {target.text}"
+    sizes = [int(hf_folder.read_config(f).get("vocab_size") or 0) for f in (target_folder, draft_folder)]
+    if sizes[0] != sizes[1]:
+        raise UserError(f"{refuse}: vocabulary sizes differ ({sizes[1]:,} vs {sizes[0]:,}); "
+                        f"{compatible_pairs(target)}")
+    vt, vd = tokenizer_vocabulary(target_folder), tokenizer_vocabulary(draft_folder)
+    if vt != vd:
+        by_id_t, by_id_d = ({i: s for s, i in v.items()} for v in (vt, vd))
+        differ = sorted(i for i in set(by_id_t) | set(by_id_d) if by_id_t.get(i) != by_id_d.get(i))
+        i = differ[0]
+        raise UserError(f"{refuse}: their tokenizers differ on {len(differ):,} token ids (e.g. id {i}: "
+                        f"{by_id_d.get(i)!r} vs {by_id_t.get(i)!r}); {compatible_pairs(target)}")
+
+
+def prepare_pair(target: str, draft: str, damp: float | None = None) -> Pair:
+    """The target's and draft's folders, checked to share a vocabulary before either is loaded.
+
+    `draft` is a model spec or `layers:N` (the target's first N layers, final
+    norm and head). `damp` (synthetic targets with a layers:N draft only) scales
+    the output projections of the layers the draft lacks, in a copy of the
+    target: see backends/draft_folder.py for why, and say so with the results.
+    """
+    from backends.draft_folder import write_damped_target, write_layer_draft
+
+    target_spec = parse_spec(target)
+    layers = LAYER_DRAFT.match(draft)
+    if not layers:
+        draft_spec = parse_spec(draft)
+        if (target_spec.kind == draft_spec.kind == "hub" and target_spec.card and draft_spec.card
+                and target_spec.card.tokenizer != draft_spec.card.tokenizer):
+            # registered models known to differ: refuse before downloading anything
+            raise UserError(f"{draft} cannot draft for {target}: different tokenizers "
+                            f"({draft_spec.card.tokenizer} vs {target_spec.card.tokenizer}); "
+                            f"{compatible_pairs(target_spec)}")
+    target_folder = model_folder(target_spec)
+    if layers:
+        n = int(layers.group(1))
+        draft_folder = write_layer_draft(target_folder, _derived_path(target_folder, f"layers{n}"), n)
+        draft_label = f"{target} first {n} layers"
+    else:
+        draft_folder, draft_label = model_folder(draft_spec), draft
+    check_vocabularies(target_spec, draft_folder, target_folder, draft_label)
+    target_label = target
+    if damp is not None:
+        if target_spec.kind not in ("random", "tiny") or not layers:
+            raise UserError("--damp is for random: (or tiny:) targets with a layers:N draft only (it rewrites "
+                            "weights; on a real model it would change the model)")
+        if not 0 < damp < 1:
+            raise UserError(f"--damp must be between 0 and 1 (got {damp})")
+        target_folder = write_damped_target(target_folder, _derived_path(target_folder, f"damped{n}-x{damp:g}"),
+                                            n, damp)
+        target_label = f"{target} (layers >= {n} damped x{damp:g})"
+    return Pair(target_folder, draft_folder, target_label, draft_label)
+
+
+# ---------------------------------------------------------------- theory
+
+
+def expected_tokens(alpha: float, k: float) -> float:
+    """Leviathan et al.'s E[tokens per round] = (1 - alpha^(k+1)) / (1 - alpha)."""
+    return k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def leviathan_alpha(stats: SpeculationStats) -> float:
+    """The paper's per-token acceptance probability, estimated from the same counts."""
+    trials = stats.accepted + stats.rejections
+    return stats.accepted / trials if trials else math.nan
+
+
+def predicted_speedup(tokens_per_round: float, k: float, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """Tokens per round over the cost of a round in target steps: k*c for drafting plus the verification."""
+    return tokens_per_round / (k * cost_ratio + verify_cost)
+
+
+# ---------------------------------------------------------------- measurement
+
+
+@dataclass(frozen=True)
+class SpeculateConfig:
+    ks: tuple[int, ...] = (4,)
+    gen_tokens: int = 64
+    runs: int = 3
+    warmup: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    prompt: str = DEFAULT_PROMPT
+
+
+@dataclass
+class SpeculateResult:
+    config: SpeculateConfig
+    prompt_tokens: int = 0
+    target_tps: list[float] = field(default_factory=list)  # one per run
+    draft_tps: list[float] = field(default_factory=list)
+    spec_tps: dict[int, list[float]] = field(default_factory=dict)  # k -> one per run
+    stats: dict[int, SpeculationStats] = field(default_factory=dict)
+    same_as_target: dict[int, list[bool]] = field(default_factory=dict)  # greedy: output == target's
+    verify_cost: dict[int, float] = field(default_factory=dict)
+    interrupted: bool = False
+    metrics: dict = field(default_factory=dict)
+
+
+def chat_prompt(backend: Backend, text: str) -> list[int]:
+    """The prompt every run uses: the chat template when the model has one, else the plain text."""
+    if backend.has_chat_template:
+        return backend.apply_chat_template([{"role": "user", "content": text}])
+    return backend.tokenize(text)
+
+
+def timed_decode(backend: Backend, prompt: list[int], gen: GenerationConfig, *, draft: Backend | None = None,
+                 num_draft: int = 4, stats: SpeculationStats | None = None) -> tuple[float, list[int]]:
+    """(decode tokens/s after the first token, tokens) of one generation."""
+    times, tokens = [], []
+    for chunk in backend.stream(prompt, gen, draft=draft, num_draft=num_draft, stats=stats):
+        times.append(chunk.time_s)
+        tokens.append(chunk.token)
+    return decode_rate(times), tokens
+
+
+def measure_verify_cost(target: Backend, prompt: list[int], k: int, repeats: int) -> float:
+    """Time of one target pass over k+1 tokens after the prompt, in one-token passes (median of repeats)."""
+    session = target.session()
+    session.feed(prompt, keep=1)
+    ids = (prompt * (k + 1))[: k + 1]  # any tokens: the cost depends on how many, not on which
+    one, many = [], []
+    for _ in range(repeats):
+        for n, out in ((1, one), (k + 1, many)):
+            start = time.perf_counter()
+            session.feed(ids[:n], keep=n)
+            out.append(time.perf_counter() - start)
+            session.crop(len(prompt))
+    return statistics.median(many) / statistics.median(one)
+
+
+def measure(target: Backend, draft: Backend, cfg: SpeculateConfig, on_step=None) -> SpeculateResult:
+    """Interleaved runs: target alone, draft alone, then speculative for each k; Ctrl-C keeps what ran."""
+    prompt = chat_prompt(target, cfg.prompt)
+    target.check_fits(len(prompt), cfg.gen_tokens)
+    result = SpeculateResult(cfg, prompt_tokens=len(prompt))
+    result.stats = {k: SpeculationStats() for k in cfg.ks}
+
+    def gen(seed: int, tokens: int = cfg.gen_tokens) -> GenerationConfig:
+        # EOS ignored: every variant produces the same number of tokens
+        return GenerationConfig(max_tokens=tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
+                                ignore_eos=True)
+
+    try:
+        for i in range(cfg.warmup):
+            for k in (None, *cfg.ks):
+                timed_decode(target, prompt, gen(cfg.seed, 8), draft=draft if k else None, num_draft=k or 1)
+            timed_decode(draft, prompt, gen(cfg.seed, 8))
+            if on_step:
+                on_step("warmup", i + 1, None)
+        for run in range(cfg.runs):
+            g = gen(cfg.seed + run)
+            tps, reference = timed_decode(target, prompt, g)
+            result.target_tps.append(tps)
+            result.draft_tps.append(timed_decode(draft, prompt, g)[0])
+            for k in cfg.ks:
+                tps, tokens = timed_decode(target, prompt, g, draft=draft, num_draft=k, stats=result.stats[k])
+                result.spec_tps.setdefault(k, []).append(tps)
+                result.same_as_target.setdefault(k, []).append(tokens == reference)
+            if on_step:
+                on_step("run", run + 1, result)
+        for k in cfg.ks:
+            result.verify_cost[k] = measure_verify_cost(target, prompt, k, max(cfg.runs, 1))
+    except KeyboardInterrupt:
+        result.interrupted = True
+    result.metrics = summarise(result)
+    return result
+
+
+def summarise(result: SpeculateResult) -> dict:
+    n_runs = len(result.target_tps)
+    metrics: dict = {"runs_completed": n_runs, "prompt_tokens": result.prompt_tokens}
+    if not n_runs or not result.draft_tps:
+        return metrics
+    target_tps, draft_tps = statistics.median(result.target_tps), statistics.median(result.draft_tps)
+    cost_ratio = target_tps / draft_tps  # c = t_draft / t_target, per token
+    metrics.update(target_tps=target_tps, draft_tps=draft_tps, cost_ratio=cost_ratio, per_k={})
+    for k, spec in result.spec_tps.items():
+        runs = len(spec)
+        st = result.stats[k]
+        alpha = leviathan_alpha(st)
+        tokens_per_round = 1 + st.mean_accepted
+        drafted_per_round = st.drafted / st.rounds if st.rounds else k
+        verify = result.verify_cost.get(k)
+        m = {
+            **st.as_dict(),
+            "speculative_tps": statistics.median(spec),
+            # each run's ratio to the target alone in that same run, then the median
+            "speedup": statistics.median(s / t for s, t in zip(spec, result.target_tps[:runs])),
+            "tokens_per_round": tokens_per_round,
+            "leviathan_alpha": alpha,
+            "predicted_speedup_leviathan": predicted_speedup(expected_tokens(alpha, k), k, cost_ratio),
+            "verify_cost_target_steps": verify,
+            "predicted_speedup": (predicted_speedup(tokens_per_round, drafted_per_round, cost_ratio, verify)
+                                  if verify else None),
+            "greedy_same_as_target": (all(result.same_as_target[k]) if result.config.temperature <= 0 else None),
+        }
+        m["efficiency"] = m["speedup"] / m["predicted_speedup"] if m["predicted_speedup"] else None
+        metrics["per_k"][k] = m
+    if metrics["per_k"]:
+        best = max(metrics["per_k"], key=lambda k: metrics["per_k"][k]["speedup"])
+        b = metrics["per_k"][best]
+        metrics.update(best_k=best, speedup=b["speedup"], speculative_tps=b["speculative_tps"],
+                       acceptance=b["acceptance"], predicted_speedup=b["predicted_speedup"],
+                       predicted_speedup_leviathan=b["predicted_speedup_leviathan"], efficiency=b["efficiency"])
+    return metrics
+
+
+def config_dict(cfg: SpeculateConfig) -> dict:
+    return asdict(cfg)
