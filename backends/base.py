@@ -170,6 +170,13 @@ class Backend(ABC):
     @abstractmethod
     def info(self) -> ModelInfo: ...
 
+    def lora_train(self, train, val, config, out_dir, on_step=None, resume=False):
+        """LoRA fine-tuning of this model in place (types in backends/training.py;
+        each engine's loop in backends/<engine>_train.py). Returns a TrainResult."""
+        from backends.training import engine_trainer
+
+        return engine_trainer(self.name).train(self, train, val, config, out_dir, on_step=on_step, resume=resume)
+
     def close(self) -> None:
         """Free the model's memory (engines override when they hold device caches)."""
 
