@@ -236,6 +236,13 @@ def summarise(result: MMLUResult, subject_order: list[str]) -> dict:
     return metrics
 
 
+def bench_metrics(metrics: dict) -> dict:
+    """The summary `billion bench --mmlu` puts next to speed and memory."""
+    return {"mmlu_acc": metrics.get("acc_micro"), "mmlu_acc_stderr": metrics.get("acc_micro_stderr"),
+            "mmlu_questions": metrics["questions"], "mmlu_shots": metrics["shots"], "mmlu_method": metrics["method"],
+            "mmlu_questions_per_s": metrics["questions_per_s"]}
+
+
 def predictions(result: MMLUResult) -> dict[str, str]:
     """Predicted letters per subject in test order ('-': no answer parsed), for comparing records."""
     out: dict[str, list[str]] = {}

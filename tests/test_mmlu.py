@@ -236,3 +236,17 @@ def test_missing_data_offline_says_how_to_get_it(monkeypatch, tmp_path):
         mmlu_data.load_subjects(["abstract_algebra"])
     r = run("mmlu", "--data", tmp_path)
     assert r.exit_code == 1 and "holds no MMLU data in a known layout" in r.output
+
+
+def test_bench_mmlu_puts_accuracy_next_to_speed(csv_dir, results_dir):
+    r = run("bench", "-m", "tiny:tinyllama", "-b", "all", "-p", "8", "-n", "4", "--runs", "1", "--mmlu",
+            "--mmlu-data", csv_dir, "--mmlu-subjects", "world_religions", "--mmlu-shots", "3",
+            "--results-dir", results_dir)
+    assert r.exit_code == 0, r.output
+    assert "MMLU: 3-shot loglik accuracy" in r.output
+    records = {rec["task"] + ":" + rec["backend"]: rec for rec in read_records([results_dir])}
+    assert {"bench:mlx", "bench:torch", "mmlu:mlx", "mmlu:torch"} <= set(records)
+    for engine in ENGINES:
+        m = records[f"bench:{engine}"]["metrics"]
+        assert m["mmlu_questions"] == 4 and m["mmlu_shots"] == 3 and m["mmlu_method"] == "loglik"
+        assert m["mmlu_acc"] == records[f"mmlu:{engine}"]["metrics"]["acc_micro"] and m["decode_tps"] > 0

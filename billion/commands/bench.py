@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
+from billion.commands.mmlu import mmlu_options
 
 
 @click.command()
@@ -19,8 +20,12 @@ from billion.commands import console, engines, fmt, load_kwargs, loaded, model_o
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt.")
 @click.option("--parity/--no-parity", default=True, show_default=True,
               help="With several engines: compare their logits on the same tokens.")
+@click.option("--mmlu", "with_mmlu", is_flag=True,
+              help="Also score MMLU on each engine (as `billion mmlu`, set with the --mmlu-* options) "
+                   "and put its accuracy in the table.")
+@mmlu_options(prefix="mmlu-")
 @results_option
-def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity, results_dir, **opts):
+def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity, with_mmlu, results_dir, **opts):
     """Prefill and decode speed, time to first token and peak memory.
 
     Random prompt tokens, EOS ignored, greedy: every engine does the same work. With
@@ -33,6 +38,10 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
 
     cfg = task.BenchConfig(prompt_tokens, gen_tokens, runs, warmup, seed)
     names = engines(backend)
+    mmlu_run = None
+    if with_mmlu:  # the questions load before any model: missing data fails fast
+        from billion.commands.mmlu import prepare
+        mmlu_run = prepare(**{k[len("mmlu_"):]: v for k, v in opts.items() if k.startswith("mmlu_")})
     done, parity_data, parity_seq = {}, {}, None
     interrupted = False
     for name in names:
@@ -58,6 +67,14 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
                         parity_data[name] = (b.logits(parity_seq), result.runs[0].tokens)
                     except KeyboardInterrupt:
                         result.interrupted = True
+            if mmlu_run and not result.interrupted:
+                from billion.commands.mmlu import evaluate, write_mmlu_record
+                from billion.mmlu import bench_metrics
+
+                scored = evaluate(b, model, *mmlu_run, results_dir, opts)
+                metrics.update(bench_metrics(write_mmlu_record(name, model, mmlu_run[1], scored, info, opts,
+                                                               results_dir, started)))
+                result.interrupted = scored.interrupted
             status = "interrupted" if result.interrupted else "complete"
             record = make_record("bench", name, model, {**task.config_dict(cfg), **load_kwargs(opts)}, metrics,
                                  started=started, status=status,
@@ -95,13 +112,20 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
 
 def _print_table(model: str, done: dict) -> None:
     table = Table(title=f"bench {model}")
-    for col in ("engine", "prefill tok/s", "TTFT s", "decode tok/s", "min-max", "% BW", "weights GB", "peak GB"):
+    mmlu = next((m for m in done.values() if "mmlu_acc" in m), None)
+    mmlu_col = ("MMLU",) if mmlu else ()
+    if mmlu:
+        table.caption = f"MMLU: {mmlu['mmlu_shots']}-shot {mmlu['mmlu_method']} accuracy (questions)"
+    for col in ("engine", "prefill tok/s", "TTFT s", "decode tok/s", "min-max", "% BW", "weights GB", "peak GB",
+                *mmlu_col):
         table.add_column(col, justify="left" if col == "engine" else "right")
     for name, m in done.items():
         frac = m.get("bandwidth_fraction")
+        acc = m.get("mmlu_acc")
         table.add_row(name, fmt(m.get("prefill_tps")), fmt(m.get("ttft_s"), 3), fmt(m.get("decode_tps")),
                       f"{fmt(m.get('decode_tps_min'))}-{fmt(m.get('decode_tps_max'))}",
-                      f"{frac:.0%}" if frac else "-", fmt(m["weight_gb"]), fmt(m["peak_memory_gb"]))
+                      f"{frac:.0%}" if frac else "-", fmt(m["weight_gb"]), fmt(m["peak_memory_gb"]),
+                      *((f"{acc:.1%} ({m['mmlu_questions']})" if acc is not None else "-",) if mmlu else ()))
     console.print(table)
     for name, m in done.items():
         console.print(f"  {name}: peak memory from {m['memory_source']}; bandwidth {fmt(m['bandwidth_gbs'])} GB/s "

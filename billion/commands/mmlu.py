@@ -11,29 +11,38 @@ from rich.table import Table
 from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
 
 
-def mmlu_options(f):
-    """The MMLU options `billion mmlu` has (and `billion bench --mmlu` reuses)."""
+def mmlu_options(prefix: str = ""):
+    """The MMLU options of `billion mmlu`; `billion bench` reuses them as --mmlu-shots etc.
+    (parameters mmlu_shots, ...)."""
+    def opt(name, *short, **kw):
+        param = (prefix + name).replace("-", "_")
+        return click.option(f"--{prefix}{name}", *(() if prefix else short), param, **kw)
+
     options = [
-        click.option("--shots", "-k", type=click.IntRange(0, 5), default=5, show_default=True,
-                     help="Solved dev examples before each question (model cards quote 5)."),
-        click.option("--method", type=click.Choice(["loglik", "generate"]), default="loglik", show_default=True,
-                     help="loglik: highest log-likelihood of ' A'..' D' (lm-eval); generate: the seed's "
-                          "generate-and-parse-a-letter method, for comparison."),
-        click.option("--subjects", "-s", default=None,
-                     help="Comma list, or 'all' for the 57. Default: the seed's 10-subject subset."),
-        click.option("--limit", "-l", type=click.IntRange(1), default=None,
-                     help="Test questions per subject (the first N). Default: all."),
-        click.option("--data", envvar="BILLION_MMLU_DATA", type=click.Path(exists=True, file_okay=False),
-                     default=None, help="Local MMLU folder (Hub parquet/arrow export or the CSV release). "
-                                        "Default: cais/mmlu through `datasets` [env BILLION_MMLU_DATA]."),
-        click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True,
-                     help="Questions per forward pass (loglik)."),
-        click.option("--max-tokens", type=click.IntRange(1), default=5, show_default=True,
-                     help="generate: tokens generated per question."),
+        opt("shots", "-k", type=click.IntRange(0, 5), default=5, show_default=True,
+            help="Solved dev examples before each question (model cards quote 5)."),
+        opt("method", type=click.Choice(["loglik", "generate"]), default="loglik", show_default=True,
+            help="loglik: highest log-likelihood of ' A'..' D' (lm-eval); generate: the seed's "
+                 "generate-and-parse-a-letter method, for comparison."),
+        opt("subjects", "-s", default=None,
+            help="Comma list, or 'all' for the 57. Default: the seed's 10-subject subset."),
+        opt("limit", "-l", type=click.IntRange(1), default=None,
+            help="Test questions per subject (the first N). Default: all."),
+        opt("data", envvar="BILLION_MMLU_DATA", type=click.Path(exists=True, file_okay=False), default=None,
+            help="Local MMLU folder (Hub parquet/arrow export or the CSV release). "
+                 "Default: cais/mmlu through `datasets` [env BILLION_MMLU_DATA]."),
+        opt("batch-size", type=click.IntRange(1), default=4, show_default=True,
+            help="Questions per forward pass (loglik)."),
+        opt("max-tokens", type=click.IntRange(1), default=5, show_default=True,
+            help="generate: tokens generated per question."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
 def prepare(shots, method, subjects, limit, data, batch_size, max_tokens):
@@ -83,7 +92,7 @@ def evaluate(backend, model: str, subjects, cfg, results_dir, opts: dict, resume
 
 @click.command()
 @model_options
-@mmlu_options
+@mmlu_options()
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse questions an interrupted run of the same settings already scored.")
 @results_option
@@ -109,14 +118,7 @@ def mmlu(model, backend, shots, method, subjects, limit, data, batch_size, max_t
             console.print(f"[bold]{name}[/]: {info.architecture}, {info.dtype} on {info.device}"
                           + (f", {info.quantization}" if info.quantization else ""))
             result = evaluate(b, model, subject_data, cfg, results_dir, opts, resume)
-        metrics = task.summarise(result, list(cfg.subjects))
-        record = make_record("mmlu", name, model, {**task.config_dict(cfg), **load_kwargs(opts)},
-                             {k: v for k, v in metrics.items() if k != "per_subject"}, started=started,
-                             status="interrupted" if result.interrupted else "complete",
-                             extra={"subjects": metrics["per_subject"], "predictions": task.predictions(result),
-                                    "model_info": info.__dict__})
-        console.print(f"  record: {write_record(record, results_dir)}")
-        done[name] = (result, metrics)
+        done[name] = (result, write_mmlu_record(name, model, cfg, result, info, opts, results_dir, started))
         if result.interrupted:
             interrupted = True
             break
@@ -135,6 +137,21 @@ def mmlu(model, backend, shots, method, subjects, limit, data, batch_size, max_t
             console.print(f"  record: {write_record(rec, results_dir)}")
     if interrupted:
         raise KeyboardInterrupt
+
+
+def write_mmlu_record(engine: str, model: str, cfg, result, info, opts: dict, results_dir, started: float) -> dict:
+    """The run's record (per-subject accuracy and the predicted letters included); returns its metrics."""
+    from billion import mmlu as task
+    from billion.results import make_record, write_record
+
+    metrics = task.summarise(result, list(cfg.subjects))
+    record = make_record("mmlu", engine, model, {**task.config_dict(cfg), **load_kwargs(opts)},
+                         {k: v for k, v in metrics.items() if k != "per_subject"}, started=started,
+                         status="interrupted" if result.interrupted else "complete",
+                         extra={"subjects": metrics["per_subject"], "predictions": task.predictions(result),
+                                "model_info": info.__dict__})
+    console.print(f"  record: {write_record(record, results_dir)}")
+    return metrics
 
 
 def _acc(m: dict | None) -> str:
