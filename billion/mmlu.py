@@ -74,6 +74,7 @@ class Scored:
     logprobs: tuple[float, ...] | None = None  # loglik: of " A" ... " D"
     truncated: bool = False  # the prompt was cut on the left to fit the context
     output: str | None = None  # generate: the generated text
+    prompt_tokens: int = 0  # what the model read (after any cut): speed depends on it
 
     @property
     def key(self) -> tuple[str, int]:
@@ -120,7 +121,7 @@ def _fit_left(ids: list[int], room: int) -> tuple[list[int], bool]:
 
 def score_loglik(backend: Backend, subject: Subject, items: list[tuple[int, Question]], prompts: list[str],
                  batch_size: int) -> list[Scored]:
-    encoded, truncated = [], []
+    encoded, truncated, lengths = [], [], []
     for prompt in prompts:
         pairs = [backend.encode_pair(prompt, f" {letter}") for letter in LETTERS]
         cut = False
@@ -129,12 +130,13 @@ def score_loglik(backend: Backend, subject: Subject, items: list[tuple[int, Ques
             pairs[k], cut = (ctx, cont), cut or c
         encoded.extend(pairs)
         truncated.append(cut)
+        lengths.append(len(pairs[0][0]))
     # one-token continuations share their context's row: batch_size questions per forward pass
     scores = score_batched(backend, encoded, batch_size)
     out = []
-    for n, ((index, q), cut) in enumerate(zip(items, truncated)):
+    for n, ((index, q), cut, length) in enumerate(zip(items, truncated, lengths)):
         lps = tuple(s for s, _ in scores[4 * n: 4 * n + 4])
-        out.append(Scored(subject.name, index, q.answer, max(range(4), key=lambda k: lps[k]), lps, cut))
+        out.append(Scored(subject.name, index, q.answer, max(range(4), key=lambda k: lps[k]), lps, cut, None, length))
     return out
 
 
@@ -151,7 +153,7 @@ def score_generate(backend: Backend, subject: Subject, index: int, q: Question, 
                    max_tokens: int) -> Scored:
     ids, cut = _fit_left(backend.tokenize(prompt), backend.context_length - max_tokens)
     text = backend.detokenize(backend.generate(ids, GenerationConfig(max_tokens=max_tokens)))
-    return Scored(subject.name, index, q.answer, parse_letter(text), None, cut, text)
+    return Scored(subject.name, index, q.answer, parse_letter(text), None, cut, text, len(ids))
 
 
 def run_mmlu(backend: Backend, subjects: list[Subject], cfg: MMLUConfig, *, done: dict | None = None,
@@ -230,6 +232,7 @@ def summarise(result: MMLUResult, subject_order: list[str]) -> dict:
     metrics["questions_scored_this_run"] = result.new
     metrics["questions_per_s"] = result.new / result.seconds if result.seconds else None
     metrics["truncated_prompts"] = sum(s.truncated for s in result.scored.values())
+    metrics["prompt_tokens_mean"] = sum(s.prompt_tokens for s in result.scored.values()) / max(len(everything), 1)
     if result.config.method == "generate":
         metrics["unparsed_answers"] = sum(s.pred < 0 for s in result.scored.values())
     metrics["per_subject"] = per_subject
@@ -292,7 +295,8 @@ class Checkpoint:
                 except json.JSONDecodeError:  # a line cut short by the interruption
                     continue
                 s = Scored(d["subject"], d["index"], d["answer"], d["pred"],
-                           tuple(d["logprobs"]) if d.get("logprobs") else None, d["truncated"], d.get("output"))
+                           tuple(d["logprobs"]) if d.get("logprobs") else None, d["truncated"], d.get("output"),
+                           d.get("prompt_tokens", 0))
                 done[s.key] = s
         return done
 

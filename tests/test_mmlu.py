@@ -106,6 +106,18 @@ def test_engines_agree_on_every_answer_in_float32(tiny_model, subjects):
     assert m["questions_per_s"] > 0
 
 
+def test_long_prompts_are_cut_on_the_left_to_fit(tiny_model, subjects, monkeypatch):
+    b = tiny_model("torch")
+    monkeypatch.setattr(b, "context_length", 48)
+    subject = subjects[0]
+    q = subject.test[0]
+    full = len(b.tokenize(mmlu.build_prompt(subject, q, 5)))
+    [s] = mmlu.score_loglik(b, subject, [(0, q)], [mmlu.build_prompt(subject, q, 5)], batch_size=1)
+    assert full > 48 and s.truncated and s.prompt_tokens == 48
+    g = mmlu.score_generate(b, subject, 0, q, mmlu.build_prompt(subject, q, 5), max_tokens=3)
+    assert g.truncated and g.prompt_tokens == 45
+
+
 def test_statistics_by_hand():
     cfg = mmlu.MMLUConfig(("x", "y"))
     result = mmlu.MMLUResult(cfg, new=6, seconds=2.0)
@@ -154,6 +166,7 @@ def test_cli_both_engines_records_and_agreement(csv_dir, results_dir):
         m = rec["metrics"]
         assert rec["status"] == "complete" and m["questions"] == 9 and m["shots"] == 1
         assert m["method"] == "loglik" and 0 <= m["acc_micro"] <= 1 and m["questions_per_s"] > 0
+        assert m["prompt_tokens_mean"] > 30 and m["truncated_prompts"] == 0
         assert set(rec["subjects"]) == set(mmlu_fixture.SUBJECTS)
         assert all(len(p) == 3 for p in rec["predictions"].values())
         assert "CSV release" in rec["config"]["data"]

@@ -180,6 +180,7 @@ def print_table(model: str, cfg, done: dict) -> None:
     table.add_row("macro (mean of subjects)", str(first.get("subjects", 0)),
                   *(_acc({"acc": m.get("acc_macro"), "acc_stderr": m.get("acc_macro_stderr")}) for m in done.values()))
     table.add_row("questions/s", "", *(fmt(m.get("questions_per_s")) for m in done.values()))
+    table.add_row("prompt tokens (mean)", "", *(fmt(m.get("prompt_tokens_mean"), 0) for m in done.values()))
     if any(m.get("truncated_prompts") for m in done.values()):
         table.add_row("prompts cut to fit", "", *(str(m.get("truncated_prompts")) for m in done.values()))
     if cfg.method == "generate":
