@@ -109,8 +109,8 @@ class TorchBackend(Backend):
         quantization = None
         folder_q = getattr(config, "quantization_config", None)
         if folder_q:  # a folder written pre-quantized (billion quantize): its weights load as stored
-            folder_q = folder_q if isinstance(folder_q, dict) else folder_q.to_dict()
-            quantization = f"{folder_q.get('quant_method', '?')} {folder_q.get('quant_type', '')} (from folder)".strip()
+            from backends.torch_quant import folder_description
+            quantization = folder_description(folder_q if isinstance(folder_q, dict) else folder_q.to_dict())
         if quantize:
             from backends.torch_quant import quantize_model
             quantization = quantize_model(model, quantize, group_size, device)

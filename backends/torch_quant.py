@@ -238,3 +238,15 @@ def save_folder(backend, out, scheme: str, group_size: int) -> str:
     backend.tokenizer.save_pretrained(out)
     backend.quantization = description
     return description
+
+
+def folder_description(quantization_config: dict) -> str:
+    """One line for a folder's `quantization_config` (torchao, bitsandbytes, ...)."""
+    method = quantization_config.get("quant_method", "?")
+    quant_type = quantization_config.get("quant_type")
+    if isinstance(quant_type, dict):  # torchao: {"default": {"_type": "Int8WeightOnlyConfig", "_data": {...}}}
+        inner = quant_type.get("default", quant_type)
+        data = inner.get("_data", {})
+        group = data.get("group_size") or (data.get("granularity") or {}).get("_data", {}).get("group_size")
+        quant_type = inner.get("_type", "?") + (f", group {group}" if group else "")
+    return f"{method} {quant_type or ''} (from folder)".replace("  ", " ")

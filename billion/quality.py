@@ -17,7 +17,7 @@ under each model, and the mean change in the probability of the true next token.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -114,28 +114,35 @@ def compare(base: Scored, quant: Scored) -> dict:
 @dataclass
 class QualityResult:
     metrics: dict  # scheme -> compare() metrics, for the schemes compared
+    evaluated: dict = field(default_factory=dict)  # "full" / scheme -> what `evaluate` returned
     interrupted: bool = False
 
 
-def measure(load: Callable[[str | None], Backend], schemes: list[str], text: str, cfg: QualityConfig,
+def measure(load: Callable[[str | None], Backend], schemes: list[str], text: str, cfg: QualityConfig, *,
+            evaluate: Callable[[Backend], object] | None = None,
             on_step: Callable[[str, int, int], None] | None = None) -> QualityResult:
     """Score the text in full precision, then with each scheme.
 
     `load(scheme)` loads the model (scheme None: full precision); each model is
-    closed before the next loads, so only one is in memory at a time. Ctrl-C
-    keeps the schemes already compared.
+    closed before the next loads, so only one is in memory at a time.
+    `evaluate(backend)` (e.g. an MMLU run) also runs on every model. Ctrl-C keeps
+    the schemes already compared.
     """
+    result = QualityResult({})
+
     def scored(scheme: str | None) -> Scored:
         backend = load(scheme)
         try:
             wins = windows(backend, text, cfg)
-            return score(backend, wins, lambda i: on_step(scheme or "full", i, len(wins)) if on_step else None)
+            out = score(backend, wins, lambda i: on_step(scheme or "full", i, len(wins)) if on_step else None)
+            if evaluate:
+                result.evaluated[scheme or "full"] = evaluate(backend)
+            return out
         finally:
             backend.close()
 
-    base = scored(None)
-    result = QualityResult({})
     try:
+        base = scored(None)
         for scheme in schemes:
             result.metrics[scheme] = compare(base, scored(scheme))
     except KeyboardInterrupt:

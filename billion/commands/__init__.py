@@ -15,7 +15,8 @@ from rich.console import Console
 
 console = Console(highlight=False)
 
-QUANTIZE_CHOICES = ["int8", "int4"]
+# int8/int4 on both engines; bnb-* are bitsandbytes on CUDA (torch only).
+QUANTIZE_CHOICES = ["int8", "int4", "bnb-int8", "bnb-int4"]
 
 
 def model_options(f):

@@ -1,0 +1,113 @@
+"""`billion quality`: what int8/int4 weights cost, against full precision on the same engine."""
+
+from __future__ import annotations
+
+import time
+
+import click
+from rich.table import Table
+
+from billion.commands import console, engines, fmt, load_kwargs, model_options, results_option
+from billion.commands.mmlu import mmlu_options
+
+
+@click.command()
+@model_options
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+              help="Text to score. Default: a fixed ~700-word text shipped with billion.")
+@click.option("--ctx", type=click.IntRange(4), default=512, show_default=True,
+              help="Window length in tokens; the second half of each window is scored.")
+@click.option("--chunks", type=click.IntRange(1), default=4, show_default=True, help="Windows scored at most.")
+@click.option("--mmlu/--no-mmlu", default=False, show_default=True,
+              help="Also run MMLU on every model and report the accuracy difference.")
+@mmlu_options(prefix="mmlu-")
+@results_option
+def quality(model, backend, text_file, ctx, chunks, mmlu, results_dir, **opts):
+    """KL divergence, top-1 agreement and perplexity of quantized weights against full precision.
+
+    Measured like llama.cpp's `llama-perplexity --kl-divergence`: the same model in full
+    precision and quantized (--quantize int8|int4|...; default: int8 then int4), on the same
+    engine, position by position over a fixed text. With --mmlu, the MMLU accuracy of each
+    model too (see `billion mmlu` for its options, here prefixed --mmlu-).
+    """
+    from billion import quality as task
+    from billion.loading import load
+    from billion.results import make_record, write_record
+
+    mmlu_opts = {k[len("mmlu_"):]: opts.pop(k) for k in list(opts) if k.startswith("mmlu_")}
+    schemes = [opts["quantize"]] if opts["quantize"] else ["int8", "int4"]
+    text, text_label = task.read_text(text_file)
+    cfg = task.QualityConfig(ctx, chunks)
+    evaluate, mmlu_cfg = None, None
+    if mmlu:
+        from billion import mmlu as mmlu_task
+        from billion.commands.mmlu import prepare
+
+        subjects, mmlu_cfg = prepare(**mmlu_opts)
+
+        def evaluate(b):
+            with console.status(f"MMLU on {b.name} ({b.quantization or 'full precision'})..."):
+                return mmlu_task.run_mmlu(b, subjects, mmlu_cfg)
+
+    rows, interrupted = [], False
+    for name in engines(backend):
+        started = time.time()
+
+        def load_one(scheme):
+            kw = dict(load_kwargs(opts), quantize=scheme)
+            with console.status(f"loading {model} on {name} ({scheme or 'full precision'})..."):
+                return load(name, model, **kw)
+
+        def progress(scheme, i, n):
+            console.print(f"  {name} {scheme}: window {i}/{n}")
+
+        result = task.measure(load_one, schemes, text, cfg, evaluate=evaluate, on_step=progress)
+        for scheme, metrics in result.metrics.items():
+            metrics = dict(metrics)
+            if mmlu_cfg and scheme in result.evaluated and "full" in result.evaluated:
+                metrics.update(_mmlu_difference(result.evaluated["full"], result.evaluated[scheme], mmlu_cfg))
+            config = {**task.config_dict(cfg), **load_kwargs(opts), "quantize": scheme, "text": text_label}
+            if mmlu_cfg:
+                config["mmlu"] = {k: v for k, v in mmlu_opts.items()}
+            record = make_record("quality", name, model, config, metrics, started=started,
+                                 status="interrupted" if result.interrupted else "complete")
+            console.print(f"  record: {write_record(record, results_dir)}")
+            rows.append((name, scheme, metrics))
+        if result.interrupted:
+            interrupted = True
+            break
+    _print_table(model, rows)
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def _mmlu_difference(full, quant, cfg) -> dict:
+    from billion import mmlu as mmlu_task
+
+    a = mmlu_task.summarise(full, list(cfg.subjects))
+    b = mmlu_task.summarise(quant, list(cfg.subjects))
+    out = {"mmlu_acc_full": a.get("acc_micro"), "mmlu_acc_quant": b.get("acc_micro"),
+           "mmlu_questions": b.get("questions")}
+    if out["mmlu_acc_full"] is not None and out["mmlu_acc_quant"] is not None:
+        out["mmlu_acc_diff"] = out["mmlu_acc_quant"] - out["mmlu_acc_full"]
+    agree = mmlu_task.agreement(full, quant)
+    out["mmlu_same_answer_share"] = agree.get("same_answer_share")
+    return out
+
+
+def _print_table(model: str, rows: list) -> None:
+    table = Table(title=f"quality {model}: quantized vs full precision, same engine")
+    columns = ["engine", "weights", "mean KL (± se)", "median KL", "p99 KL", "max KL", "top-1 agree",
+               "PPL full", "PPL quant"]
+    if any("mmlu_acc_diff" in m for _, _, m in rows):
+        columns.append("MMLU Δacc")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("engine", "weights") else "right")
+    for name, scheme, m in rows:
+        cells = [name, scheme, f"{m['mean_kl']:.3g} ± {m['mean_kl_stderr']:.1g}", f"{m['median_kl']:.3g}",
+                 f"{m['p99_kl']:.3g}", f"{m['max_kl']:.3g}", f"{m['top1_agreement']:.1%}", fmt(m["ppl_full"]),
+                 fmt(m["ppl_quant"])]
+        if "MMLU Δacc" in columns:
+            cells.append(f"{m['mmlu_acc_diff']:+.1%}" if m.get("mmlu_acc_diff") is not None else "-")
+        table.add_row(*cells)
+    console.print(table)

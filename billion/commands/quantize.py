@@ -1,0 +1,81 @@
+"""`billion quantize`: write a quantized model folder that loads back in the same engine."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+import click
+
+from billion.commands import console, engines, fmt, results_option
+
+VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. Quantization stores weights in fewer bits."
+
+
+@click.command()
+@click.option("--model", "-m", envvar="BILLION_MODEL", default="random:tinyllama", show_default=True,
+              help="Alias, Hub id, local HF folder, random:<alias> or tiny:<alias> [env BILLION_MODEL].")
+@click.option("--backend", "-b", envvar="BILLION_BACKEND", default="auto", show_default=True,
+              help="mlx or torch (the folder format is the engine's own) [env BILLION_BACKEND].")
+@click.option("--bits", type=click.Choice(["4", "8"]), required=True, help="Bits per weight.")
+@click.option("--group-size", type=int, default=64, show_default=True,
+              help="Weights sharing one scale (MLX: 32/64/128; torch int4: 32-256; torch int8 is per channel).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write (new or empty).")
+@click.option("--device", default=None, help="MLX: gpu|cpu; torch: cuda|cpu. Default: the best available.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="dtype of the scales and of the layers left unquantized.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model folders to run their own code.")
+@results_option
+def quantize(model, backend, bits, group_size, out, device, dtype, trust_remote_code, results_dir):
+    """Quantize a model's weights to 4 or 8 bits and save the folder.
+
+    MLX writes what `mlx_lm.convert -q` writes (affine, packed uint32, `quantization` in
+    config.json); torch writes a transformers folder with torchao weights and a
+    TorchAoConfig (on CPU, torchao saves int4 values one per byte). The folder is then a
+    model like any other: `billion bench --model OUT --backend <same engine>`. It is
+    loaded back once here and its logits checked against the model just quantized.
+    """
+    from backends.base import UserError
+    from billion.loading import load
+    from billion.results import make_record, write_record
+
+    names = engines(backend)
+    if len(names) != 1:
+        raise UserError("a quantized folder belongs to one engine: choose --backend mlx or --backend torch")
+    name, scheme, out = names[0], f"int{bits}", Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty")
+    started = time.time()
+    kw = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    with console.status(f"loading {model} on {name}..."):
+        b = load(name, model, **kw)
+    try:
+        full_bytes = b.info().weight_bytes
+        with console.status(f"quantizing to {scheme} and writing {out}..."):
+            description = importlib.import_module(f"backends.{name}_quant").save_folder(b, out, scheme, group_size)
+        ids = b.tokenize(VERIFY_TEXT)
+        expected, quant_bytes = b.logits(ids), b.info().weight_bytes
+    finally:
+        b.close()
+    with console.status(f"loading {out} back on {name}..."):
+        again = load(name, str(out), **kw)
+    try:
+        diff = float(abs(again.logits(ids) - expected).max())
+        loaded_as = again.info().quantization
+    finally:
+        again.close()
+    folder_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    console.print(f"[bold]{name}[/]: {description}")
+    console.print(f"  weights in memory {fmt(full_bytes / 1e9, 3)} GB -> {fmt(quant_bytes / 1e9, 3)} GB "
+                  f"({quant_bytes / full_bytes:.2f}x); safetensors on disk {fmt(folder_bytes / 1e9, 3)} GB")
+    console.print(f"  loaded back as: {loaded_as}; max |Δlogit| against the model just quantized: {diff:.2e}")
+    if diff > 1e-3:
+        raise UserError(f"the folder written to {out} does not load back to the same model "
+                        f"(max |Δlogit| {diff:.2e})")
+    metrics = {"weight_gb_full": full_bytes / 1e9, "weight_gb_quant": quant_bytes / 1e9,
+               "weight_ratio": quant_bytes / full_bytes, "safetensors_gb": folder_bytes / 1e9,
+               "round_trip_max_abs_logit_diff": diff}
+    config = {"bits": int(bits), "group_size": group_size, "out": str(out), **kw, "description": description}
+    record = make_record("quantize", name, model, config, metrics, started=started)
+    console.print(f"  record: {write_record(record, results_dir)}")

@@ -1,0 +1,162 @@
+"""int8/int4 weights on both engines: load, generate, honest byte counts, quality
+against full precision, quantized folders that load back, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from backends.base import GenerationConfig, UserError
+from billion import quality
+from billion.cli import cli
+from billion.loading import load
+from tests.conftest import ENGINES
+
+PROMPT = "Why is the sky blue? Sunlight scatters off"
+
+
+def _load(engine, tiny_folder, quantize=None, alias="tinyllama", **kw):
+    return load(engine, str(tiny_folder(alias)), device="cpu", dtype="float32", quantize=quantize,
+                progress=False, **kw)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_int8_and_int4_load_generate_and_weigh_less(tiny_folder, tiny_model, engine):
+    full = tiny_model(engine).info()
+    sizes = {}
+    for scheme in ("int8", "int4"):
+        b = _load(engine, tiny_folder, scheme)
+        info = b.info()
+        assert info.quantization.startswith(scheme)
+        assert info.parameters == full.parameters
+        out = b.generate(b.tokenize(PROMPT), GenerationConfig(max_tokens=8, ignore_eos=True))
+        assert len(out) == 8
+        assert info.weight_bytes < full.weight_bytes
+        assert info.decode_bytes_per_token < full.decode_bytes_per_token
+        sizes[scheme] = info.decode_bytes_per_token
+        b.close()
+    # the layers decode reads are packed: 4 bits weigh less than 8 on both engines
+    assert sizes["int4"] < sizes["int8"] < full.decode_bytes_per_token / 3
+
+
+def test_mlx_packs_the_tied_head_with_its_embedding(tiny_folder, tiny_model):
+    # llama-3.2-1b ties its output head to the embedding: mlx-lm quantizes both as one table
+    full = tiny_model("mlx", "llama-3.2-1b").info()
+    b = _load("mlx", tiny_folder, "int4", alias="llama-3.2-1b")
+    assert b.info().weight_bytes < full.weight_bytes / 5
+    b.close()
+
+
+def test_kl_maths():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 5)) * 3
+    targets = np.array([0, 1, 2, 3, 4, 0])
+    same = quality.Scored(quality.log_softmax(logits).astype(np.float32), targets)
+    m = quality.compare(same, same)
+    assert m["mean_kl"] == pytest.approx(0, abs=1e-6) and m["max_kl"] == pytest.approx(0, abs=1e-6)
+    assert m["top1_agreement"] == 1.0 and m["ppl_full"] == pytest.approx(m["ppl_quant"])
+    # two-token vocabulary: KL(p || q) written out by hand
+    p, q = np.log([[0.9, 0.1]]), np.log([[0.6, 0.4]])
+    m = quality.compare(quality.Scored(p, np.array([1])), quality.Scored(q, np.array([1])))
+    assert m["mean_kl"] == pytest.approx(0.9 * np.log(0.9 / 0.6) + 0.1 * np.log(0.1 / 0.4))
+    assert m["ppl_full"] == pytest.approx(10) and m["ppl_quant"] == pytest.approx(2.5)
+    assert m["top1_agreement"] == 1.0 and m["mean_delta_p"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_kl_small_for_int8_and_reported_for_int4(tiny_folder, engine):
+    cfg = quality.QualityConfig(ctx=96, chunks=2)
+    result = quality.measure(lambda q: _load(engine, tiny_folder, q), ["int8", "int4"],
+                             quality.default_text(), cfg)
+    int8, int4 = result.metrics["int8"], result.metrics["int4"]
+    assert int8["positions"] == int4["positions"] == 2 * 48
+    assert int8["mean_kl"] < 0.02 and int8["top1_agreement"] > 0.8
+    assert int8["mean_kl"] < int4["mean_kl"] < 5
+    assert np.isfinite([int4["p99_kl"], int4["ppl_quant"], int4["ppl_full"]]).all()
+    assert int8["ppl_full"] == int4["ppl_full"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_quantized_folder_round_trip(tiny_folder, tmp_path, engine):
+    out = tmp_path / f"{engine}-int4"
+    result = CliRunner().invoke(cli, ["quantize", "-m", str(tiny_folder()), "-b", engine, "--bits", "4",
+                                      "--device", "cpu", "--dtype", "float32", "--out", str(out),
+                                      "--results-dir", str(tmp_path / "results")])
+    assert result.exit_code == 0, result.output
+    record = json.loads(next((tmp_path / "results").glob("quantize-*.json")).read_text())
+    assert record["metrics"]["round_trip_max_abs_logit_diff"] < 1e-5
+    assert record["metrics"]["weight_ratio"] < 0.8
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert on_disk < sum(f.stat().st_size for f in tiny_folder().glob("*.safetensors"))
+
+    back = load(engine, str(out), device="cpu", dtype="float32", progress=False)
+    assert "from folder" in back.info().quantization
+    assert len(back.generate(back.tokenize(PROMPT), GenerationConfig(max_tokens=4, ignore_eos=True))) == 4
+    with pytest.raises(UserError, match="already quantized"):
+        load(engine, str(out), device="cpu", dtype="float32", quantize="int8", progress=False)
+    back.close()
+
+
+def test_mlx_folder_keeps_packed_weights_whatever_the_dtype(tiny_folder, tmp_path):
+    import mlx.core as mx
+
+    from backends import mlx_quant
+
+    b = _load("mlx", tiny_folder)
+    mlx_quant.save_folder(b, tmp_path / "q", "int8", 64)
+    for dtype in ("float32", "bfloat16"):
+        again = load("mlx", str(tmp_path / "q"), device="cpu", dtype=dtype, progress=False)
+        proj = again.model.model.layers[0].self_attn.q_proj
+        assert proj.weight.dtype == mx.uint32 and proj.bits == 8  # set_dtype casts floating tensors only
+        assert proj.scales.dtype == getattr(mx, dtype)
+
+
+@pytest.mark.parametrize("engine, scheme, group, message", [
+    ("torch", "bnb-int8", 64, "needs a CUDA GPU; on cpu use --quantize int8 or int4"),
+    ("torch", "bnb-int4", 64, "needs a CUDA GPU"),
+    ("torch", "int4", 48, "group size of 32, 64, 128, 256"),
+    ("mlx", "bnb-int4", 64, "the MLX engine quantizes with int8, int4"),
+    ("mlx", "int4", 16, "group size of 32, 64, 128"),
+])
+def test_unsupported_scheme_is_a_clear_error(tiny_folder, engine, scheme, group, message):
+    with pytest.raises(UserError, match=message):
+        _load(engine, tiny_folder, scheme, group_size=group)
+
+
+def test_torch_devices_without_kernels_say_what_works():
+    import torch
+
+    from backends.torch_quant import check_scheme
+
+    with pytest.raises(UserError, match="no int8/int4 weight kernels on MPS.*--backend mlx"):
+        check_scheme("int4", 64, "mps", torch.float16)
+    with pytest.raises(UserError, match="runs in bfloat16"):
+        check_scheme("int4", 64, "cuda", torch.float32)
+
+
+def test_quant_bench_and_quality_commands(tiny_folder, tmp_path):
+    runner = CliRunner()
+    model = str(tiny_folder())
+    result = runner.invoke(cli, ["quant-bench", "-m", model, "-b", "all", "--precisions", "full,int4",
+                                 "--device", "cpu", "-p", "8", "-n", "4", "-r", "1", "--warmup", "0",
+                                 "--results-dir", str(tmp_path / "bench")])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(f.read_text()) for f in (tmp_path / "bench").glob("bench-*.json")]
+    assert sorted((r["backend"], r["config"]["quantize"] or "full") for r in records) == [
+        ("mlx", "full"), ("mlx", "int4"), ("torch", "full"), ("torch", "int4")]
+    for r in records:  # the bandwidth ceiling comes from the bytes decode reads at that precision
+        assert r["metrics"]["decode_gb_per_token"] * 1e9 == r["model_info"]["decode_bytes_per_token"]
+    assert "quant-bench" in result.output and "int4" in result.output
+
+    result = runner.invoke(cli, ["quality", "-m", model, "-b", "all", "-q", "int8", "--device", "cpu",
+                                 "--ctx", "64", "--chunks", "1", "--results-dir", str(tmp_path / "quality")])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(f.read_text()) for f in (tmp_path / "quality").glob("quality-*.json")]
+    assert sorted(r["backend"] for r in records) == ["mlx", "torch"]
+    assert all(r["config"]["quantize"] == "int8" and r["metrics"]["positions"] == 32 for r in records)
+
+    result = runner.invoke(cli, ["quant-bench", "-m", model, "--precisions", "full,int3"])
+    assert result.exit_code != 0 and "unknown precision 'int3'" in result.output
