@@ -7,7 +7,7 @@ import time
 import click
 from rich.table import Table
 
-from billion.commands import console, engines, fmt, loaded, results_option
+from billion.commands import QUANTIZE_CHOICES, console, engines, fmt, loaded, results_option
 
 
 def _ks(ctx, param, value: str) -> tuple[int, ...]:
@@ -46,9 +46,14 @@ def _ks(ctx, param, value: str) -> tuple[int, ...]:
                    "layers the draft lacks by this factor (e.g. 0.1) in a copy of the target, so that acceptance "
                    "is not ~0% on random weights. Same compute; says nothing about real models.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model folders to run their own code.")
+@click.option("--quantize", "-q", type=click.Choice(QUANTIZE_CHOICES), default=None,
+              help="The target's weights, quantized at load time.")
+@click.option("--draft-quantize", type=click.Choice(QUANTIZE_CHOICES), default=None,
+              help="The draft's weights, quantized at load time (independently of the target's).")
+@click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size.")
 @results_option
 def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmup, temperature, top_p, seed,
-              prompt, damp, trust_remote_code, results_dir):
+              prompt, damp, trust_remote_code, quantize, draft_quantize, group_size, results_dir):
     """Speculative decoding: a draft proposes k tokens, the target verifies them in one pass.
 
     Lossless (greedy: the target's own tokens; sampling: the target's distribution). Draft and
@@ -73,7 +78,8 @@ def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmu
     done = {}
     for name in names:
         started = time.time()
-        with loaded(name, str(pair.target), **kw) as t, loaded(name, str(pair.draft), **kw) as d:
+        with loaded(name, str(pair.target), **kw, quantize=quantize, group_size=group_size) as t, \
+                loaded(name, str(pair.draft), **kw, quantize=draft_quantize, group_size=group_size) as d:
             ti, di = t.info(), d.info()
             console.print(f"[bold]{name}[/]: target {ti.parameters / 1e9:.2f}B, draft {di.parameters / 1e9:.2f}B "
                           f"parameters, {ti.dtype} on {ti.device}")
@@ -89,6 +95,7 @@ def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmu
             with console.status(f"{name}: measuring..."):
                 result = task.measure(t, d, cfg, on_step=progress)
             config = {**task.config_dict(cfg), "target": target, "draft": draft, "damp": damp, **kw,
+                      "quantize": quantize, "draft_quantize": draft_quantize, "group_size": group_size,
                       "target_label": pair.target_label, "draft_label": pair.draft_label}
             record = make_record(
                 "speculate", name, target, config, result.metrics, started=started,
