@@ -88,6 +88,9 @@ class MMLUResult:
     new: int = 0  # questions scored in this run
     seconds: float = 0.0  # time spent scoring them
     interrupted: bool = False
+    # whether prompts start with BOS (the tokenizer's default, as mlx_lm.evaluate does; lm-eval's
+    # HF model leaves BOS out unless add_bos_token=True): it moves accuracy, so records say it
+    bos_prepended: bool | None = None
 
 
 # ---------------------------------------------------------------- prompts
@@ -166,6 +169,8 @@ def run_mmlu(backend: Backend, subjects: list[Subject], cfg: MMLUConfig, *, done
     """
     wanted = {(s.name, i) for s in subjects for i in range(len(s.test[: cfg.limit]))}
     result = MMLUResult(cfg, {k: v for k, v in (done or {}).items() if k in wanted})
+    bos = getattr(backend.tokenizer, "bos_token_id", None)
+    result.bos_prepended = bos is not None and backend.tokenize("Answer:")[:1] == [bos]
     try:
         for subject in subjects:
             pending = [(i, q) for i, q in enumerate(subject.test[: cfg.limit])
@@ -229,6 +234,7 @@ def summarise(result: MMLUResult, subject_order: list[str]) -> dict:
         ses = [v["acc_stderr"] for v in per_subject.values()]
         metrics["acc_macro_stderr"] = (math.sqrt(sum(se ** 2 for se in ses)) / len(ses)
                                        if all(se is not None for se in ses) else None)
+    metrics["bos_prepended"] = result.bos_prepended
     metrics["questions_scored_this_run"] = result.new
     metrics["questions_per_s"] = result.new / result.seconds if result.seconds else None
     metrics["truncated_prompts"] = sum(s.truncated for s in result.scored.values())

@@ -167,6 +167,7 @@ def test_cli_both_engines_records_and_agreement(csv_dir, results_dir):
         assert rec["status"] == "complete" and m["questions"] == 9 and m["shots"] == 1
         assert m["method"] == "loglik" and 0 <= m["acc_micro"] <= 1 and m["questions_per_s"] > 0
         assert m["prompt_tokens_mean"] > 30 and m["truncated_prompts"] == 0
+        assert m["bos_prepended"] is True  # TinyLlama's tokenizer adds <s>
         assert set(rec["subjects"]) == set(mmlu_fixture.SUBJECTS)
         assert all(len(p) == 3 for p in rec["predictions"].values())
         assert "CSV release" in rec["config"]["data"]
