@@ -108,7 +108,13 @@ class _Metrics(TrainerCallback):
             self.on_step(metrics)
 
 
-def train(backend, train_set: list[Example], val_set: list[Example], cfg: TrainConfig, out_dir: Path,
+def train(backend, *args, **kwargs) -> TrainResult:
+    with warnings.catch_warnings():  # transformers' v6 renames of arguments trl passes: not ours to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        return _train(backend, *args, **kwargs)
+
+
+def _train(backend, train_set: list[Example], val_set: list[Example], cfg: TrainConfig, out_dir: Path,
           on_step: training.OnStep | None = None, resume: bool = False) -> TrainResult:
     out_dir = Path(out_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
@@ -120,7 +126,6 @@ def train(backend, train_set: list[Example], val_set: list[Example], cfg: TrainC
     ordered = [train_set[i] for step in plan for micro in step for i in micro]
     pad_id = backend.tokenizer.pad_token_id if backend.tokenizer.pad_token_id is not None else 0
     cpu = backend.device == "cpu"
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # v6 renames, not ours
     args = SFTConfig(
         output_dir=str(out_dir), max_steps=cfg.steps, num_train_epochs=1,
         per_device_train_batch_size=cfg.batch_size // world, gradient_accumulation_steps=cfg.grad_accum,
