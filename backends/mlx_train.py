@@ -145,7 +145,7 @@ def train(backend, train_set: list[Example], val_set: list[Example], cfg: TrainC
     loss_and_grad = nn.value_and_grad(model, _masked_sums)
     result = TrainResult("mlx", str(out_dir), start, cfg.steps, start,
                          sum(v.size for v in lora_weights(model).values()),
-                         memory_source=backend.memory().source)
+                         memory_source=backend.memory().source, processes=world)
     model.train()
     backend.reset_peak_memory()
     result.initial_val_loss = validation_loss(model, val_set, cfg, pad_id)

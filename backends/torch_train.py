@@ -27,6 +27,11 @@ from backends.training import Example, StepMetrics, TrainConfig, TrainResult
 
 
 def add_lora(backend, cfg: TrainConfig) -> PeftModel:
+    if backend.quantization:  # QLoRA: gradients must flow through the frozen quantized base
+        from backends.torch_quant import prepare_for_training
+
+        note = prepare_for_training(backend.model)
+        backend.quantization += f"; {note}" if note else ""
     model_type = backend.model.config.model_type
     targets = list(cfg.targets or training.default_targets(model_type))
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
@@ -139,7 +144,7 @@ def _train(backend, train_set: list[Example], val_set: list[Example], cfg: Train
         ddp_find_unused_parameters=False if world > 1 else None)
     result = TrainResult("torch", str(out_dir), 0, cfg.steps, 0,
                          sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
-                         memory_source=backend.memory().source)
+                         memory_source=backend.memory().source, processes=world)
     trainer = SFTTrainer(model=peft_model, args=args, train_dataset=_dataset(ordered),
                          processing_class=backend.tokenizer)
     for printer in (PrinterCallback, ProgressCallback):  # billion streams its own progress

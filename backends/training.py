@@ -113,6 +113,7 @@ class TrainResult:
     wall_s: float = 0.0  # training loop only (validation excluded)
     memory_source: str = ""
     interrupted: bool = False
+    processes: int = 1  # data-parallel processes (torchrun / mlx.launch); tokens/s counts all of them
 
     @property
     def train_tokens_per_s(self) -> float | None:

@@ -81,6 +81,9 @@ def engine_dir(cfg: FinetuneConfig, engine: str) -> Path:
 def _check_resume(folder: Path, identity: dict, resume: bool) -> None:
     """Resuming needs the same model, data and settings; a fresh run needs an empty folder."""
     marker = folder / "finetune.json"
+    if not is_main_process():  # the first process checks and writes; the others follow it
+        folder.mkdir(parents=True, exist_ok=True)
+        return
     if resume and marker.is_file():
         before = json.loads(marker.read_text())
         changed = [k for k in identity if before.get(k) != identity[k]]
@@ -91,8 +94,7 @@ def _check_resume(folder: Path, identity: dict, resume: bool) -> None:
     if not resume and folder.exists() and any(folder.iterdir()):
         raise UserError(f"{folder} already holds a fine-tune; pass --resume to continue it or choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        marker.write_text(json.dumps(identity, indent=2))
+    marker.write_text(json.dumps(identity, indent=2))
 
 
 def answers(backend, prompts, chat: bool, max_tokens: int) -> list[str]:
@@ -141,7 +143,7 @@ def metrics(run: FinetuneRun) -> dict:
         "val_loss_initial": r.initial_val_loss, "val_loss_final": r.final_val_loss,
         "token_accuracy_final": last.token_accuracy if last else None,
         "train_tokens_per_s": r.train_tokens_per_s, "train_time_s": r.wall_s,
-        "trainable_parameters": r.trainable_parameters,
+        "trainable_parameters": r.trainable_parameters, "processes": r.processes,
         "peak_memory_gb": peak / 1e9 if peak is not None else None, "memory_source": r.memory_source,
     }
 
