@@ -130,8 +130,9 @@ def run_reply(chat, text: str, out: Console, *, show_text: bool, name: str) -> o
     """One reply: streamed to stdout (show_text) or counted on a status line. Ctrl-C stops it."""
     reply = chat.ask(text)
     if reply.stats.dropped_turns:
-        out.print(f"[yellow]{name}: the conversation outgrew the context of {chat.backend.context_length} tokens: "
-                  f"dropped the {reply.stats.dropped_turns} oldest exchange(s) (the system message stays)[/]")
+        out.print(f"{name}: the conversation outgrew the context of {chat.backend.context_length} tokens: "
+                  f"dropped the {reply.stats.dropped_turns} oldest exchange(s) (the system message stays)",
+                  style="yellow", markup=False, soft_wrap=True)
     pieces = reply.pieces()
     try:
         if show_text:
@@ -179,7 +180,8 @@ def answer_once(setup: Setup, prompt: str, as_json: bool) -> None:
             name = label(engine, spec)
             reply = run_reply(chat, prompt, out, show_text=single and not as_json, name=name)
             interrupted = reply.stats.stop == "interrupted"
-            out.print(stats_line(reply.stats) if single else f"{name}: {stats_line(reply.stats)}", style="dim", soft_wrap=True)
+            out.print(stats_line(reply.stats) if single else f"{name}: {stats_line(reply.stats)}", style="dim",
+                      markup=False, soft_wrap=True)
             rec, path = setup.record(engine, spec, chat, started, "prompt", reply.stats.as_metrics(),
                                      "interrupted" if interrupted else "complete",
                                      {"messages": chat.messages(), "reply": reply.text})
@@ -245,14 +247,14 @@ def loop(chats: dict, names: dict) -> None:
                 reply = run_reply(c, text, console, show_text=single, name=names[key])
                 replies[names[key]] = reply
                 console.print(stats_line(reply.stats) if single else f"{names[key]}: {stats_line(reply.stats)}",
-                              style="dim", soft_wrap=True)
+                              style="dim", markup=False, soft_wrap=True)
                 if reply.stats.stop == "interrupted":
                     skipped = [names[k] for k in list(chats)[len(replies):]]
                     if skipped:
-                        console.print(f"[yellow]skipped this message: {', '.join(skipped)}[/]")
+                        console.print(f"skipped this message: {', '.join(skipped)}", style="yellow", markup=False)
                     break
         except UserError as e:
-            console.print(f"[red]error: {e}[/]")
+            console.print(f"error: {e}", style="red", markup=False, soft_wrap=True)
             continue
         if not single and replies:
             console.print(compare_table(replies))
