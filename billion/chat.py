@@ -42,13 +42,13 @@ def transcript(messages: list[dict]) -> str:
 
 def render(backend: Backend, messages: list[dict]) -> list[int]:
     """Token ids of the prompt for `messages`, ending where the assistant's reply begins."""
+    from jinja2 import TemplateError  # what templates raise, e.g. "System role not supported"
+
     if not backend.has_chat_template:
         return backend.tokenize(transcript(messages))
     try:
         return backend.apply_chat_template(messages)
-    except Exception as e:  # jinja2 raises its own errors, e.g. "System role not supported"
-        if isinstance(e, UserError):
-            raise
+    except TemplateError as e:
         raise UserError(f"the model's chat template rejected the conversation: {e}") from None
 
 

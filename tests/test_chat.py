@@ -124,6 +124,19 @@ def test_context_overflow_drops_oldest_turns(tiny_model, engine):
     assert chat.turns == turns  # a rejected message leaves the conversation as it was
 
 
+def test_clear_errors(tiny_folder, tiny_model, results_dir, monkeypatch):
+    folder = str(tiny_folder("tinyllama"))
+    result = CliRunner().invoke(cli, ["chat", "-m", folder, "-b", "torch", *CPU, "-p", "Paris is in France. " * 200,
+                                      "--results-dir", str(results_dir)])
+    assert result.exit_code == 1 and "Error: message too long" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["chat", "-m", folder, "--json"])
+    assert result.exit_code == 1 and "--json needs --prompt" in result.output
+    backend = tiny_model("torch")
+    monkeypatch.setattr(backend.tokenizer, "chat_template", "{{ raise_exception('System role not supported') }}")
+    with pytest.raises(Exception, match="chat template rejected the conversation: System role not supported"):
+        Chat(backend, GenerationConfig(max_tokens=4), system="Be brief.").ask("Hi")
+
+
 def test_interactive_overflow_and_too_long_message_on_screen(tiny_folder, results_dir):
     long_message = "Paris is the capital of France. " * 18
     script = "\n".join([long_message] * 4 + [long_message * 4, "/stats", "/quit"]) + "\n"

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -14,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from backends.base import UserError
+from billion.chat import FALLBACK_TEMPLATE
 from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
 
 HELP = """\
@@ -74,24 +76,27 @@ def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, c
         interactive(setup)
 
 
+@dataclass
 class Setup:
     """What every model in the conversation shares."""
 
-    def __init__(self, targets, gen, system, draft, num_draft, load_opts, config, results_dir):
-        self.targets, self.gen, self.system = targets, gen, system
-        self.draft, self.num_draft = draft, num_draft
-        self.load_opts, self.config, self.results_dir = load_opts, config, results_dir
+    targets: list[tuple[str, str]]  # (engine, model spec)
+    gen: object  # GenerationConfig
+    system: str | None
+    draft: str | None
+    num_draft: int
+    load_opts: dict
+    config: dict  # for the records
+    results_dir: str
 
-    def new_chat(self, engine: str, spec: str, backend, stack: ExitStack, out: Console, drafts: dict):
-        from billion.chat import FALLBACK_TEMPLATE, Chat
+    def new_chat(self, engine: str, backend, stack: ExitStack, drafts: dict):
+        from billion.chat import Chat
 
         draft = None
         if self.draft:
             if engine not in drafts:
                 drafts[engine] = stack.enter_context(loaded(engine, self.draft, **self.load_opts))
             draft = drafts[engine]
-        if not backend.has_chat_template:
-            out.print(f"{label(engine, spec)}: {FALLBACK_TEMPLATE}", style="yellow", markup=False, soft_wrap=True)
         return Chat(backend, self.gen, self.system, draft, self.num_draft)
 
     def record(self, engine: str, spec: str, chat, started: float, mode: str, metrics: dict, status: str,
@@ -126,7 +131,7 @@ def stream_to(out, pieces) -> None:
         out.flush()
 
 
-def run_reply(chat, text: str, out: Console, *, show_text: bool, name: str) -> object:
+def run_reply(chat, text: str, out: Console, *, show_text: bool, name: str):
     """One reply: streamed to stdout (show_text) or counted on a status line. Ctrl-C stops it."""
     reply = chat.ask(text)
     if reply.stats.dropped_turns:
@@ -176,8 +181,10 @@ def answer_once(setup: Setup, prompt: str, as_json: bool) -> None:
         started = time.time()
         with ExitStack() as stack:
             backend = stack.enter_context(loaded(engine, spec, **setup.load_opts))
-            chat = setup.new_chat(engine, spec, backend, stack, out, {})
+            chat = setup.new_chat(engine, backend, stack, {})
             name = label(engine, spec)
+            if not backend.has_chat_template:
+                out.print(f"{name}: {FALLBACK_TEMPLATE}", style="yellow", markup=False, soft_wrap=True)
             reply = run_reply(chat, prompt, out, show_text=single and not as_json, name=name)
             interrupted = reply.stats.stop == "interrupted"
             out.print(stats_line(reply.stats) if single else f"{name}: {stats_line(reply.stats)}", style="dim",
@@ -186,7 +193,8 @@ def answer_once(setup: Setup, prompt: str, as_json: bool) -> None:
                                      "interrupted" if interrupted else "complete",
                                      {"messages": chat.messages(), "reply": reply.text})
             out.print(f"record: {path}", style="dim", soft_wrap=True, markup=False)
-            replies[name], records = reply, records + [rec]
+            replies[name] = reply
+            records.append(rec)
         if interrupted:
             break
     if not single:
@@ -206,11 +214,12 @@ def interactive(setup: Setup) -> None:
         drafts: dict = {}
         for engine, spec in setup.targets:
             backend = stack.enter_context(loaded(engine, spec, **setup.load_opts))
-            chats[(engine, spec)] = setup.new_chat(engine, spec, backend, stack, console, drafts)
+            chats[(engine, spec)] = setup.new_chat(engine, backend, stack, drafts)
         names = {key: label(*key) for key in chats}
         for key, c in chats.items():
-            console.print(f"[bold]{names[key]}[/]: {c.template}, context {c.backend.context_length} tokens"
-                          + (f", draft {setup.draft}" if c.draft else ""))
+            template = "chat template" if c.backend.has_chat_template else FALLBACK_TEMPLATE
+            console.print(f"{names[key]}: {template}; context {c.backend.context_length} tokens"
+                          + (f"; draft {setup.draft}" if c.draft else ""), markup=False, soft_wrap=True)
         console.print("[dim]/help for commands, /quit or Ctrl-D to leave[/]")
         try:
             loop(chats, names)
@@ -270,12 +279,12 @@ def command(text: str, chats: dict, names: dict) -> bool:
     if name == "/clear":
         for c in chats.values():
             c.clear()
-        console.print("conversation cleared" + (" (the system message stays)" if any(c.system for c in chats.values())
-                                                else ""))
+        kept = any(c.system for c in chats.values())
+        console.print("conversation cleared" + (" (the system message stays)" if kept else ""))
     elif name == "/system":
         for c in chats.values():
             c.system = arg or None
-        console.print(f"system message set: {arg}" if arg else "system message removed")
+        console.print(f"system message set: {arg}" if arg else "system message removed", markup=False)
     elif name == "/stats":
         table = Table()
         table.add_column("")
