@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 from mlx_lm.utils import compute_bits_per_weight, quantize_model as mlx_lm_quantize, save_config, save_model
 
 from backends.base import UserError
@@ -66,28 +64,59 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int) -> str:
 
 
 def save_folder(backend, out: Path, scheme: str, group_size: int) -> str:
-    """Quantize a loaded full-precision MLX backend and write an mlx-lm folder at `out`.
+    """Quantize a loaded full-precision MLX backend and write an mlx-lm folder at `out`:
+    what `mlx_lm.convert -q` writes (packed safetensors, config.json with
+    `quantization`, the tokenizer and generation config of the source folder)."""
+    _, description = quantize(backend.model, {}, scheme, group_size)
+    save_quantized(backend, out)
+    backend.quantization = description
+    return description
 
-    The folder is what `mlx_lm.convert -q` writes: packed safetensors, config.json
-    with `quantization`, the tokenizer and generation config of the source folder.
-    """
-    config, description = quantize(backend.model, dict(backend.config), scheme, group_size)
+
+# ------------------------------------------------------------- LoRA into a quantized base
+
+
+def adapter_logits(backend, ids: list[int]) -> tuple:
+    """(base alone, base + adapter) logits of a model carrying mlx-lm LoRA layers."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    layers = [m for _, m in backend.model.named_modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise UserError("the model carries no LoRA adapter to fuse")
+    adapted = backend.logits(ids)
+    scales = [m.scale for m in layers]
+    for m in layers:  # the update is scale * x @ a @ b: scale 0 is the base alone
+        m.scale = 0.0
+    try:
+        base = backend.logits(ids)
+    finally:
+        for m, s in zip(layers, scales):
+            m.scale = s
+    return base, adapted
+
+
+def fuse_adapter(backend) -> str:
+    """Fuse the LoRA layers into their quantized base layers, in place: mlx-lm's
+    LoRALinear.fuse dequantizes, adds scale * b.T @ a.T and re-quantizes with the
+    layer's own bits and group size."""
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    fused = [(n, m.fuse(dequantize=False)) for n, m in backend.model.named_modules() if isinstance(m, LoRALinear)]
+    backend.model.update_modules(tree_unflatten(fused))
+    mx.eval(backend.model.parameters())
+    return f"{len(fused)} layers dequantized, fused and re-quantized"
+
+
+def save_quantized(backend, out: Path) -> None:
+    """Write an already-quantized loaded model as an mlx-lm folder."""
+    first = next(m for _, m in backend.model.named_modules() if hasattr(m, "bits"))
+    config = dict(backend.config, quantization={"group_size": first.group_size, "bits": first.bits,
+                                                "mode": getattr(first, "mode", "affine")})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_model(out, backend.model)
     save_config(config, config_path=out / "config.json")
     backend.tokenizer.save_pretrained(out)
-    src = Path(backend.path)
-    if (src / "generation_config.json").is_file():
-        shutil.copy(src / "generation_config.json", out)
-    backend.quantization = description
-    return description
-
-
-def packed_bytes(model: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-def folder_quantization(path: Path) -> dict | None:
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    return cfg.get("quantization")
+    if (Path(backend.path) / "generation_config.json").is_file():
+        shutil.copy(Path(backend.path) / "generation_config.json", out)

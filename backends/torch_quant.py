@@ -217,26 +217,13 @@ def logical_numel(t: torch.Tensor) -> int:
 
 def save_folder(backend, out, scheme: str, group_size: int) -> str:
     """Quantize a loaded full-precision torch backend and write an HF folder at `out`
-    that transformers (and so this engine) loads back pre-quantized.
-
-    Written the way transformers writes torchao models: safetensors holding the
-    subclasses' inner tensors plus torchao metadata, and a TorchAoConfig as
-    `quantization_config` in config.json.
-    """
+    that transformers (and so this engine) loads back pre-quantized."""
     if scheme.startswith("bnb-"):
         raise UserError("`billion quantize` writes torchao folders (int8, int4); load bitsandbytes schemes at "
                         "run time with --quantize bnb-int8|bnb-int4")
-    from transformers import TorchAoConfig
-    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
-
-    model = backend.model
-    description = quantize_model(model, scheme, group_size, backend.device, serializable=True)
-    ao_config = TorchAoConfig(torchao_config(scheme, group_size, backend.device, serializable=True))
-    model.config.quantization_config = ao_config
-    model.hf_quantizer = TorchAoHfQuantizer(ao_config)
-    model.save_pretrained(out)
-    backend.tokenizer.save_pretrained(out)
+    description = quantize_model(backend.model, scheme, group_size, backend.device, serializable=True)
     backend.quantization = description
+    save_quantized(backend, out, group_size)
     return description
 
 
@@ -250,3 +237,102 @@ def folder_description(quantization_config: dict) -> str:
         group = data.get("group_size") or (data.get("granularity") or {}).get("_data", {}).get("group_size")
         quant_type = inner.get("_type", "?") + (f", group {group}" if group else "")
     return f"{method} {quant_type or ''} (from folder)".replace("  ", " ")
+
+
+# ------------------------------------------------------------- QLoRA
+
+
+# torchao int4 layouts whose matmul kernels have no derivative: no gradient reaches the LoRA layers below them.
+_NO_BACKWARD = ("Int4OpaqueTensor", "Int4TilePackedTo4dTensor", "Int4Tensor")
+
+
+def prepare_for_training(model) -> str:
+    """Make a quantized base trainable under LoRA (QLoRA); say what changed.
+
+    The base weights stay frozen and quantized, but gradients must flow through
+    them to the adapters: torchao int8 has a backward pass, its int4 kernels do
+    not (refused here with what works instead); bitsandbytes is peft's own
+    QLoRA path. The output head goes back to full precision, because trl's
+    fused loss slices and transposes the head's weight directly.
+    """
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    kinds = {type(p).__name__ for p in model.parameters() if is_traceable_wrapper_subclass(p)}
+    if kinds & set(_NO_BACKWARD):
+        raise UserError("LoRA on a torch int4 base needs bitsandbytes on CUDA (--quantize bnb-int4): torchao's int4 "
+                        "kernels have no backward pass; on CPU use --quantize int8, or the MLX engine's int4")
+    head = model.get_output_embeddings()
+    if head is not None and is_traceable_wrapper_subclass(head.weight):
+        head.weight = nn.Parameter(head.weight.dequantize(), requires_grad=False)
+        return "output head dequantized for training"
+    return ""
+
+
+def _lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def adapter_logits(backend, ids: list[int]) -> tuple:
+    """(base alone, base + adapter) logits of a model carrying peft LoRA layers."""
+    layers = [m for _, m in _lora_layers(backend.model)]
+    if not layers:
+        raise UserError("the model carries no LoRA adapter to fuse")
+    adapted = backend.logits(ids)
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        base = backend.logits(ids)
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+    return base, adapted
+
+
+@torch.no_grad()
+def fuse_adapter(backend) -> str:
+    """Fuse the peft LoRA layers into their quantized base layers, in place, and
+    drop the LoRA wrappers: torchao weights are dequantized, given W + B @ A *
+    scaling and re-quantized with the scheme they were loaded with; bitsandbytes
+    layers use peft's own merge (which does the same)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    from torchao.quantization import quantize_
+
+    scheme = (backend.quantization or "").split(" ")[0]
+    count = 0
+    for name, m in _lora_layers(backend.model):
+        base = m.get_base_layer()
+        if is_traceable_wrapper_subclass(base.weight):
+            weight = base.weight.dequantize() + m.get_delta_weight("default").to(base.weight.dtype)
+            base.weight = nn.Parameter(weight, requires_grad=False)
+            # int8 only (no groups): torchao int4 has no backward pass, so no int4 base is ever trained
+            quantize_(base, torchao_config(scheme, 0, backend.device), filter_fn=lambda mod, fqn: mod is base)
+        else:  # bitsandbytes, or a layer left in full precision
+            m.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(backend.model.get_submodule(parent) if parent else backend.model, child, base)
+        count += 1
+    if hasattr(backend.model, "peft_config"):
+        del backend.model.peft_config
+    return f"{count} layers dequantized, fused and re-quantized"
+
+
+def save_quantized(backend, out, group_size: int = 64) -> None:
+    """Write a torchao-quantized loaded model the way transformers writes torchao models:
+    safetensors holding the subclasses' inner tensors plus torchao metadata, and a
+    TorchAoConfig as `quantization_config` in config.json."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    from transformers import TorchAoConfig
+    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+    kinds = {type(p).__name__ for p in backend.model.parameters() if is_traceable_wrapper_subclass(p)}
+    if not kinds or not kinds <= {"Int8Tensor", "IntxUnpackedToInt8Tensor", "Int4TilePackedTo4dTensor"}:
+        raise UserError("only torchao int8 and int4 weights (not bitsandbytes, not the packed CPU int4 layout) "
+                        "can be written as a folder")
+    scheme = (backend.quantization or "").split(" ")[0]
+    ao_config = TorchAoConfig(torchao_config(scheme, group_size, backend.device, serializable=True))
+    backend.model.config.quantization_config = ao_config
+    backend.model.hf_quantizer = TorchAoHfQuantizer(ao_config)
+    backend.model.save_pretrained(out)
+    backend.tokenizer.save_pretrained(out)

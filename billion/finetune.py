@@ -124,7 +124,13 @@ def run(backend, model_spec: str, cfg: FinetuneConfig, prepared: Prepared, on_st
         phase("answers after training")
         after = answers(backend, cfg.prompts, prepared.chat, cfg.answer_tokens)
     fused = None
-    if main and cfg.fuse and not result.interrupted:
+    if main and cfg.fuse and not result.interrupted and backend.quantization:
+        from billion.quantized_fuse import fuse_quantized
+
+        phase("fusing into the quantized base (dequantize, fuse, re-quantize, check)")
+        fused = folder.parent / f"{folder.name}-fused"
+        fuse_quantized(backend, fused)
+    elif main and cfg.fuse and not result.interrupted:
         from backends.adapters import fuse
 
         phase("fusing")

@@ -160,3 +160,56 @@ def test_quant_bench_and_quality_commands(tiny_folder, tmp_path):
 
     result = runner.invoke(cli, ["quant-bench", "-m", model, "--precisions", "full,int3"])
     assert result.exit_code != 0 and "unknown precision 'int3'" in result.output
+
+
+# ---------------------------------------------------------------- QLoRA and fusing into a quantized base
+
+# The torch engine trains through torchao int8 (its int4 kernels have no backward pass).
+QLORA_SCHEME = {"mlx": "int8", "torch": "int8"}
+
+
+def _qlora(engine, tiny_folder, tmp_path, scheme):
+    from backends.training import TrainConfig
+    from billion import data
+
+    b = _load(engine, tiny_folder, scheme)
+    examples, _ = data.encode(b, data.read_rows("sample")[:12], 256, data.use_chat(b, None))
+    cfg = TrainConfig(steps=5, batch_size=4, grad_accum=1, learning_rate=1e-2, dropout=0.0, eval_every=5,
+                      save_every=5)
+    return b, b.lora_train(examples, examples[:4], cfg, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_qlora_lowers_the_loss_and_fuses_into_the_quantized_base(tiny_folder, tmp_path, engine):
+    from billion.quantized_fuse import CHECK_FILE, fuse_quantized
+
+    b, result = _qlora(engine, tiny_folder, tmp_path, QLORA_SCHEME[engine])
+    assert result.steps_done == 5 and result.final_val_loss < result.initial_val_loss - 0.05
+    ids = b.tokenize(PROMPT)
+    check = fuse_quantized(b, tmp_path / "fused")
+    assert check["adapter_effect_kept"] > 0.7 and check["base_vs_adapted_top1_agreement"] < 0.95
+    fused_in_memory = b.logits(ids)
+    again = load(engine, str(tmp_path / "fused"), device="cpu", dtype="float32", progress=False)
+    assert "from folder" in again.info().quantization and (tmp_path / "fused" / CHECK_FILE).is_file()
+    np.testing.assert_allclose(again.logits(ids), fused_in_memory, atol=1e-4)
+    again.close()
+    b.close()
+
+
+def test_fuse_that_would_drop_the_adapter_is_refused(tiny_folder, tmp_path):
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from billion.quantized_fuse import fuse_quantized
+
+    b, _ = _qlora("mlx", tiny_folder, tmp_path, "int4")
+    for _, m in b.model.named_modules():  # an adapter far smaller than a 4-bit step
+        if isinstance(m, LoRALinear):
+            m.scale = m.scale * 1e-3
+    with pytest.raises(UserError, match="kept .* of the adapter's effect"):
+        fuse_quantized(b, tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+
+
+def test_torch_int4_qlora_says_what_works(tiny_folder, tmp_path):
+    with pytest.raises(UserError, match="bnb-int4.*on CPU use --quantize int8"):
+        _qlora("torch", tiny_folder, tmp_path, "int4")
