@@ -72,6 +72,21 @@ def compatible_pairs(target: ModelSpec) -> str:
     return f"compatible pairs: {pairs}; or --draft layers:N (the target's own first N layers)"
 
 
+def known_mismatch(target: ModelSpec, draft: ModelSpec) -> str | None:
+    """Why the registry alone says two specs cannot share a vocabulary (checked before anything is
+    built or downloaded), or None when only their folders can tell."""
+    synthetic = ("random", "tiny")
+    if target.kind in synthetic and draft.kind in synthetic:
+        # synthetic folders share a tokenizer within one family, and a vocabulary size within one kind
+        if (target.kind, target.card.family) != (draft.kind, draft.card.family):
+            return "synthetic folders of different families or sizes have different vocabularies"
+    elif "folder" not in (target.kind, draft.kind) and (target.kind in synthetic) != (draft.kind in synthetic):
+        return "a synthetic tokenizer differs from every real model's"
+    elif target.card and draft.card and target.card.tokenizer != draft.card.tokenizer:
+        return f"different tokenizers ({draft.card.tokenizer} vs {target.card.tokenizer})"
+    return None
+
+
 def check_vocabularies(target: ModelSpec, draft_folder: Path, target_folder: Path, draft_label: str) -> None:
     """Same vocabulary size and the same token string for every id, else a UserError."""
     from backends import hf_folder
@@ -105,12 +120,9 @@ def prepare_pair(target: str, draft: str, damp: float | None = None) -> Pair:
     layers = LAYER_DRAFT.match(draft)
     if not layers:
         draft_spec = parse_spec(draft)
-        if (target_spec.kind == draft_spec.kind == "hub" and target_spec.card and draft_spec.card
-                and target_spec.card.tokenizer != draft_spec.card.tokenizer):
-            # registered models known to differ: refuse before downloading anything
-            raise UserError(f"{draft} cannot draft for {target}: different tokenizers "
-                            f"({draft_spec.card.tokenizer} vs {target_spec.card.tokenizer}); "
-                            f"{compatible_pairs(target_spec)}")
+        reason = known_mismatch(target_spec, draft_spec)
+        if reason:
+            raise UserError(f"{draft} cannot draft for {target}: {reason}; {compatible_pairs(target_spec)}")
     target_folder = model_folder(target_spec)
     if layers:
         n = int(layers.group(1))

@@ -20,23 +20,34 @@ from billion.commands.mmlu import mmlu_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt.")
 @click.option("--parity/--no-parity", default=True, show_default=True,
               help="With several engines: compare their logits on the same tokens.")
+@click.option("--draft", default=None,
+              help="Decode speculatively with this draft (same vocabulary; or layers:N, the model's own first "
+                   "N layers); `billion speculate` measures it against the model alone.")
+@click.option("--num-draft", type=click.IntRange(1), default=4, show_default=True, help="Draft tokens per round.")
 @click.option("--mmlu", "with_mmlu", is_flag=True,
               help="Also score MMLU on each engine (as `billion mmlu`, set with the --mmlu-* options) "
                    "and put its accuracy in the table.")
 @mmlu_options(prefix="mmlu-")
 @results_option
-def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity, with_mmlu, results_dir, **opts):
+def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity, with_mmlu, draft, num_draft,
+          results_dir, **opts):
     """Prefill and decode speed, time to first token and peak memory.
 
     Random prompt tokens, EOS ignored, greedy: every engine does the same work. With
     --backend all, engines run one after the other on the same weights and a parity
     check compares their next-token distributions teacher-forced on the same tokens.
     """
+    from contextlib import nullcontext
+
     from billion import bench as task
     from billion.compare import parity as parity_check, ratios
     from billion.results import make_record, write_record
 
-    cfg = task.BenchConfig(prompt_tokens, gen_tokens, runs, warmup, seed)
+    cfg = task.BenchConfig(prompt_tokens, gen_tokens, runs, warmup, seed, num_draft)
+    draft_folder = None
+    if draft:  # the vocabulary check runs before any model loads
+        from billion.speculative import prepare_pair
+        draft_folder = str(prepare_pair(model, draft).draft)
     names = engines(backend)
     mmlu_run = None
     if with_mmlu:  # the questions load before any model: missing data fails fast
@@ -46,7 +57,8 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
     interrupted = False
     for name in names:
         started = time.time()
-        with loaded(name, model, **load_kwargs(opts)) as b:
+        with loaded(name, model, **load_kwargs(opts)) as b, \
+                (loaded(name, draft_folder, **load_kwargs(opts)) if draft else nullcontext()) as d:
             info = b.info()
             console.print(f"[bold]{name}[/]: {info.architecture}, {info.parameters / 1e9:.2f}B parameters, "
                           f"{info.dtype} on {info.device}" + (f", {info.quantization}" if info.quantization else ""))
@@ -57,7 +69,7 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
                 else:
                     console.print(f"  warm-up {i}/{warmup} done")
 
-            result = task.run_bench(b, cfg, on_run=progress)
+            result = task.run_bench(b, cfg, draft=d, on_run=progress)
             metrics = dict(result.metrics)
             if parity and len(names) > 1 and result.runs and not result.interrupted:
                 if parity_seq is None:  # every engine is scored on the first engine's tokens
@@ -76,8 +88,8 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
                                                                results_dir, started)))
                 result.interrupted = scored.interrupted
             status = "interrupted" if result.interrupted else "complete"
-            record = make_record("bench", name, model, {**task.config_dict(cfg), **load_kwargs(opts)}, metrics,
-                                 started=started, status=status,
+            config = {**task.config_dict(cfg), **load_kwargs(opts), "draft": draft}
+            record = make_record("bench", name, model, config, metrics, started=started, status=status,
                                  extra={"model_info": info.__dict__, "runs": [r.__dict__ for r in result.runs]})
             path = write_record(record, results_dir)
             console.print(f"  record: {path}")

@@ -1,0 +1,296 @@
+"""Speculative decoding on both engines: lossless (greedy and sampled), stats, pair checks, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from backends.base import GenerationConfig, UserError
+from backends.speculation import SpeculationStats, distribution
+from tests.conftest import ENGINES
+
+PROMPT = "Why is the sky blue? Sunlight scatters off"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models are overhead-bound: on a shared 2-core machine two OpenMP threads spin
+    against other processes and run ~50x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pair(billion_home):
+    """(target folder, layers:1 draft folder, damped target folder, unrelated same-tokenizer folder)."""
+    from backends.synthetic import build_folder
+    from billion.models import card_for
+    from billion.speculative import prepare_pair
+
+    plain = prepare_pair("tiny:tinyllama", "layers:1")
+    damped = prepare_pair("tiny:tinyllama", "layers:1", damp=0.1)
+    card = card_for("tinyllama")
+    other = build_folder(billion_home / "models" / "tiny-tinyllama-seed1", card.config, card.family, tiny=True, seed=1)
+    return plain.target, plain.draft, damped.target, other
+
+
+_models: dict = {}
+
+
+@pytest.fixture(scope="module")
+def model(pair):
+    import backends
+
+    names = dict(zip(("target", "layers1", "damped", "other"), pair))
+
+    def get(engine: str, which: str):
+        if (engine, which) not in _models:
+            _models[engine, which] = backends.get(engine).load(names[which], device="cpu", dtype="float32")
+        return _models[engine, which]
+
+    return get
+
+
+def greedy(max_tokens: int) -> GenerationConfig:
+    return GenerationConfig(max_tokens=max_tokens, ignore_eos=True)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("draft_name", ["target", "other"])
+def test_greedy_output_is_the_targets_for_every_k(model, engine, draft_name):
+    target, draft = model(engine, "target"), model(engine, draft_name)
+    ids = target.tokenize(PROMPT)
+    reference = target.generate(ids, greedy(24))
+    for k in range(1, 7):
+        stats = SpeculationStats()
+        chunks = list(target.stream(ids, greedy(24), draft=draft, num_draft=k, stats=stats))
+        assert [c.token for c in chunks] == reference, f"k={k}"
+        # every token is the prefill's first one, an accepted draft, or a round's (or a last plain step's) own
+        assert sum(c.from_draft for c in chunks) == stats.accepted
+        assert len(chunks) - 1 - stats.accepted - stats.rounds in (0, 1)
+        assert sum(stats.histogram) == stats.rounds and stats.drafted <= k * stats.rounds
+        if draft_name == "target":
+            assert stats.acceptance == 1.0 and stats.rejections == 0
+        else:  # another seed: unrelated weights, same tokenizer
+            assert stats.acceptance < 0.3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_eos_and_max_tokens_inside_a_drafted_block(model, engine):
+    from backends import hf_folder
+
+    target = model(engine, "target")
+    ids = target.tokenize(PROMPT)
+    free = target.generate(ids, greedy(20))
+    # A self-draft accepts everything: tokens 1..4 come from round one's drafted block (k=4).
+    for m in range(1, 8):
+        stats = SpeculationStats()
+        assert target.generate(ids, greedy(m), draft=target, num_draft=4, stats=stats) == free[:m]
+        assert stats.drafted <= m - 1  # never drafts past max_tokens
+    j = next(i for i in range(2, 5) if free[i] not in free[:i])
+    object.__setattr__(target, "eos_ids", frozenset({free[j]}))
+    try:
+        stats = SpeculationStats()
+        out = target.generate(ids, GenerationConfig(max_tokens=20), draft=target, num_draft=4, stats=stats)
+        assert out == free[:j] == target.generate(ids, GenerationConfig(max_tokens=20))
+        assert stats.rounds == 1 and stats.drafted == j  # drafting stopped at the EOS it proposed
+    finally:
+        target.eos_ids = hf_folder.eos_ids(target.path, target.tokenizer)
+
+
+def _chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Pearson's test, bins with expected count < 5 pooled; p-value by Wilson-Hilferty (no scipy here)."""
+    if observed[expected == 0].any():
+        return 0.0  # a token that cannot occur did
+    small = expected < 5
+    obs = np.append(observed[~small], observed[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = len(obs) - 1
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def _second_token_distribution(backend, ids: list[int], gen: GenerationConfig) -> np.ndarray:
+    """Exact marginal of the second generated token: sum over t0 of p(t0) p(. | t0)."""
+    session = backend.session()
+    p0 = distribution(session.feed(ids, keep=1)[-1], gen)
+    out = np.zeros_like(p0)
+    for t0 in np.flatnonzero(p0 > 1e-6):
+        out += p0[t0] * distribution(session.feed([int(t0)], keep=1)[-1], gen)
+        session.crop(len(ids))
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sampled_tokens_follow_the_targets_distribution(model, engine):
+    """The second token is the first drafted position (the first comes from the prefill)."""
+    target, draft = model(engine, "target"), model(engine, "layers1")
+    ids = target.tokenize(PROMPT)
+    n = 600
+    counts, stats = np.zeros(target.vocab_size), SpeculationStats()
+    for seed in range(n):
+        gen = GenerationConfig(max_tokens=3, temperature=0.7, top_p=0.9, seed=seed, ignore_eos=True)
+        counts[target.generate(ids, gen, draft=draft, num_draft=2, stats=stats)[1]] += 1
+    assert 0.2 < stats.acceptance < 0.8  # both the acceptance and the residual path were taken
+    assert _chi_square_p(counts, n * _second_token_distribution(target, ids, gen)) > 1e-3
+    # the test can fail: the same draws are far from the draft's own distribution
+    assert _chi_square_p(counts, n * _second_token_distribution(draft, ids, gen)) < 1e-6
+
+
+class _FixedLogits:
+    """A stand-in engine whose next-token logits never change: its output tokens are i.i.d."""
+
+    eos_ids = frozenset()
+
+    def __init__(self, logits):
+        self.row, self.vocab_size = np.asarray(logits, dtype=np.float32), len(logits)
+
+    def check_fits(self, *_):
+        pass
+
+    def session(self):
+        engine = self
+
+        class Session:
+            length = 0
+
+            def feed(self, ids, keep=0):
+                self.length += len(ids)
+                return np.tile(engine.row, (keep or len(ids), 1))
+
+            def crop(self, length):
+                self.length = min(self.length, length)
+
+        return Session()
+
+
+def test_acceptance_rule_reproduces_the_target_exactly():
+    """Many draws on a 6-token vocabulary: every drafted position must follow the target's p,
+    not the draft's q (catches e.g. resampling from p instead of the residual max(0, p - q))."""
+    from backends.speculation import speculative_tokens
+
+    target, draft = _FixedLogits([2.0, 1.0, 0.5, 0.0, -1.0, 0.3]), _FixedLogits([0.0, 1.5, 2.0, -1.0, 1.0, 0.0])
+    gen = GenerationConfig(max_tokens=6, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True)
+    p = distribution(target.row, gen)
+    counts, stats = np.zeros(6), SpeculationStats()
+    for seed in range(3000):
+        tokens = speculative_tokens(target, draft, [0], GenerationConfig(**{**gen.__dict__, "seed": seed}), 3, stats)
+        for token, _ in list(tokens)[1:]:  # the first token comes from the prefill
+            counts[token] += 1
+    assert 0.15 < stats.acceptance < 0.8
+    assert _chi_square_p(counts, counts.sum() * p) > 1e-3
+    assert _chi_square_p(counts, counts.sum() * distribution(draft.row, gen)) < 1e-6
+
+
+def test_mismatched_vocabularies_are_refused_before_loading(tiny_folder):
+    from billion.speculative import prepare_pair
+
+    from billion.speculative import check_vocabularies
+    from billion.models import parse_spec
+
+    # the folders' own check: token strings compared id by id
+    with pytest.raises(UserError, match=r"cannot draft for tiny:tinyllama: their tokenizers differ.*layers:N"):
+        check_vocabularies(parse_spec("tiny:tinyllama"), tiny_folder("pythia-1b"), tiny_folder("tinyllama"),
+                           "tiny:pythia-1b")
+    # and the registry's, before anything is built or downloaded
+    with pytest.raises(UserError, match="different families or sizes"):
+        prepare_pair("tiny:tinyllama", "tiny:pythia-1b")
+    with pytest.raises(UserError, match="different families or sizes"):
+        prepare_pair("random:tinyllama", "tiny:tinyllama")
+    # registered models with different tokenizers: refused before any download (tests are offline)
+    with pytest.raises(UserError, match="different tokenizers.*--draft pythia-1b for EleutherAI/pythia-2.8b"):
+        prepare_pair("pythia-1b", "tinyllama")
+    with pytest.raises(UserError, match="1 <= N < 2"):
+        prepare_pair("tiny:tinyllama", "layers:2")
+    with pytest.raises(UserError, match="--damp is for random"):
+        prepare_pair("tiny:tinyllama", "tiny:tinyllama", damp=0.1)
+
+
+def test_compatible_pairs_come_from_the_registry():
+    from billion.models import parse_spec
+    from billion.speculative import compatible_pairs
+
+    assert "llama-3.2-1b" in compatible_pairs(parse_spec("meta-llama/Llama-3.1-8B-Instruct"))
+    assert "tinyllama" in compatible_pairs(parse_spec("meta-llama/Llama-2-7b-chat-hf"))
+
+
+def test_layer_draft_and_damped_target_folders(pair):
+    from backends import hf_folder
+    from safetensors.torch import load_file
+
+    target, draft, damped, _ = pair
+    assert hf_folder.read_config(draft)["num_hidden_layers"] == 1
+    t, d, z = (load_file(f / "model.safetensors") for f in (target, draft, damped))
+    assert set(d) == {k for k in t if ".layers.1." not in k}
+    for name in t:
+        scale = 0.1 if ".layers.1." in name and ("o_proj" in name or "down_proj" in name) else 1.0
+        assert np.allclose(z[name].numpy(), scale * t[name].numpy()), name
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_damping_makes_a_shallow_draft_agree(model, engine):
+    target, draft = model(engine, "damped"), model(engine, "layers1")
+    ids = target.tokenize(PROMPT)
+    stats = SpeculationStats()
+    assert target.generate(ids, greedy(24), draft=draft, num_draft=3, stats=stats) == target.generate(ids, greedy(24))
+    assert stats.acceptance > 0.5
+
+
+def test_theory():
+    from billion.speculative import expected_tokens, leviathan_alpha, predicted_speedup
+
+    assert expected_tokens(0.0, 4) == 1 and expected_tokens(1.0, 4) == 5
+    assert expected_tokens(0.5, 1) == pytest.approx(1.5)
+    assert predicted_speedup(3.0, 4, 0.25, 1.0) == pytest.approx(1.5)
+    s = SpeculationStats()
+    s.record(4, 4)
+    s.record(4, 1)
+    assert (s.rounds, s.drafted, s.accepted, s.rejections, s.histogram) == (2, 8, 5, 1, [0, 1, 0, 0, 1])
+    assert s.acceptance == 5 / 8 and leviathan_alpha(s) == 5 / 6
+
+
+def test_cli_speculate_both_engines(tiny_folder, tmp_path):
+    from billion.cli import cli
+
+    out = tmp_path / "results"
+    r = CliRunner().invoke(cli, ["speculate", "-b", "all", "--target", "tiny:tinyllama", "--draft", "layers:1",
+                                 "--damp", "0.1", "--k", "2,1", "-n", "12", "--runs", "1", "--warmup", "0",
+                                 "--results-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    records = [json.loads(f.read_text()) for f in sorted(out.glob("speculate-*.json"))]
+    assert sorted(rec["backend"] for rec in records) == ["mlx", "torch"]
+    for rec in records:
+        m = rec["metrics"]
+        assert rec["config"]["ks"] == [1, 2] and m["best_k"] in (1, 2)
+        for k in ("1", "2"):
+            per = m["per_k"][k]
+            assert per["greedy_same_as_target"] is True and 0.5 < per["acceptance"] <= 1
+            assert per["speedup"] > 0 and per["predicted_speedup"] > 0 and per["verify_cost_target_steps"] > 0
+    assert "Leviathan" in r.output and "layers >= 1 damped x0.1" in r.output
+    bad = CliRunner().invoke(cli, ["speculate", "--target", "tiny:tinyllama", "--draft", "tiny:pythia-1b"])
+    assert bad.exit_code == 1 and "cannot draft" in bad.output and "Traceback" not in bad.output
+
+
+def test_cli_bench_with_a_draft(tiny_folder, tmp_path):
+    from billion.cli import cli
+
+    out = tmp_path / "results"
+    r = CliRunner().invoke(cli, ["bench", "-m", "tiny:tinyllama", "-b", "all", "--draft", "layers:1", "--num-draft", "3",
+                                 "-p", "8", "-n", "8", "-r", "1", "--warmup", "0", "--no-parity",
+                                 "--results-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    records = [json.loads(f.read_text()) for f in sorted(out.glob("bench-*.json"))]
+    assert sorted(rec["backend"] for rec in records) == ["mlx", "torch"]
+    assert all(rec["config"]["draft"] == "layers:1" and rec["config"]["num_draft"] == 3 for rec in records)
+    bad = CliRunner().invoke(cli, ["bench", "-m", "tiny:tinyllama", "--draft", "tiny:pythia-1b"])
+    assert bad.exit_code == 1 and "cannot draft" in bad.output
