@@ -213,3 +213,21 @@ def test_fuse_that_would_drop_the_adapter_is_refused(tiny_folder, tmp_path):
 def test_torch_int4_qlora_says_what_works(tiny_folder, tmp_path):
     with pytest.raises(UserError, match="bnb-int4.*on CPU use --quantize int8"):
         _qlora("torch", tiny_folder, tmp_path, "int4")
+
+
+def test_quality_reports_the_mmlu_difference_when_data_is_present(tiny_folder, tmp_path):
+    from tests.mmlu_fixture import write_csv_layout
+
+    data_dir = write_csv_layout(tmp_path / "mmlu")
+    result = CliRunner().invoke(cli, [
+        "quality", "-m", str(tiny_folder()), "-b", "all", "-q", "int4", "--device", "cpu", "--ctx", "64",
+        "--chunks", "1", "--mmlu", "--mmlu-data", str(data_dir), "--mmlu-shots", "0", "--mmlu-limit", "2", "--mmlu-subjects",
+        "abstract_algebra", "--results-dir", str(tmp_path / "results")])
+    assert result.exit_code == 0, result.output
+    records = list((tmp_path / "results").glob("quality-*.json"))
+    assert len(records) == 2
+    for f in records:
+        m = json.loads(f.read_text())["metrics"]
+        assert m["mmlu_questions"] == 2 and 0 <= m["mmlu_same_answer_share"] <= 1
+        assert m["mmlu_acc_diff"] == pytest.approx(m["mmlu_acc_quant"] - m["mmlu_acc_full"])
+    assert "mlx int4: MMLU accuracy" in result.output and "torch int4: MMLU accuracy" in result.output

@@ -111,3 +111,8 @@ def _print_table(model: str, rows: list) -> None:
             cells.append(f"{m['mmlu_acc_diff']:+.1%}" if m.get("mmlu_acc_diff") is not None else "-")
         table.add_row(*cells)
     console.print(table)
+    for name, scheme, m in rows:
+        if m.get("mmlu_acc_diff") is not None:
+            console.print(f"{name} {scheme}: MMLU accuracy {m['mmlu_acc_full']:.1%} -> {m['mmlu_acc_quant']:.1%} "
+                          f"({m['mmlu_acc_diff']:+.1%}; same answer on {m['mmlu_same_answer_share']:.0%} of "
+                          f"{m['mmlu_questions']} questions)")
