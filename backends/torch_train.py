@@ -172,7 +172,9 @@ def _train(backend, train_set: list[Example], val_set: list[Example], cfg: Train
 def apply_adapter(backend, adapter_dir: Path) -> None:
     """Load a PEFT adapter folder onto the model (replacing any adapter it has)."""
     remove_adapter(backend)
-    PeftModel.from_pretrained(backend.model, str(adapter_dir)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' v6 renames inside peft
+        PeftModel.from_pretrained(backend.model, str(adapter_dir)).eval()
 
 
 def remove_adapter(backend) -> None:
