@@ -39,11 +39,8 @@ def lora_keys(model, targets: tuple[str, ...]) -> list[str]:
     """Paths inside a transformer layer whose last name is a target (mlx-lm's `keys`)."""
     linears = [name for name, m in model.layers[0].named_modules()
                if isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear))]
-    keys = sorted(n for n in linears if n.rsplit(".", 1)[-1] in targets)
-    if not keys:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise UserError(f"no layer named {', '.join(targets)} in this model; its linear layers are: {', '.join(leaves)}")
-    return keys
+    training.check_targets(targets, linears)
+    return sorted(n for n in linears if n.rsplit(".", 1)[-1] in targets)
 
 
 def adapter_config(cfg: TrainConfig, num_layers: int, keys: list[str], model_type: str) -> dict:

@@ -34,6 +34,9 @@ def add_lora(backend, cfg: TrainConfig) -> PeftModel:
         backend.quantization += f"; {note}" if note else ""
     model_type = backend.model.config.model_type
     targets = list(cfg.targets or training.default_targets(model_type))
+    # the transformer layers' linear layers (quantized ones included: they subclass nn.Linear or keep it)
+    training.check_targets(targets, [n for n, m in backend.model.named_modules()
+                                     if isinstance(m, torch.nn.Linear) and training.in_layer(n)])
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
     try:

@@ -40,6 +40,15 @@ def default_targets(model_type: str) -> tuple[str, ...]:
     return DEFAULT_TARGETS[model_type]
 
 
+def check_targets(targets, linear_names) -> None:
+    """Every target must name a linear layer of the model (no silent no-op adapters)."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+    unknown = [t for t in targets if t not in leaves]
+    if unknown:
+        raise UserError(f"no linear layer named {', '.join(unknown)} in this model; its linear layers are: "
+                        f"{', '.join(leaves)}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters both engines read. Defaults: the seed's demo (peft + trl)."""
@@ -208,6 +217,10 @@ def layer_key(module_path: str) -> tuple[int, str]:
     if not m:
         raise ValueError(f"not inside a transformer layer: {module_path}")
     return int(m.group(1)), m.group(2)
+
+
+def in_layer(module_path: str) -> bool:
+    return bool(_LAYER.search(module_path))
 
 
 def initial_lora_a(cfg: TrainConfig, layer: int, inner: str, in_dims: int) -> np.ndarray:

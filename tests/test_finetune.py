@@ -211,6 +211,15 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_continues_from_its_step(tiny_folde
     assert again.start_step == 2 and [m.step for m in again.history] == [3, 4] and not again.interrupted
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unknown_target_layer_is_a_clear_error(tiny_folder, tmp_path, engine):
+    model = fresh(tiny_folder, engine, "pythia-1b")
+    examples, _ = data.encode(model, data.read_rows("sample")[:4], 256, False)
+    cfg = TrainConfig(steps=1, targets=("query_key_value", "q_proj"))
+    with pytest.raises(UserError, match=r"no linear layer named q_proj .*query_key_value"):
+        model.lora_train(examples, [], cfg, tmp_path)
+
+
 # ---------------------------------------------------------------- CLI
 
 
