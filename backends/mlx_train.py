@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.nn.utils import average_gradients
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
@@ -44,10 +45,10 @@ def lora_keys(model, targets: tuple[str, ...]) -> list[str]:
 
 
 def adapter_config(cfg: TrainConfig, num_layers: int, keys: list[str], model_type: str) -> dict:
-    """mlx-lm's adapter_config.json (what `load_adapters` reads), plus our training settings."""
+    """mlx-lm's adapter_config.json (what `load_adapters` reads), plus alpha for PEFT users."""
     return {"fine_tune_type": "lora", "num_layers": num_layers, "model_type": model_type,
             "lora_parameters": {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout, "keys": keys},
-            "billion": {"alpha": cfg.alpha, "targets": list(cfg.targets)}}
+            "alpha": cfg.alpha}
 
 
 def add_lora(backend, cfg: TrainConfig) -> dict:
@@ -57,8 +58,7 @@ def add_lora(backend, cfg: TrainConfig) -> dict:
     model_type = backend.config.get("model_type", "?")
     targets = cfg.targets or training.default_targets(model_type)
     keys = lora_keys(model, targets)
-    config = adapter_config(TrainConfig.from_dict({**cfg.__dict__, "targets": targets}), len(model.layers), keys,
-                            model_type)
+    config = adapter_config(cfg, len(model.layers), keys, model_type)
     model.freeze()
     linear_to_lora_layers(model, len(model.layers), config["lora_parameters"])
     for n, layer in enumerate(model.layers):
@@ -160,9 +160,9 @@ def train(backend, train_set: list[Example], val_set: list[Example], cfg: TrainC
                 loss_sum = loss_sum + ce
                 per_micro.append(mx.stack([n, hits]))
             counts = mx.stack(per_micro)  # [micro-batches, (targets, hits)]
-            if world > 1:
+            if world > 1:  # data parallel: sums over every process (average_gradients packs the all-reduce)
                 loss_sum, counts = mx.distributed.all_sum(loss_sum), mx.distributed.all_sum(counts)
-                grads = tree_map(mx.distributed.all_sum, grads)
+                grads = tree_map(lambda g: g * world, average_gradients(grads))
             total = counts[:, 0].sum()
             grads = tree_map(lambda g: g / total, grads)  # token-weighted mean over the whole step
             if cfg.max_grad_norm > 0:

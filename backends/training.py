@@ -72,14 +72,6 @@ class TrainConfig:
         """LoRA's output multiplier: PEFT's alpha / r, mlx-lm's `scale`."""
         return self.alpha / self.rank
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = cls.__dataclass_fields__
-        kept = {k: v for k, v in d.items() if k in names}
-        if "targets" in kept:
-            kept["targets"] = tuple(kept["targets"])
-        return cls(**kept)
-
 
 @dataclass(frozen=True)
 class Example:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from backends.base import GenerationConfig, UserError
-from backends.training import StepMetrics, TrainConfig, TrainResult, engine_trainer, steps_for_epochs
+from backends.training import StepMetrics, TrainConfig, TrainResult, steps_for_epochs
 from billion import data
 
 DEFAULT_PROMPTS = ("What is the capital of France?", "Give the opposite of 'hot'.",
@@ -98,10 +98,8 @@ def _check_resume(folder: Path, identity: dict, resume: bool) -> None:
 
 
 def answers(backend, prompts, chat: bool, max_tokens: int) -> list[str]:
-    from billion.data import prompt_ids
-
     gen = GenerationConfig(max_tokens=max_tokens, temperature=0.0)
-    return [backend.detokenize(backend.generate(prompt_ids(backend, p, chat), gen)).strip() for p in prompts]
+    return [backend.detokenize(backend.generate(data.prompt_ids(backend, p, chat), gen)).strip() for p in prompts]
 
 
 def run(backend, model_spec: str, cfg: FinetuneConfig, prepared: Prepared, on_step=None, on_phase=None) -> FinetuneRun:
