@@ -90,6 +90,15 @@ def torchao_config(scheme: str, group_size: int, device: str, *, serializable: b
     return PrototypeInt4WeightOnlyConfig(group_size=group_size)
 
 
+def config_like(weight, device: str):
+    """The torchao config that quantizes a weight into the same format as `weight`
+    (a torchao tensor): how a fused layer is re-quantized, and what a folder records."""
+    kind, group = type(weight).__name__, int(weight.block_size[-1])
+    if kind == "Int8Tensor":
+        return torchao_config("int8", group, device)
+    return torchao_config("int4", group, device, serializable=kind == "IntxUnpackedToInt8Tensor")
+
+
 def _untie_output_head(model) -> bool:
     """Quantizing a head tied to the embedding replaces the head's weight; record the
     untying in the config so a saved folder keeps both."""
@@ -223,7 +232,7 @@ def save_folder(backend, out, scheme: str, group_size: int) -> str:
                         "run time with --quantize bnb-int8|bnb-int4")
     description = quantize_model(backend.model, scheme, group_size, backend.device, serializable=True)
     backend.quantization = description
-    save_quantized(backend, out, group_size)
+    save_quantized(backend, out)
     return description
 
 
@@ -299,15 +308,14 @@ def fuse_adapter(backend) -> str:
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
     from torchao.quantization import quantize_
 
-    scheme = (backend.quantization or "").split(" ")[0]
     count = 0
     for name, m in _lora_layers(backend.model):
         base = m.get_base_layer()
         if is_traceable_wrapper_subclass(base.weight):
+            config = config_like(base.weight, backend.device)
             weight = base.weight.dequantize() + m.get_delta_weight("default").to(base.weight.dtype)
             base.weight = nn.Parameter(weight, requires_grad=False)
-            # int8 only (no groups): torchao int4 has no backward pass, so no int4 base is ever trained
-            quantize_(base, torchao_config(scheme, 0, backend.device), filter_fn=lambda mod, fqn: mod is base)
+            quantize_(base, config, filter_fn=lambda mod, fqn: mod is base)
         else:  # bitsandbytes, or a layer left in full precision
             m.merge()
         parent, _, child = name.rpartition(".")
@@ -318,7 +326,7 @@ def fuse_adapter(backend) -> str:
     return f"{count} layers dequantized, fused and re-quantized"
 
 
-def save_quantized(backend, out, group_size: int = 64) -> None:
+def save_quantized(backend, out) -> None:
     """Write a torchao-quantized loaded model the way transformers writes torchao models:
     safetensors holding the subclasses' inner tensors plus torchao metadata, and a
     TorchAoConfig as `quantization_config` in config.json."""
@@ -326,13 +334,26 @@ def save_quantized(backend, out, group_size: int = 64) -> None:
     from transformers import TorchAoConfig
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
 
-    kinds = {type(p).__name__ for p in backend.model.parameters() if is_traceable_wrapper_subclass(p)}
-    if not kinds or not kinds <= {"Int8Tensor", "IntxUnpackedToInt8Tensor", "Int4TilePackedTo4dTensor"}:
-        raise UserError("only torchao int8 and int4 weights (not bitsandbytes, not the packed CPU int4 layout) "
+    weights = [p for p in backend.model.parameters() if is_traceable_wrapper_subclass(p)]
+    kinds = {type(p).__name__ for p in weights}
+    savable = {"Int8Tensor", "IntxUnpackedToInt8Tensor", "Int4TilePackedTo4dTensor"}
+    if len(kinds) != 1 or not kinds <= savable:
+        raise UserError("only torchao int8 or int4 weights (not bitsandbytes, not the packed CPU int4 layout) "
                         "can be written as a folder")
-    scheme = (backend.quantization or "").split(" ")[0]
-    ao_config = TorchAoConfig(torchao_config(scheme, group_size, backend.device, serializable=True))
+    ao_config = TorchAoConfig(config_like(weights[0], backend.device))
     backend.model.config.quantization_config = ao_config
     backend.model.hf_quantizer = TorchAoHfQuantizer(ao_config)
+    # A model loaded pre-quantized remembers transformers' torchao deserialisation step, which
+    # save_pretrained would try (and fail) to reverse; the quantizer above writes torchao's format itself.
+    backend.model._weight_conversions = [c for c in getattr(backend.model, "_weight_conversions", None) or []
+                                         if _reversible(c)]
     backend.model.save_pretrained(out)
     backend.tokenizer.save_pretrained(out)
+
+
+def _reversible(conversion) -> bool:
+    try:
+        conversion.reverse_transform()
+        return True
+    except NotImplementedError:
+        return False

@@ -67,3 +67,25 @@ def fuse_quantized(backend: Backend, out: Path) -> dict:
     engine.save_quantized(backend, out)
     (out / CHECK_FILE).write_text(json.dumps(check, indent=2) + "\n")
     return check
+
+
+def fuse_folder(engine: str, base: Path, adapter: Path, out: Path) -> dict:
+    """`billion adapter-fuse` on a quantized model folder (e.g. an mlx-lm 4-bit
+    conversion): load it in its engine, put the adapter on (converted to that
+    engine's format if needed), then fuse_quantized."""
+    import tempfile
+
+    from backends.adapters import convert, detect
+    from billion.loading import load
+
+    want = "mlx" if engine == "mlx" else "peft"
+    backend = load(engine, str(base), progress=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if detect(adapter) != want:
+                convert(adapter, Path(tmp) / "adapter", want)
+                adapter = Path(tmp) / "adapter"
+            importlib.import_module(f"backends.{engine}_train").apply_adapter(backend, Path(adapter))
+        return fuse_quantized(backend, out)
+    finally:
+        backend.close()

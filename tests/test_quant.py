@@ -232,3 +232,26 @@ def test_quality_reports_the_mmlu_difference_when_data_is_present(tiny_folder, t
         assert m["mmlu_questions"] == 2 and 0 <= m["mmlu_same_answer_share"] <= 1
         assert m["mmlu_acc_diff"] == pytest.approx(m["mmlu_acc_quant"] - m["mmlu_acc_full"])
     assert "mlx int4: MMLU accuracy" in result.output and "torch int4: MMLU accuracy" in result.output
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_adapter_fuse_into_a_quantized_folder(tiny_folder, tmp_path, engine):
+    # an adapter trained on the full-precision model, fused into a quantized folder of it
+    from backends.training import TrainConfig
+    from billion import data
+
+    b = _load(engine, tiny_folder)
+    examples, _ = data.encode(b, data.read_rows("sample")[:12], 256, data.use_chat(b, None))
+    cfg = TrainConfig(steps=3, batch_size=4, grad_accum=1, learning_rate=2e-2, dropout=0.0, eval_every=5,
+                      save_every=5)
+    b.lora_train(examples, [], cfg, tmp_path / "adapter")
+    b.close()
+    runner = CliRunner()
+    assert runner.invoke(cli, ["quantize", "-m", str(tiny_folder()), "-b", engine, "--bits", "8", "--device", "cpu",
+                               "--out", str(tmp_path / "q8"), "--results-dir", str(tmp_path)]).exit_code == 0
+    result = runner.invoke(cli, ["adapter-fuse", "-m", str(tmp_path / "q8"), str(tmp_path / "adapter"),
+                                 str(tmp_path / "fused")])
+    assert result.exit_code == 0, result.output
+    check = json.loads((tmp_path / "fused" / "fuse_check.json").read_text())
+    assert check["adapter_effect_kept"] > 0.7
+    assert "from folder" in load(engine, str(tmp_path / "fused"), device="cpu", progress=False).info().quantization

@@ -34,8 +34,20 @@ def adapter_convert(source, dest, to):
 @click.argument("dest", type=click.Path(file_okay=False))
 def adapter_fuse(model, adapter, dest):
     """Merge a LoRA adapter (either format) into its base model: an HF-format folder both engines load."""
+    from backends import hf_folder
     from backends.adapters import fuse
     from billion.loading import model_folder
 
-    out = fuse(model_folder(model), adapter, dest)
+    base = model_folder(model)
+    config = hf_folder.read_config(base)
+    if "quantization" in config or "quantization_config" in config:
+        from billion.quantized_fuse import fuse_folder
+
+        engine = "mlx" if "quantization" in config else "torch"  # mlx-lm's key / transformers' key
+        with console.status(f"fusing into the quantized base on {engine} (dequantize, fuse, re-quantize, check)..."):
+            check = fuse_folder(engine, base, adapter, dest)
+        console.print(f"fused model: {dest} ({check['fuse']}; the fused logits keep "
+                      f"{check['adapter_effect_kept']:.0%} of the adapter's effect)")
+        return
+    out = fuse(base, adapter, dest)
     console.print(f"fused model: {out}")
