@@ -39,35 +39,29 @@ def is_quantized(model: nn.Module) -> bool:
     return any(hasattr(m, "bits") for _, m in model.named_modules())
 
 
-def quantize(model: nn.Module, config: dict, scheme: str, group_size: int) -> tuple[dict, str]:
-    """Quantize `model` in place; return (config with its `quantization` entry, description)."""
+def quantize_model(model: nn.Module, scheme: str, group_size: int) -> str:
+    """Quantize `model` in place (the engine's load-time `--quantize` hook); describe what was done."""
     bits = check_scheme(scheme, group_size)
     if is_quantized(model):
         raise UserError("this model folder is already quantized (its config.json has a `quantization` entry); "
                         "load it without --quantize")
     # mlx-lm prints its bits-per-weight line; the description below carries it instead.
     with contextlib.redirect_stdout(io.StringIO()):
-        model, config = mlx_lm_quantize(model, config, group_size, bits, mode="affine")
+        mlx_lm_quantize(model, {}, group_size, bits, mode="affine")
     mx.eval(model.parameters())
     packed = sum(1 for _, m in model.named_modules() if hasattr(m, "bits"))
     kept = [name for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Embedding)) and not hasattr(m, "bits")]
     note = f", {len(kept)} layers left in full precision (width not divisible by {group_size})" if kept else ""
-    description = (f"{scheme} (mlx-lm affine, group {group_size}, {packed} layers packed, "
-                   f"{compute_bits_per_weight(model):.2f} bits per weight with scales{note})")
-    return config, description
-
-
-def quantize_model(model: nn.Module, scheme: str, group_size: int) -> str:
-    """The engine's load-time hook (`--quantize`): quantize in place, describe what was done."""
-    return quantize(model, {}, scheme, group_size)[1]
+    return (f"{scheme} (mlx-lm affine, group {group_size}, {packed} layers packed, "
+            f"{compute_bits_per_weight(model):.2f} bits per weight with scales{note})")
 
 
 def save_folder(backend, out: Path, scheme: str, group_size: int) -> str:
     """Quantize a loaded full-precision MLX backend and write an mlx-lm folder at `out`:
     what `mlx_lm.convert -q` writes (packed safetensors, config.json with
     `quantization`, the tokenizer and generation config of the source folder)."""
-    _, description = quantize(backend.model, {}, scheme, group_size)
+    description = quantize_model(backend.model, scheme, group_size)
     save_quantized(backend, out)
     backend.quantization = description
     return description
