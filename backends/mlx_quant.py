@@ -89,17 +89,20 @@ def adapter_logits(backend, ids: list[int]) -> tuple:
     return base, adapted
 
 
-def fuse_adapter(backend) -> str:
+def fuse_adapter(backend, requantize: bool = True) -> str:
     """Fuse the LoRA layers into their quantized base layers, in place: mlx-lm's
     LoRALinear.fuse dequantizes, adds scale * b.T @ a.T and re-quantizes with the
-    layer's own bits and group size."""
+    layer's own bits and group size (requantize=False: the fused layers stay in
+    full precision, the others quantized)."""
     from mlx.utils import tree_unflatten
     from mlx_lm.tuner.lora import LoRALinear
 
-    fused = [(n, m.fuse(dequantize=False)) for n, m in backend.model.named_modules() if isinstance(m, LoRALinear)]
+    fused = [(n, m.fuse(dequantize=not requantize)) for n, m in backend.model.named_modules()
+             if isinstance(m, LoRALinear)]
     backend.model.update_modules(tree_unflatten(fused))
     mx.eval(backend.model.parameters())
-    return f"{len(fused)} layers dequantized, fused and re-quantized"
+    return f"{len(fused)} layers dequantized, fused" + (
+        " and re-quantized" if requantize else ", kept in full precision")
 
 
 def save_quantized(backend, out: Path) -> None:

@@ -300,11 +300,11 @@ def adapter_logits(backend, ids: list[int]) -> tuple:
 
 
 @torch.no_grad()
-def fuse_adapter(backend) -> str:
+def fuse_adapter(backend, requantize: bool = True) -> str:
     """Fuse the peft LoRA layers into their quantized base layers, in place, and
     drop the LoRA wrappers: torchao weights are dequantized, given W + B @ A *
-    scaling and re-quantized with the scheme they were loaded with; bitsandbytes
-    layers use peft's own merge (which does the same)."""
+    scaling and re-quantized in their own format (requantize=False: left in full
+    precision); bitsandbytes layers use peft's own merge (which re-quantizes)."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
     from torchao.quantization import quantize_
 
@@ -315,7 +315,8 @@ def fuse_adapter(backend) -> str:
             config = config_like(base.weight, backend.device)
             weight = base.weight.dequantize() + m.get_delta_weight("default").to(base.weight.dtype)
             base.weight = nn.Parameter(weight, requires_grad=False)
-            quantize_(base, config, filter_fn=lambda mod, fqn: mod is base)
+            if requantize:
+                quantize_(base, config, filter_fn=lambda mod, fqn: mod is base)
         else:  # bitsandbytes, or a layer left in full precision
             m.merge()
         parent, _, child = name.rpartition(".")
@@ -323,7 +324,7 @@ def fuse_adapter(backend) -> str:
         count += 1
     if hasattr(backend.model, "peft_config"):
         del backend.model.peft_config
-    return f"{count} layers dequantized, fused and re-quantized"
+    return f"{count} layers dequantized, fused" + (" and re-quantized" if requantize else ", kept in full precision")
 
 
 def save_quantized(backend, out) -> None:

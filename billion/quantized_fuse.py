@@ -46,30 +46,32 @@ def adapter_kept(base: np.ndarray, adapted: np.ndarray, fused: np.ndarray) -> di
     }
 
 
-def fuse_quantized(backend: Backend, out: Path) -> dict:
+def fuse_quantized(backend: Backend, out: Path, requantize: bool = True) -> dict:
     """Fuse the adapter a quantized `backend` carries into its weights, check the
     adapter survived, and write the quantized fused folder at `out` (with the
-    check as fuse_check.json). Changes `backend` in place."""
+    check as fuse_check.json). requantize=False keeps the fused layers in full
+    precision (the rest stays quantized). Changes `backend` in place."""
     engine = importlib.import_module(f"backends.{backend.name}_quant")
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists")
     ids = check_ids(backend)
     base, adapted = engine.adapter_logits(backend, ids)
-    description = engine.fuse_adapter(backend)
+    description = engine.fuse_adapter(backend, requantize)
     check = {"fuse": description, "tokens": len(ids), **adapter_kept(base, adapted, backend.logits(ids))}
     kept = check["adapter_effect_kept"]
     if kept is not None and kept < MIN_KEPT:
         raise UserError(
             f"re-quantizing the fused weights kept {kept:.0%} of the adapter's effect on the logits: its updates "
-            f"are smaller than a quantization step. Use the adapter unfused on the quantized base, or fuse it into "
-            f"the full-precision model and quantize afterwards (billion quantize)")
+            f"are smaller than a quantization step. Keep the fused layers in full precision (billion adapter-fuse "
+            f"--keep-fused-layers-full), use the adapter unfused on the quantized base, or fuse it into the "
+            f"full-precision model and quantize afterwards (billion quantize)")
     engine.save_quantized(backend, out)
     (out / CHECK_FILE).write_text(json.dumps(check, indent=2) + "\n")
     return check
 
 
-def fuse_folder(engine: str, base: Path, adapter: Path, out: Path) -> dict:
+def fuse_folder(engine: str, base: Path, adapter: Path, out: Path, requantize: bool = True) -> dict:
     """`billion adapter-fuse` on a quantized model folder (e.g. an mlx-lm 4-bit
     conversion): load it in its engine, put the adapter on (converted to that
     engine's format if needed), then fuse_quantized."""
@@ -86,6 +88,6 @@ def fuse_folder(engine: str, base: Path, adapter: Path, out: Path) -> dict:
                 convert(adapter, Path(tmp) / "adapter", want)
                 adapter = Path(tmp) / "adapter"
             importlib.import_module(f"backends.{engine}_train").apply_adapter(backend, Path(adapter))
-        return fuse_quantized(backend, out)
+        return fuse_quantized(backend, out, requantize)
     finally:
         backend.close()

@@ -206,9 +206,22 @@ def test_fuse_that_would_drop_the_adapter_is_refused(tiny_folder, tmp_path):
     for _, m in b.model.named_modules():  # an adapter far smaller than a 4-bit step
         if isinstance(m, LoRALinear):
             m.scale = m.scale * 1e-3
-    with pytest.raises(UserError, match="kept .* of the adapter's effect"):
+    with pytest.raises(UserError, match="kept .* of the adapter's effect.*--keep-fused-layers-full"):
         fuse_quantized(b, tmp_path / "fused")
     assert not (tmp_path / "fused").exists()
+
+
+def test_int4_fuse_can_keep_the_fused_layers_in_full_precision(tiny_folder, tmp_path):
+    import mlx.core as mx
+
+    from billion.quantized_fuse import fuse_quantized
+
+    b, _ = _qlora("mlx", tiny_folder, tmp_path, "int4")
+    check = fuse_quantized(b, tmp_path / "fused", requantize=False)
+    assert check["adapter_effect_kept"] > 0.99
+    again = load("mlx", str(tmp_path / "fused"), device="cpu", dtype="float32", progress=False)
+    attn = again.model.model.layers[0].self_attn
+    assert attn.q_proj.weight.dtype == mx.float32 and attn.k_proj.weight.dtype == mx.uint32
 
 
 def test_torch_int4_qlora_says_what_works(tiny_folder, tmp_path):

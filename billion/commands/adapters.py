@@ -32,7 +32,10 @@ def adapter_convert(source, dest, to):
               help="The base model the adapter was trained on (spec or folder).")
 @click.argument("adapter", type=click.Path(exists=True, file_okay=False))
 @click.argument("dest", type=click.Path(file_okay=False))
-def adapter_fuse(model, adapter, dest):
+@click.option("--keep-fused-layers-full", is_flag=True,
+              help="Quantized base: leave the layers the adapter changed in full precision instead of "
+                   "re-quantizing them (for adapters smaller than a quantization step).")
+def adapter_fuse(model, adapter, dest, keep_fused_layers_full):
     """Merge a LoRA adapter (either format) into its base model: an HF-format folder both engines load."""
     from backends import hf_folder
     from backends.adapters import fuse
@@ -45,7 +48,7 @@ def adapter_fuse(model, adapter, dest):
 
         engine = "mlx" if "quantization" in config else "torch"  # mlx-lm's key / transformers' key
         with console.status(f"fusing into the quantized base on {engine} (dequantize, fuse, re-quantize, check)..."):
-            check = fuse_folder(engine, base, adapter, dest)
+            check = fuse_folder(engine, base, adapter, dest, requantize=not keep_fused_layers_full)
         console.print(f"fused model: {dest} ({check['fuse']}; the fused logits keep "
                       f"{check['adapter_effect_kept']:.0%} of the adapter's effect)")
         return
