@@ -145,7 +145,8 @@ def train(backend, train_set: list[Example], val_set: list[Example], cfg: TrainC
                          memory_source=backend.memory().source, processes=world)
     model.train()
     backend.reset_peak_memory()
-    result.initial_val_loss = validation_loss(model, val_set, cfg, pad_id)
+    if not start:  # a resumed run's starting point is in the first run's record
+        result.initial_val_loss = validation_loss(model, val_set, cfg, pad_id)
     began = time.perf_counter()
     step = start
     try:

@@ -157,7 +157,8 @@ def _train(backend, train_set: list[Example], val_set: list[Example], cfg: Train
     if checkpoint:
         result.start_step = result.steps_done = checkpoint[0]
     backend.reset_peak_memory()
-    result.initial_val_loss = validation_loss(peft_model, val_set, cfg, pad_id, backend.device)
+    if not checkpoint:  # a resumed run's starting point is in the first run's record
+        result.initial_val_loss = validation_loss(peft_model, val_set, cfg, pad_id, backend.device)
     try:
         if not checkpoint or checkpoint[0] < cfg.steps:
             trainer.train(resume_from_checkpoint=str(checkpoint[1]) if checkpoint else None)

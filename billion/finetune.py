@@ -107,7 +107,10 @@ def run(backend, model_spec: str, cfg: FinetuneConfig, prepared: Prepared, on_st
     engine = backend.name
     folder = engine_dir(cfg, engine)
     tcfg = prepared.train_config
-    identity = {"model": model_spec, "data": prepared.fingerprint, "train": asdict(tcfg), "chat": prepared.chat}
+    # what the checkpoint's training depends on (how often to validate or save does not matter), as JSON reads it back
+    train = {k: v for k, v in asdict(tcfg).items() if k not in ("eval_every", "save_every")}
+    identity = json.loads(json.dumps({"model": model_spec, "data": prepared.fingerprint, "train": train,
+                                      "chat": prepared.chat}))
     _check_resume(folder, identity, cfg.resume)
     phase = on_phase or (lambda text: None)
     main = is_main_process()

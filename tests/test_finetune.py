@@ -209,6 +209,9 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_continues_from_its_step(tiny_folde
     assert first.interrupted and first.steps_done == 2 and (tmp_path / "checkpoint-2").is_dir()
     again = fresh(tiny_folder, engine, "tinyllama").lora_train(examples, [], cfg, tmp_path, resume=True)
     assert again.start_step == 2 and [m.step for m in again.history] == [3, 4] and not again.interrupted
+    # adapter and optimiser state came back: the same losses as a run that was never stopped
+    whole = fresh(tiny_folder, engine, "tinyllama").lora_train(examples, [], cfg, tmp_path / "whole")
+    np.testing.assert_allclose([m.loss for m in again.history], [m.loss for m in whole.history[2:]], rtol=1e-5)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
