@@ -86,7 +86,9 @@ def _check_resume(folder: Path, identity: dict, resume: bool) -> None:
         return
     if resume and marker.is_file():
         before = json.loads(marker.read_text())
-        changed = [k for k in identity if before.get(k) != identity[k]]
+        changed = [k for k in identity if k != "train" and before.get(k) != identity[k]]
+        changed += [f"--{k.replace('_', '-')}" for k, v in identity["train"].items()
+                    if before.get("train", {}).get(k) != v]
         if changed:
             raise UserError(f"cannot resume in {folder}: {', '.join(changed)} changed since the checkpoint; "
                             f"use another --out or drop --resume")

@@ -106,7 +106,7 @@ def _train_with_progress(task, backend, model, cfg, prepared, main):
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[metrics]}")]
     with Progress(*columns, console=console, disable=not main, transient=False) as progress:
-        bar = progress.add_task(f"{backend.name}", total=prepared.train_config.steps, metrics="")
+        bar = None  # added at the first phase: folder checks come before it and may refuse
 
         def on_step(m):
             text = (f"loss {m.loss:.4f}  acc {m.token_accuracy:.3f}  lr {m.learning_rate:.2e}  "
@@ -117,6 +117,9 @@ def _train_with_progress(task, backend, model, cfg, prepared, main):
             progress.update(bar, completed=m.step, metrics=text)
 
         def on_phase(text):
+            nonlocal bar
+            if bar is None:
+                bar = progress.add_task(backend.name, total=prepared.train_config.steps, metrics="")
             progress.update(bar, description=f"{backend.name}: {text}")
 
         return task.run(backend, model, cfg, prepared, on_step=on_step, on_phase=on_phase)
