@@ -87,7 +87,7 @@ def _check_resume(folder: Path, identity: dict, resume: bool) -> None:
     if resume and marker.is_file():
         before = json.loads(marker.read_text())
         changed = [k for k in identity if k != "train" and before.get(k) != identity[k]]
-        changed += [f"--{k.replace('_', '-')}" for k, v in identity["train"].items()
+        changed += ["--lr" if k == "learning_rate" else f"--{k.replace('_', '-')}" for k, v in identity["train"].items()
                     if before.get("train", {}).get(k) != v]
         if changed:
             raise UserError(f"cannot resume in {folder}: {', '.join(changed)} changed since the checkpoint; "
