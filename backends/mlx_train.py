@@ -10,6 +10,10 @@ batch mean losses under gradient accumulation (trl weights every token of the
 step equally), draws its own length-sorted batch order, reports no token
 accuracy, and saves no optimiser state to resume from. The loss is mlx-lm's
 `default_loss` with a per-token mask in place of its (offset, length) spans.
+The step is not `mx.compile`d as mlx-lm's is: batches padded to their own
+length would retrace per shape, and on the CPU each compile builds C++ kernels
+(tens of seconds on first use here); scripts/finetune_overhead.py measures what
+that costs against mlx-lm's loop.
 """
 
 from __future__ import annotations
