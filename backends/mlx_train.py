@@ -152,7 +152,6 @@ def train(backend, train_set: list[Example], val_set: list[Example], cfg: TrainC
     if not start:  # a resumed run's starting point is in the first run's record
         result.initial_val_loss = validation_loss(model, val_set, cfg, pad_id)
     began = time.perf_counter()
-    step = start
     try:
         for step in range(start + 1, cfg.steps + 1):
             tic = time.perf_counter()
