@@ -66,6 +66,12 @@ def read_rows(source: str) -> list[Row]:
                     f"or a Hub data set name (org/name)")
 
 
+def read_validation_rows(source: str) -> list[Row] | None:
+    """valid.jsonl beside train.jsonl in a data folder (mlx-lm's layout), else None."""
+    path = Path(source or "").expanduser() / "valid.jsonl"
+    return read_jsonl(path) if path.is_file() else None
+
+
 def read_jsonl(path: Path) -> list[Row]:
     rows = []
     with open(path, encoding="utf-8") as f:

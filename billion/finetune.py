@@ -68,7 +68,13 @@ def prepare(backend, cfg: FinetuneConfig) -> Prepared:
     chat = data.use_chat(backend, cfg.chat)
     rows = data.read_rows(cfg.data)
     examples, dropped = data.encode(backend, rows, cfg.train.max_seq_len, chat)
-    train, val = data.split(examples, cfg.val_split, cfg.train.seed)
+    val_rows = data.read_validation_rows(cfg.data)
+    if val_rows is not None:  # a folder's valid.jsonl replaces the split
+        train = examples
+        val, _ = data.encode(backend, val_rows, cfg.train.max_seq_len, chat)
+        examples = train + val
+    else:
+        train, val = data.split(examples, cfg.val_split, cfg.train.seed)
     t = cfg.train
     steps = cfg.steps or steps_for_epochs(len(train), t.batch_size, t.grad_accum, cfg.epochs)
     return Prepared(train, val, dropped, chat, data.fingerprint(examples), replace(t, steps=steps))

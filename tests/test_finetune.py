@@ -78,6 +78,15 @@ def test_each_shape_tokenizes_with_its_mask(tiny_model, tmp_path):
     assert (len(train), len(val), dropped) == (90, 10, 0) and all(e.mask[0] == 0 for e in examples)
 
 
+def test_a_data_folder_with_valid_jsonl_gives_the_validation_set(tiny_model, tmp_path):
+    from billion.finetune import FinetuneConfig, prepare
+
+    write_jsonl(tmp_path / "train.jsonl", [{"text": f"line {i}"} for i in range(8)])
+    write_jsonl(tmp_path / "valid.jsonl", [{"text": "held out"}, {"text": "also held out"}])
+    prepared = prepare(tiny_model("torch", "tinyllama"), FinetuneConfig(data=str(tmp_path), steps=1))
+    assert (len(prepared.train), len(prepared.val)) == (8, 2)
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"text": "ok"', r"bad.jsonl:3: not valid JSON"),
     ('{"question": "?", "answer": "!"}', r"bad.jsonl:3: unknown row shape with keys \['answer', 'question'\]"),

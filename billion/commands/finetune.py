@@ -14,7 +14,8 @@ from billion.commands import console, engines, fmt, load_kwargs, loaded, model_o
 @click.command()
 @model_options
 @click.option("--data", "-d", default="sample", show_default=True,
-              help="JSONL file ({text} / {prompt,completion} / alpaca / {messages}), a folder with train.jsonl, "
+              help="JSONL file ({text} / {prompt,completion} / alpaca / {messages}), a folder with train.jsonl "
+                   "(and valid.jsonl, used instead of --val-split), "
                    "a Hub data set (org/name), or `sample` (100 built-in instructions).")
 @click.option("--rank", "lora_rank", type=click.IntRange(1), default=8, show_default=True, help="LoRA rank r.")
 @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale = alpha / r).")
