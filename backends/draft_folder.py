@@ -53,6 +53,7 @@ def _write(out: Path, src: Path, tensors: dict, config: dict) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the folder is an ordinary model folder
     try:
         for f in src.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in _SKIP_FILES:

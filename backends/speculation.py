@@ -129,9 +129,10 @@ def speculative_tokens(target, draft, prompt_ids: list[int], gen: GenerationConf
         while accepted < n and rng.random() * q[accepted][drafted[accepted]] < p[accepted][drafted[accepted]]:
             accepted += 1
         # 4. Always gain one target token. After a rejection at i, draw from the residual
-        #    max(0, p_i - q_i) / sum(...): with the accepted mass q_i min(1, p_i/q_i) = min(p_i, q_i)
-        #    it sums to p_i, so the output follows the target exactly (greedy: the target's argmax).
-        #    All accepted: the bonus token from p_{k+1}.
+        #    r = max(0, p_i - q_i) / sum(max(0, p_i - q_i)). Then, since P(reject) = 1 - sum(min(p_i, q_i))
+        #    = sum(max(0, p_i - q_i)):  P(x) = q_i(x) min(1, p_i(x)/q_i(x)) + P(reject) r(x)
+        #    = min(p_i, q_i)(x) + max(0, p_i(x) - q_i(x)) = p_i(x), the target's distribution
+        #    (greedy: the target's argmax). All accepted: the bonus token from p_{k+1}.
         if accepted < n:
             residual = np.maximum(p[accepted] - q[accepted], 0.0)
             nxt = sample(residual if residual.sum() > 0 else p[accepted], rng)  # > 0 whenever p_i != q_i

@@ -237,10 +237,11 @@ def measure(target: Backend, draft: Backend, cfg: SpeculateConfig, on_step=None)
                                 ignore_eos=True)
 
     try:
+        short = gen(cfg.seed, min(8, cfg.gen_tokens))
         for i in range(cfg.warmup):
             for k in (None, *cfg.ks):
-                timed_decode(target, prompt, gen(cfg.seed, 8), draft=draft if k else None, num_draft=k or 1)
-            timed_decode(draft, prompt, gen(cfg.seed, 8))
+                timed_decode(target, prompt, short, draft=draft if k else None, num_draft=k or 1)
+            timed_decode(draft, prompt, short)
             if on_step:
                 on_step("warmup", i + 1, None)
         for run in range(cfg.runs):
