@@ -112,7 +112,8 @@ def _untie_output_head(model) -> bool:
 
 
 def _linear_count(model) -> tuple[int, int]:
-    """(quantized linears, linears still in full precision)."""
+    """(quantized linears, linears still in full precision); bitsandbytes layers
+    subclass nn.Linear and hold integer data, torchao weights are subclasses."""
     done = kept = 0
     for m in model.modules():
         if isinstance(m, nn.Linear):
@@ -120,8 +121,6 @@ def _linear_count(model) -> tuple[int, int]:
                 kept += 1
             else:
                 done += 1
-        elif type(m).__module__.startswith("bitsandbytes"):
-            done += 1
     return done, kept
 
 
@@ -136,7 +135,7 @@ def quantize_model(model, scheme: str, group_size: int, device: str, *, serializ
         _bitsandbytes(model, scheme, group_size, device, dtype)
         what = ("bitsandbytes LLM.int8() (threshold 6.0)" if scheme == "bnb-int8"
                 else f"bitsandbytes NF4, blocks of {group_size}")
-        done, kept = _linear_count(model)
+        done, _ = _linear_count(model)
         return f"{scheme} ({what}; {done} linear layers; output head and embedding in full precision)"
     from torchao.quantization import quantize_
 
