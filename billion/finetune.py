@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from backends.base import GenerationConfig, UserError
-from backends.training import StepMetrics, TrainConfig, TrainResult, steps_for_epochs
+from backends.training import StepMetrics, TrainConfig, TrainResult, default_targets, steps_for_epochs
 from billion import data
 
 DEFAULT_PROMPTS = ("What is the capital of France?", "Give the opposite of 'hot'.",
@@ -77,7 +77,8 @@ def prepare(backend, cfg: FinetuneConfig) -> Prepared:
         train, val = data.split(examples, cfg.val_split, cfg.train.seed)
     t = cfg.train
     steps = cfg.steps or steps_for_epochs(len(train), t.batch_size, t.grad_accum, cfg.epochs)
-    return Prepared(train, val, dropped, chat, data.fingerprint(examples), replace(t, steps=steps))
+    targets = t.targets or default_targets(backend.info().model_type)  # resolved here, so records name them
+    return Prepared(train, val, dropped, chat, data.fingerprint(examples), replace(t, steps=steps, targets=targets))
 
 
 def engine_dir(cfg: FinetuneConfig, engine: str) -> Path:
