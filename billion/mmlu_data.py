@@ -193,8 +193,9 @@ def _load_from_hub(name: str) -> Subject:
         splits = datasets.load_dataset(HUB_DATASET, name)
     except Exception as e:  # offline misses and network failures surface as many exception types
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-        why = "not in the local Hugging Face cache (offline)" if offline else f"could not be loaded ({type(e).__name__})"
-        raise UserError(f"MMLU ({HUB_DATASET}, subject {name}) is {why}; {HOW_TO_GET}") from None
+        why = "is not in the local Hugging Face cache (offline)" if offline else \
+            f"could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        raise UserError(f"MMLU ({HUB_DATASET}, subject {name}) {why}; {HOW_TO_GET}") from None
     return Subject(name, _rows(splits["dev"], name, f"{HUB_DATASET} {name} dev"),
                    _rows(splits["test"], name, f"{HUB_DATASET} {name} test"))
 
