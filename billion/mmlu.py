@@ -225,8 +225,12 @@ def summarise(result: MMLUResult, subject_order: list[str]) -> dict:
             acc, se = _mean_stderr([float(s.pred == s.answer) for s in items])
             per_subject[name] = {"acc": acc, "acc_stderr": se, "questions": len(items)}
     everything = [float(s.pred == s.answer) for s in result.scored.values()]
-    metrics = {"questions": len(everything), "subjects": len(per_subject), "shots": result.config.shots,
-               "method": result.config.method}
+    # key order: what reports show first
+    metrics = {"shots": result.config.shots, "method": result.config.method, "questions": len(everything),
+               "acc_micro": None, "acc_micro_stderr": None, "acc_macro": None, "acc_macro_stderr": None,
+               "questions_per_s": result.new / result.seconds if result.seconds else None,
+               "prompt_tokens_mean": sum(s.prompt_tokens for s in result.scored.values()) / max(len(everything), 1),
+               "subjects": len(per_subject)}
     if everything:
         metrics["acc_micro"], metrics["acc_micro_stderr"] = _mean_stderr(everything)
         accs = [v["acc"] for v in per_subject.values()]
@@ -236,9 +240,7 @@ def summarise(result: MMLUResult, subject_order: list[str]) -> dict:
                                        if all(se is not None for se in ses) else None)
     metrics["bos_prepended"] = result.bos_prepended
     metrics["questions_scored_this_run"] = result.new
-    metrics["questions_per_s"] = result.new / result.seconds if result.seconds else None
     metrics["truncated_prompts"] = sum(s.truncated for s in result.scored.values())
-    metrics["prompt_tokens_mean"] = sum(s.prompt_tokens for s in result.scored.values()) / max(len(everything), 1)
     if result.config.method == "generate":
         metrics["unparsed_answers"] = sum(s.pred < 0 for s in result.scored.values())
     metrics["per_subject"] = per_subject
