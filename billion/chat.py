@@ -101,6 +101,7 @@ class Reply:
         self.chat = chat
         self.prompt_ids = prompt_ids
         self.text = ""
+        self.token_ids: list[int] = []  # compared across engines: random weights often decode to no text
         self.stats = ReplyStats(len(prompt_ids), dropped_turns=dropped)
 
     def pieces(self) -> Iterator[str]:
@@ -112,6 +113,7 @@ class Reply:
         try:
             for chunk in stream:
                 times.append(chunk.time_s)
+                self.token_ids.append(chunk.token)
                 stats.tokens += 1
                 stats.tokens_from_draft += chunk.from_draft
                 text, stopped = stop.push(chunk.text)

@@ -54,7 +54,8 @@ def test_engines_same_greedy_reply_side_by_side(tiny_folder, results_dir):
     records = [json.loads(line) for line in result.stdout.splitlines()]  # stdout holds only the JSON
     assert [r["backend"] for r in records] == ENGINES
     assert records[0]["reply"] and records[0]["reply"] == records[1]["reply"]
-    assert "identical replies" in result.stderr and "TTFT s" in result.stderr
+    assert len(records[0]["reply_token_ids"]) == 24 and records[0]["reply_token_ids"] == records[1]["reply_token_ids"]
+    assert "identical replies (24 tokens)" in result.stderr and "TTFT s" in result.stderr
 
 
 def test_draft_gives_the_same_greedy_reply(tiny_folder, results_dir):
@@ -72,7 +73,7 @@ def test_compare_models(tiny_folder, results_dir):
                   "-p", QUESTION, "-n", "8", "--results-dir", str(results_dir)])
     for name in ("tiny:tinyllama (torch)", "tiny:llama-3.2-1b (torch)", "tiny:pythia-1b (torch)"):
         assert name in result.stdout
-    assert "different replies" in result.stdout
+    assert "3 different replies (by token ids)" in result.stdout
     assert len(list(results_dir.glob("chat-*.json"))) == 3
 
 

@@ -159,16 +159,20 @@ def compare_table(replies: dict) -> Table:
     table.add_column("")
     for name in replies:
         table.add_column(name, overflow="fold", max_width=60)
-    for row, value in (("reply", lambda r: Text(r.text)), ("tokens", lambda r: str(r.stats.tokens)),
-                       ("TTFT s", lambda r: fmt(r.stats.ttft_s, 3)), ("tok/s", lambda r: fmt(r.stats.decode_tps)),
-                       ("stop", lambda r: r.stats.stop)):
+    rows = (("reply", lambda r: Text(r.text) if r.text else Text("(no printable text)", style="dim")),
+            ("tokens", lambda r: str(r.stats.tokens)), ("TTFT s", lambda r: fmt(r.stats.ttft_s, 3)),
+            ("tok/s", lambda r: fmt(r.stats.decode_tps)), ("stop", lambda r: r.stats.stop))
+    for row, value in rows:
         table.add_row(row, *(value(r) for r in replies.values()))
     return table
 
 
 def same_replies_note(replies: dict) -> str:
-    texts = {r.text for r in replies.values()}
-    return "identical replies" if len(texts) == 1 else f"{len(texts)} different replies"
+    """Replies compared by token ids (text can hide differences: random weights often decode to nothing)."""
+    kinds = {tuple(r.token_ids) for r in replies.values()}
+    if len(kinds) == 1:
+        return f"identical replies ({len(next(iter(kinds)))} tokens)"
+    return f"{len(kinds)} different replies (by token ids)"
 
 
 def answer_once(setup: Setup, prompt: str, as_json: bool) -> None:
@@ -191,7 +195,8 @@ def answer_once(setup: Setup, prompt: str, as_json: bool) -> None:
                       markup=False, soft_wrap=True)
             rec, path = setup.record(engine, spec, chat, started, "prompt", reply.stats.as_metrics(),
                                      "interrupted" if interrupted else "complete",
-                                     {"messages": chat.messages(), "reply": reply.text})
+                                     {"messages": chat.messages(), "reply": reply.text,
+                                      "reply_token_ids": reply.token_ids})
             out.print(f"record: {path}", style="dim", soft_wrap=True, markup=False)
             replies[name] = reply
             records.append(rec)
