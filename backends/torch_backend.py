@@ -13,6 +13,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynami
 from backends import hf_folder, host
 from backends.base import Backend, GenerationConfig, KVSession, MemoryStats, ModelInfo, UserError
 
+# transformers draws a "Loading weights" bar per load; billion shows its own status line.
+transformers.utils.logging.disable_progress_bar()
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

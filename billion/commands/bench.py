@@ -60,7 +60,7 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
         with loaded(name, model, **load_kwargs(opts)) as b, \
                 (loaded(name, draft_folder, **load_kwargs(opts)) if draft else nullcontext()) as d:
             info = b.info()
-            console.print(f"[bold]{name}[/]: {info.architecture}, {info.parameters / 1e9:.2f}B parameters, "
+            console.print(f"[bold]{name}[/]: {info.architecture}, {info.parameters:,} parameters, "
                           f"{info.dtype} on {info.device}" + (f", {info.quantization}" if info.quantization else ""))
 
             def progress(kind, i, run):
