@@ -57,7 +57,8 @@ def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmu
               prompt, damp, trust_remote_code, quantize, draft_quantize, group_size, results_dir):
     """Speculative decoding: a draft proposes k tokens, the target verifies them in one pass.
 
-    Lossless (greedy: the target's own tokens; sampling: the target's distribution). Draft and
+    Lossless (greedy: the target's own tokens; sampling: the target's distribution). In float32 the greedy output is the target's own token for token;
+    in bfloat16 the target scores k+1 tokens per pass, so a near-tied argmax can resolve the other way. Draft and
     target must share a vocabulary; this is checked before anything loads. Each run times, on
     the same prompt and chat template, the target alone, the draft alone and speculative
     decoding for every k (decode tokens/s after the first token); reports the acceptance rate
