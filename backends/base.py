@@ -138,10 +138,21 @@ class Backend(ABC):
     """
 
     name: str = "?"
-    tokenizer = None  # a transformers tokenizer, loaded from the model folder
-    eos_ids: frozenset = frozenset()
-    context_length: int = 0
-    vocab_size: int = 0
+
+    def __init__(self, model, tokenizer, path: Path, config: dict, device: str, dtype: str,
+                 quantization: str | None):
+        from backends import hf_folder
+
+        self.model = model
+        self.tokenizer = tokenizer  # a transformers tokenizer, the same on both engines
+        self.path = Path(path)
+        self.config = config  # config.json as a dict
+        self.device = device
+        self.dtype = dtype
+        self.quantization = quantization
+        self.eos_ids: frozenset[int] = hf_folder.eos_ids(path, tokenizer)
+        self.context_length: int = hf_folder.context_length(config)
+        self.vocab_size: int = int(config.get("vocab_size") or len(tokenizer))
 
     # -- engine-specific ---------------------------------------------------
 

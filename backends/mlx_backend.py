@@ -61,19 +61,6 @@ class MLXSession(KVSession):
 class MLXBackend(Backend):
     name = "mlx"
 
-    def __init__(self, model, tokenizer, path: Path, config: dict, device: str, dtype: str,
-                 quantization: str | None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.path = path
-        self.config = config
-        self.device = device
-        self.dtype = dtype
-        self.quantization = quantization
-        self.eos_ids = hf_folder.eos_ids(path, tokenizer)
-        self.context_length = hf_folder.context_length(config)
-        self.vocab_size = int(config.get("vocab_size") or tokenizer.vocab_size)
-
     @classmethod
     def load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
              quantize=None, group_size=64) -> "MLXBackend":

@@ -79,17 +79,6 @@ class TorchSession(KVSession):
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, model, tokenizer, path: Path, device: str, dtype: str, quantization: str | None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.path = path
-        self.device = device
-        self.dtype = dtype
-        self.quantization = quantization
-        self.eos_ids = hf_folder.eos_ids(path, tokenizer)
-        self.context_length = hf_folder.context_length(model.config.to_dict())
-        self.vocab_size = int(model.config.vocab_size)
-
     @classmethod
     def load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
              quantize=None, group_size=64) -> "TorchBackend":
@@ -117,7 +106,7 @@ class TorchBackend(Backend):
         if quantize:
             from backends.torch_quant import quantize_model
             quantization = quantize_model(model, quantize, group_size, device)
-        return cls(model, tokenizer, Path(path), device, dtype, quantization)
+        return cls(model, tokenizer, Path(path), model.config.to_dict(), device, dtype, quantization)
 
     def _sync(self) -> None:
         if self.device.startswith("cuda"):
