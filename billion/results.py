@@ -55,6 +55,8 @@ def environment() -> dict:
         "versions": versions,
         "git_commit": git_commit(),
     }
+    if os.environ.get("OMP_NUM_THREADS"):  # thread count changes CPU timings a lot
+        env["omp_num_threads"] = os.environ["OMP_NUM_THREADS"]
     if hasattr(os, "getloadavg"):  # noisy shared machines: keep the load next to the numbers
         env["load_avg_1m"] = round(os.getloadavg()[0], 2)
     return env

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import click
@@ -98,8 +97,7 @@ def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmu
                 result = task.measure(t, d, cfg, on_step=progress)
             config = {**task.config_dict(cfg), "target": target, "draft": draft, "damp": damp, **kw,
                       "quantize": quantize, "draft_quantize": draft_quantize, "group_size": group_size,
-                      "target_label": pair.target_label, "draft_label": pair.draft_label,
-                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # torch's CPU threads when limited
+                      "target_label": pair.target_label, "draft_label": pair.draft_label}
             record = make_record(
                 "speculate", name, target, config, result.metrics, started=started,
                 status="interrupted" if result.interrupted else "complete",
