@@ -7,6 +7,7 @@ COLUMNS = {
     "bench": ["prefill_tps", "ttft_s", "decode_tps", "bandwidth_fraction", "weight_gb", "peak_memory_gb"],
     "parity": ["positions", "top1_agreement", "max_abs_logit_diff", "mean_kl", "first_greedy_divergence"],
     "overhead": ["billion_s", "library_s", "ratio"],
+    "quality": ["positions", "mean_kl", "median_kl", "p99_kl", "max_kl", "top1_agreement", "ppl_full", "ppl_quant"],
 }
 MAX_GENERIC = 6
 
@@ -36,11 +37,13 @@ def rows(records: list[dict]) -> dict[str, tuple[list[str], list[list[str]]]]:
     out = {}
     for task, recs in by_task.items():
         cols = metric_columns(task, recs)
-        header = ["started", "engine", "model", "dtype", *cols, "status", "load", "commit", "file"]
+        header = ["started", "engine", "model", "precision", *cols, "status", "load", "commit", "file"]
         body = []
         for r in recs:
             env = r["environment"]
             dtype = (r.get("model_info") or {}).get("dtype") or r["config"].get("dtype") or "-"
+            if r["config"].get("quantize"):
+                dtype = r["config"]["quantize"] if dtype == "-" else f"{dtype} {r['config']['quantize']}"
             body.append([r["started_at"][:16], r["backend"], r["model"], str(dtype),
                          *[_fmt(r["metrics"].get(c)) for c in cols], r["status"],
                          _fmt(env.get("load_avg_1m")), str(env.get("git_commit")), r["_file"].split("/")[-1]])
