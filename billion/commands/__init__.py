@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from contextlib import contextmanager
 
 import click
 from rich.console import Console
 
-console = Console(highlight=False)
+# Piped output (logs, CI) gets 120 columns rather than rich's 80, so tables are not cut.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 # int8/int4 on both engines; bnb-* are bitsandbytes on CUDA (torch only).
 QUANTIZE_CHOICES = ["int8", "int4", "bnb-int8", "bnb-int4"]
