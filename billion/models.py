@@ -13,6 +13,7 @@ A model spec on the command line is one of:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,9 @@ class ModelCard:
 
 
 MODELS: dict[str, ModelCard] = {}
+
+# org/name as the Hub accepts it (huggingface_hub's own validation raises a traceback-shaped error)
+HUB_ID = re.compile(r"^[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?$")
 
 
 def _register(card: ModelCard) -> None:
@@ -161,7 +165,7 @@ def parse_spec(text: str) -> ModelSpec:
     card = card_for(text)
     if card:
         return ModelSpec(text, "hub", card, hub_id=card.hub_id)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists():
+    if HUB_ID.match(text) and not path.exists():
         return ModelSpec(text, "hub", None, hub_id=text)
     if path.exists():
         raise UserError(f"{text} is not a folder")

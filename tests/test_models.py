@@ -37,6 +37,9 @@ def test_specs(tmp_path):
     assert parse_spec("org/some-model").hub_id == "org/some-model"
     with pytest.raises(UserError, match="known models: tinyllama"):
         parse_spec("gpt-17")
+    for bad in ("nope/", "a b/c", "org/name/extra"):
+        with pytest.raises(UserError, match="not a folder, an alias or a Hub id"):
+            parse_spec(bad)
     with pytest.raises(UserError, match="unknown model 'nope'"):
         parse_spec("random:nope")
 
