@@ -7,6 +7,11 @@ import numpy as np
 from backends.base import log_softmax
 
 
+def kl_per_position(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
+    """KL(p || q) of each row, from log-probabilities [positions, vocab]."""
+    return (np.exp(logp) * (logp - logq)).sum(-1)
+
+
 def parity(logits_a: np.ndarray, logits_b: np.ndarray, tokens_a: list[int], tokens_b: list[int]) -> dict:
     """Two engines' logits on the same token sequence (teacher-forced), and their greedy outputs.
 
@@ -18,7 +23,7 @@ def parity(logits_a: np.ndarray, logits_b: np.ndarray, tokens_a: list[int], toke
     vocab = min(logits_a.shape[-1], logits_b.shape[-1])
     a, b = logits_a[:n, :vocab].astype(np.float64), logits_b[:n, :vocab].astype(np.float64)
     la, lb = log_softmax(a), log_softmax(b)
-    kl = (np.exp(la) * (la - lb)).sum(-1)
+    kl = kl_per_position(la, lb)
     diverge = next((i for i, (x, y) in enumerate(zip(tokens_a, tokens_b)) if x != y), None)
     if diverge is None and len(tokens_a) != len(tokens_b):
         diverge = min(len(tokens_a), len(tokens_b))

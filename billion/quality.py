@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from backends.base import Backend, UserError, log_softmax
+from billion.compare import kl_per_position
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def compare(base: Scored, quant: Scored) -> dict:
     if base.logp.shape != quant.logp.shape or not np.array_equal(base.targets, quant.targets):
         raise ValueError("the two models were not scored on the same tokens")
     lp, lq = base.logp.astype(np.float64), quant.logp.astype(np.float64)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    kl = kl_per_position(lp, lq)
     rows = np.arange(len(base.targets))
     nll_base, nll_quant = -lp[rows, base.targets], -lq[rows, base.targets]
     n = len(kl)
