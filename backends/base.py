@@ -73,6 +73,9 @@ class ModelInfo:
     context_length: int
     quantization: str | None = None
     versions: dict = field(default_factory=dict)
+    # where the weights came from when billion made the folder: a GGUF file (name, sha256, its
+    # quantization type) or seeded random weights; None for folders as published
+    source: dict | None = None
 
 
 # ---------------------------------------------------------------- KV sessions
@@ -153,6 +156,7 @@ class Backend(ABC):
         self.eos_ids: frozenset[int] = hf_folder.eos_ids(path, tokenizer)
         self.context_length: int = hf_folder.context_length(config)
         self.vocab_size: int = int(config.get("vocab_size") or len(tokenizer))
+        self.source: dict | None = hf_folder.provenance(path)
 
     # -- engine-specific ---------------------------------------------------
 

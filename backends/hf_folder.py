@@ -69,6 +69,12 @@ def weight_bytes_on_disk(path: Path) -> int:
     return total
 
 
+def provenance(path: Path) -> dict | None:
+    """Where billion got a folder's weights (GGUF conversion, synthetic), from its config.json."""
+    config = read_config(path)
+    return config.get("billion_source") or config.get("billion_synthetic")
+
+
 def eos_ids(path: Path, tokenizer) -> frozenset[int]:
     """EOS ids the way both mlx-lm and transformers' generate see them:
     generation_config.json wins over config.json; the tokenizer's EOS is added."""

@@ -139,7 +139,7 @@ class MLXBackend(Backend):
             parameters=get_total_parameters(self.model),
             dtype=self.dtype, device=self.device, weight_bytes=weight_bytes,
             decode_bytes_per_token=weight_bytes - embed_bytes, vocab_size=self.vocab_size,
-            context_length=self.context_length, quantization=self.quantization,
+            context_length=self.context_length, quantization=self.quantization, source=self.source,
             versions={"mlx": _version("mlx"), "mlx-lm": _version("mlx-lm")})
 
     def close(self) -> None:

@@ -30,6 +30,12 @@ TEMPLATES = {
     "chatml": (  # StableLM-2-chat
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
         "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "smollm2": (  # SmolLM2-Instruct: ChatML with a default system message (as its Hub folder has it)
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+        "{% endif %}"),
     "base": None,  # Pythia: a base model, no template
 }
 
@@ -40,6 +46,7 @@ SPECIALS = {
                ["<|end_of_text|>", "<|eot_id|>"], True),
     "chatml": ("<|endoftext|>", "<|endoftext|>", ["<|im_start|>", "<|im_end|>"], ["<|endoftext|>", "<|im_end|>"],
                False),
+    "smollm2": ("<|im_start|>", "<|im_end|>", ["<|endoftext|>"], ["<|im_end|>"], False),
     "base": ("<|endoftext|>", "<|endoftext|>", [], ["<|endoftext|>"], False),
 }
 

@@ -174,6 +174,7 @@ class TorchBackend(Backend):
             model_type=config.model_type, parameters=params, dtype=self.dtype, device=self.device,
             weight_bytes=weight_bytes, decode_bytes_per_token=weight_bytes - embed_bytes,
             vocab_size=self.vocab_size, context_length=self.context_length, quantization=self.quantization,
+            source=self.source,
             versions={"torch": torch.__version__, "transformers": transformers.__version__})
 
     def memory_bandwidth(self) -> tuple[float | None, str]:

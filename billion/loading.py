@@ -30,11 +30,33 @@ def model_folder(spec: ModelSpec | str, progress: bool = True) -> Path:
     if spec.kind == "folder":
         hf_folder.read_config(spec.path)
         return spec.path
+    if spec.kind == "gguf":
+        from backends.gguf_folder import convert
+
+        return convert(spec.path, billion_home() / "models", progress)
     if spec.kind in ("random", "tiny"):
         from backends.synthetic import build_folder
 
         return build_folder(synthetic_path(spec), spec.card.config, spec.card.family, tiny=spec.kind == "tiny")
     return download(spec, progress)
+
+
+def weights_source(spec: ModelSpec | str) -> dict | None:
+    """What a record says the weights are, from the spec alone (no conversion, no download):
+    a GGUF file with its quantization type, seeded random weights, or None (a folder or Hub id)."""
+    try:
+        spec = parse_spec(spec) if isinstance(spec, str) else spec
+    except UserError:
+        return None
+    if spec.kind == "gguf":
+        from backends.gguf_folder import read_header
+
+        header = read_header(spec.path)
+        return {"kind": "gguf", "file": spec.path.name, "quantization": header["quantization"],
+                "note": f"{header['quantization']} GGUF weights, dequantized: not the original weights"}
+    if spec.kind in ("random", "tiny"):
+        return {"kind": spec.kind, "note": "seeded random weights: speed and memory only, not quality"}
+    return None
 
 
 def download(spec: ModelSpec, progress: bool = True) -> Path:

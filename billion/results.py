@@ -64,8 +64,11 @@ def environment() -> dict:
 
 def make_record(task: str, backend: str, model: str, config: dict, metrics: dict, *,
                 started: float, status: str = "complete", extra: dict | None = None) -> dict:
+    from billion.loading import weights_source
+
     record = {
         "schema": SCHEMA_VERSION, "task": task, "backend": backend, "model": model,
+        "model_source": weights_source(model),
         "config": config, "metrics": metrics, "environment": environment(),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(time.time() - started, 3), "status": status,
