@@ -1,6 +1,9 @@
-"""Render records (JSON files under results/) as tables: on screen or as Markdown."""
+"""Render records (JSON files under results/) as tables: on screen or as Markdown, with PNG charts."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 # The metrics worth a column, per task; other tasks show their first numeric metrics.
 COLUMNS = {
@@ -10,12 +13,40 @@ COLUMNS = {
     "quality": ["positions", "mean_kl", "median_kl", "p99_kl", "max_kl", "top1_agreement", "ppl_full", "ppl_quant"],
 }
 MAX_GENERIC = 6
+CHARTS_DIR = "charts"  # next to the Markdown file
+ENGINE_COLORS = {"mlx": "C0", "torch": "C1"}
 
 
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return "-" if v is None else str(v)
+
+
+def precision(rec: dict) -> str:
+    """dtype, then the quantization scheme (`float32 int4`), or `-`."""
+    dtype = (rec.get("model_info") or {}).get("dtype") or rec["config"].get("dtype") or "-"
+    if rec["config"].get("quantize"):
+        dtype = rec["config"]["quantize"] if dtype == "-" else f"{dtype} {rec['config']['quantize']}"
+    return str(dtype)
+
+
+def source(rec: dict) -> str:
+    """Where the weights came from: `Q4_1 GGUF`, `random`, `tiny`, or `-` (a folder or Hub model).
+    Records older than `model_source` only say it in the spec."""
+    src = rec.get("model_source")
+    if src is None and rec["model"].partition(":")[0] in ("random", "tiny"):
+        src = {"kind": rec["model"].partition(":")[0]}
+    if not src:
+        return "-"
+    return f"{src.get('quantization')} GGUF" if src["kind"] == "gguf" else src["kind"]
+
+
+def model_title(rec: dict) -> str:
+    """The model spec with its weights' source: `gguf:smollm2-135m (Q4_1 GGUF, dequantized)`."""
+    label = source(rec)
+    note = {"-": None, "random": "random weights", "tiny": "tiny random model"}.get(label, f"{label}, dequantized")
+    return f"{rec['model']} ({note})" if note else rec["model"]
 
 
 def metric_columns(task: str, records: list[dict]) -> list[str]:
@@ -37,21 +68,20 @@ def rows(records: list[dict]) -> dict[str, tuple[list[str], list[list[str]]]]:
     out = {}
     for task, recs in by_task.items():
         cols = metric_columns(task, recs)
-        header = ["started", "engine", "model", "precision", *cols, "status", "load", "commit", "file"]
+        header = ["started", "engine", "model", "source", "precision", *cols, "status", "load", "commit", "file"]
         body = []
         for r in recs:
             env = r["environment"]
-            dtype = (r.get("model_info") or {}).get("dtype") or r["config"].get("dtype") or "-"
-            if r["config"].get("quantize"):
-                dtype = r["config"]["quantize"] if dtype == "-" else f"{dtype} {r['config']['quantize']}"
-            body.append([r["started_at"][:16], r["backend"], r["model"], str(dtype),
+            body.append([r["started_at"][:16], r["backend"], r["model"], source(r), precision(r),
                          *[_fmt(r["metrics"].get(c)) for c in cols], r["status"],
                          _fmt(env.get("load_avg_1m")), str(env.get("git_commit")), r["_file"].split("/")[-1]])
         out[task] = (header, body)
     return out
 
 
-def markdown(records: list[dict], title: str = "Measured records") -> str:
+def markdown(records: list[dict], title: str = "Measured records",
+             charts: dict[str, list[tuple[str, str]]] | None = None) -> str:
+    """The tables as Markdown; `charts` (task -> [(title, relative link)]) are embedded under their task."""
     lines = [f"# {title}", "",
              "Rendered by `billion report` from the JSON records in this folder; every figure was "
              "measured by this repository's code on the machine named in each record's `environment`.", ""]
@@ -61,4 +91,184 @@ def markdown(records: list[dict], title: str = "Measured records") -> str:
         lines += [f"## {task}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         lines.append("")
+        lines += [f"![{alt}]({link})\n" for alt, link in (charts or {}).get(task, [])]
     return "\n".join(lines)
+
+
+# ---- charts: one function per chart, each drawing the newest complete record of every series ----
+
+def _color(label: str) -> str | None:
+    return next((c for engine, c in ENGINE_COLORS.items() if label.startswith(engine)), None)
+
+
+def _grouped_bars(ax, categories: list[str], series: dict[str, dict[str, tuple]], horizontal: bool = False):
+    """series: label -> {category: (value, error or None, text)}, side by side within each category,
+    each bar with its text at its end. Returns label -> {category: bar centre}, and the bar width."""
+    width = 0.8 / len(series)
+    centres = {}
+    for i, (label, values) in enumerate(series.items()):
+        cats = [c for c in categories if c in values]
+        at = [categories.index(c) - 0.4 + width * (i + 0.5) for c in cats]
+        errs = [values[c][1] or 0 for c in cats]
+        err = {("xerr" if horizontal else "yerr"): errs} if any(errs) else {}
+        (ax.barh if horizontal else ax.bar)(at, [values[c][0] for c in cats], width, label=label,
+                                            color=_color(label), capsize=3, **err)
+        for pos, c, e in zip(at, cats, errs):
+            end, text = values[c][0] + e, values[c][2]
+            if horizontal:
+                ax.text(end, pos, f" {text}", ha="left", va="center", fontsize=8)
+            else:
+                ax.text(pos, end, text, ha="center", va="bottom", fontsize=8)
+        centres[label] = dict(zip(cats, at))
+    (ax.set_yticks if horizontal else ax.set_xticks)(range(len(categories)), categories)
+    return centres, width
+
+
+def _ceiling(metrics: dict) -> float | None:
+    if metrics.get("bandwidth_ceiling_tps"):
+        return metrics["bandwidth_ceiling_tps"]
+    frac = metrics.get("bandwidth_fraction")
+    return metrics["decode_tps"] / frac if frac else None
+
+
+def _bench_chart(fig, ax, chosen: dict) -> str:
+    series: dict[str, dict[str, tuple]] = {}
+    for (engine, prec), r in sorted(chosen.items()):
+        tps, ceiling = r["metrics"]["decode_tps"], _ceiling(r["metrics"])
+        share = f"\n{tps / ceiling:.1%} of ceiling" if ceiling else ""
+        series.setdefault(engine, {})[prec] = (tps, None, f"{tps:.3g}{share}")
+    centres, width = _grouped_bars(ax, sorted({p for _, p in chosen}), series)
+    ceilings = [(centres[e][p], _ceiling(r["metrics"])) for (e, p), r in chosen.items() if _ceiling(r["metrics"])]
+    for i, (x, ceiling) in enumerate(ceilings):
+        ax.hlines(ceiling, x - 0.45 * width, x + 0.45 * width, colors="k", linestyles="--",
+                  label=None if i else "memory-bandwidth ceiling")
+    tps = [r["metrics"]["decode_tps"] for r in chosen.values()]
+    ax.set_yscale("log")
+    ax.set_ylim(min(tps) / 3, max(tps + [c for _, c in ceilings]) * 3)  # room for the bars, texts and legend
+    ax.set_ylabel("decode tok/s (log scale)")
+    ax.set_xlabel("precision")
+    return "Decode tok/s per engine and precision, with the memory-bandwidth ceiling"
+
+
+def _finetune_chart(fig, ax, chosen: dict) -> str:
+    for i, (engine, r) in enumerate(sorted(chosen.items())):
+        hist, width = r["history"], max(1.0, 3.0 - 1.5 * i)  # the first engine wider: equal curves stay visible
+        ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], "-", color=_color(engine), linewidth=width,
+                label=f"{engine} train")
+        val = [(h["step"], h["val_loss"]) for h in hist if h.get("val_loss") is not None]
+        if val:
+            ax.plot(*zip(*val), "o--", color=_color(engine), linewidth=width, markersize=3 + 2 * width,
+                    label=f"{engine} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    return "Fine-tuning loss"
+
+
+def _mmlu_chart(fig, ax, chosen: dict) -> str:
+    subjects = sorted({s for r in chosen.values() for s in r["subjects"]})
+    series = {f"{engine} ({r['metrics'].get('questions')} questions)":
+              {s: (v["acc"], v.get("acc_stderr"), f"{v['acc']:.2f}") for s, v in r["subjects"].items()}
+              for engine, r in sorted(chosen.items())}
+    _grouped_bars(ax, subjects, series, horizontal=True)
+    ax.set_yticklabels([s.replace("_", " ") for s in subjects])
+    ax.invert_yaxis()
+    ax.axvline(0.25, color="grey", linestyle=":", label="chance (0.25)")
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("accuracy")
+    fig.set_size_inches(8, 1.8 + 0.25 * len(subjects) * len(series))
+    shots = next(iter(chosen.values()))["config"].get("shots", 0)
+    return f"MMLU accuracy per subject, {shots}-shot"
+
+
+def _speculate_chart(fig, ax, chosen: dict) -> str:
+    ks: set[int] = set()
+    for (engine, draft), r in sorted(chosen.items()):
+        per_k = sorted((int(k), v) for k, v in r["metrics"]["per_k"].items())
+        ks.update(k for k, _ in per_k)
+        ax.plot([k for k, _ in per_k], [v["speedup"] for _, v in per_k], "o-", color=_color(engine),
+                label=f"{engine} measured (draft {draft})")
+        ax.plot([k for k, _ in per_k], [v.get("predicted_speedup") for _, v in per_k], "x--",
+                color=_color(engine), label=f"{engine} predicted")
+    ax.axhline(1, color="grey", linestyle=":", label="no speedup")
+    ax.set_xticks(sorted(ks))
+    ax.set_xlabel("draft tokens per round (k)")
+    ax.set_ylabel("speedup over the target alone")
+    return "Speculative decoding speedup against k"
+
+
+def _quality_chart(fig, ax, chosen: dict) -> str:
+    series: dict[str, dict[str, tuple]] = {}
+    for (engine, prec), r in sorted(chosen.items()):
+        kl = r["metrics"]["mean_kl"]
+        series.setdefault(engine, {})[prec] = (kl, r["metrics"].get("mean_kl_stderr"), f"{kl:.3g}")
+    _grouped_bars(ax, sorted({p for _, p in chosen}), series)
+    kls = [r["metrics"]["mean_kl"] for r in chosen.values()]
+    log = min(kls) > 0  # int8 and int4 lie decades apart
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(min(kls) / 3, max(kls) * 3)
+    ax.set_ylabel("mean KL(full || quantized)" + (" (log scale)" if log else ""))
+    ax.set_xlabel("quantization")
+    return "Quantization KL per precision"
+
+
+class Chart(NamedTuple):
+    task: str
+    usable: Callable[[dict], bool]  # the record carries what the chart needs
+    series: Callable[[dict], object]  # one bar or line per value; the newest complete record wins
+    draw: Callable  # (figure, axes, {series: record}) -> what the chart shows
+    split: Callable[[dict], tuple] = lambda r: ()  # one chart per value, within a model
+
+
+CHARTS = (
+    Chart("bench", lambda r: (r["metrics"].get("decode_tps") or 0) > 0,
+          lambda r: (r["backend"], precision(r)), _bench_chart),
+    Chart("finetune", lambda r: bool(r.get("history")), lambda r: r["backend"], _finetune_chart),
+    Chart("mmlu", lambda r: bool(r.get("subjects")), lambda r: r["backend"], _mmlu_chart,
+          lambda r: (f"{r['config'].get('shots', 0)}-shot",)),
+    Chart("speculate", lambda r: bool(r["metrics"].get("per_k")),
+          lambda r: (r["backend"], str(r["config"].get("draft"))), _speculate_chart),
+    Chart("quality", lambda r: r["metrics"].get("mean_kl") is not None,
+          lambda r: (r["backend"], precision(r)), _quality_chart),
+)
+
+
+def _groups(records: list[dict], chart: Chart) -> dict[tuple, dict]:
+    """(model, source, *split) -> {series: the newest complete record of that series}."""
+    out: dict[tuple, dict] = {}
+    for r in sorted(records, key=lambda r: r["started_at"]):
+        if r["task"] == chart.task and r["status"] == "complete" and chart.usable(r):
+            out.setdefault((r["model"], source(r), *chart.split(r)), {})[chart.series(r)] = r
+    return out
+
+
+def _save(chart: Chart, chosen: dict, path: Path) -> str:
+    """Draw one chart as a PNG at path (Agg); returns its title on one line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    what = chart.draw(fig, ax, chosen)
+    recs = list(chosen.values())
+    chips = ", ".join(sorted({str(r["environment"].get("chip")) for r in recs}))
+    subject = f"{model_title(recs[0])} on {chips}"
+    ax.set_title(f"{what}\n{subject}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return f"{what}: {subject}"
+
+
+def charts(records: list[dict], md_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    """Draw every chart the records allow as md_dir/charts/*.png; task -> [(title, link relative to md_dir)]."""
+    from billion.results import _slug
+
+    out: dict[str, list[tuple[str, str]]] = {}
+    for chart in CHARTS:
+        for key, chosen in _groups(records, chart).items():
+            link = f"{CHARTS_DIR}/{chart.task}-{_slug(' '.join(key))}.png"
+            out.setdefault(chart.task, []).append((_save(chart, chosen, md_dir / link), link))
+    return out

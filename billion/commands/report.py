@@ -1,4 +1,4 @@
-"""`billion report`: tables rendered from JSON records."""
+"""`billion report`: tables (and, with --markdown, PNG charts) rendered from JSON records."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from billion.commands import console
 @click.argument("paths", nargs=-1, type=click.Path(exists=True))
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the tables as Markdown to this file (e.g. results/README.md).")
+@click.option("--charts/--no-charts", "draw_charts", default=True, show_default=True,
+              help="With --markdown: also draw PNG charts into charts/ next to the Markdown file and link them.")
 @click.option("--task", default=None, help="Only records of this task (bench, parity, mmlu, ...).")
-def report(paths, markdown_out, task):
+def report(paths, markdown_out, draw_charts, task):
     """Show the records under PATHS (default: results/) as one table per task."""
-    from billion.report import markdown, rows
+    from billion.report import CHARTS_DIR, charts, markdown, rows
     from billion.results import read_records
 
     records = read_records(paths or ["results"])
@@ -34,5 +36,8 @@ def report(paths, markdown_out, task):
             table.add_row(*row[:-1])
         console.print(table)
     if markdown_out:
-        Path(markdown_out).write_text(markdown(records))
-        console.print(f"wrote {markdown_out}")
+        out = Path(markdown_out)
+        drawn = charts(records, out.parent) if draw_charts else {}
+        out.write_text(markdown(records, charts=drawn))
+        count = sum(map(len, drawn.values()))
+        console.print(f"wrote {markdown_out}" + (f" and {count} charts in {out.parent / CHARTS_DIR}" if count else ""))
