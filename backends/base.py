@@ -15,9 +15,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # speculation imports this module
+    from backends.speculation import NgramDraft
 
 
 class UserError(Exception):
@@ -239,13 +242,15 @@ class Backend(ABC):
                 f"the model's context of {self.context_length} tokens")
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig, *,
-               draft: "Backend | None" = None, num_draft: int = 4, stats=None) -> Iterator[Chunk]:
+               draft: "Backend | NgramDraft | None" = None, num_draft: int = 4, stats=None) -> Iterator[Chunk]:
         """Generate from `prompt_ids`, one Chunk per token.
 
         Stops at EOS (unless gen.ignore_eos; the EOS token itself is not
-        yielded) or after gen.max_tokens. With `draft`, tokens come from
-        speculative decoding (lossless: same distribution as without), counted
-        into `stats` (a backends.speculation.SpeculationStats) when given.
+        yielded) or after gen.max_tokens. With `draft` (a draft model with this
+        one's vocabulary, or an NgramDraft: prompt lookup, no model), tokens
+        come from speculative decoding (lossless: same distribution as
+        without), counted into `stats` (a backends.speculation.SpeculationStats)
+        when given.
         """
         self.check_fits(len(prompt_ids), gen.max_tokens)
         if draft is not None:

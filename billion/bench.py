@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from backends.base import Backend, GenerationConfig
+from backends.speculation import NgramDraft
 
 GB = 1e9
 
@@ -58,7 +59,7 @@ def decode_rate(times: list[float]) -> float:
 
 
 def time_generation(backend: Backend, prompt: list[int], gen: GenerationConfig, *,
-                    draft: Backend | None = None, num_draft: int = 4) -> RunTiming:
+                    draft: Backend | NgramDraft | None = None, num_draft: int = 4) -> RunTiming:
     start = time.perf_counter()
     times, tokens, from_draft = [], [], 0
     for chunk in backend.stream(prompt, gen, draft=draft, num_draft=num_draft):
@@ -73,7 +74,8 @@ def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def run_bench(backend: Backend, cfg: BenchConfig, *, draft: Backend | None = None, on_run=None) -> BenchResult:
+def run_bench(backend: Backend, cfg: BenchConfig, *, draft: Backend | NgramDraft | None = None,
+              on_run=None) -> BenchResult:
     """Warm up, then time cfg.runs generations. Ctrl-C keeps the runs already timed."""
     backend.check_fits(cfg.prompt_tokens, cfg.gen_tokens)
     prompt = random_prompt(backend.vocab_size, cfg.prompt_tokens, cfg.seed)

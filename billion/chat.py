@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from backends.base import Backend, GenerationConfig, UserError
+from backends.speculation import NgramDraft
 from billion.bench import decode_rate
 
 FALLBACK_TEMPLATE = 'no chat template (a base model): using a plain transcript "User: …\\nAssistant:"'
@@ -150,7 +151,7 @@ class Chat:
     backend: Backend
     gen: GenerationConfig
     system: str | None = None
-    draft: Backend | None = None
+    draft: Backend | NgramDraft | None = None
     num_draft: int = 4
     turns: list[dict] = field(default_factory=list)  # alternating user / assistant messages
     replies: list[ReplyStats] = field(default_factory=list)

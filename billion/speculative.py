@@ -5,6 +5,8 @@ the decode speed (tokens/s after the first token, prefill excluded) of the
 target alone, the draft alone and speculative decoding for each k, on the
 same prompt and chat template, and the acceptance statistics of every k
 (backends.speculation.SpeculationStats: acceptance = accepted / drafted).
+A prompt-lookup draft (`ngram[:N]`) has no model to time alone: its cost is
+the measured time of its lookups, replayed on each run's own tokens.
 
 Theory (Leviathan et al. 2023, section 3.4): with a per-token acceptance
 probability alpha, k drafted tokens per round and a draft costing c target
@@ -17,6 +19,12 @@ target step, which is true on a bandwidth-bound device; on a compute-bound
 CPU it is not, so a second prediction uses the measured cost v_k of a k+1
 token target pass and the measured tokens per round: E_measured / (k*c + v_k).
 measured / that prediction is the implementation's efficiency.
+
+For prompt lookup, c is the lookup's time in target steps spread over the k
+tokens it may propose (one search per round, whatever it finds), and the
+measured prediction also counts the rounds that found no match: each is one
+target step that yields one token. Leviathan's E assumes every round drafts
+k tokens, so with many such rounds it overestimates.
 """
 
 from __future__ import annotations
@@ -30,12 +38,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from backends.base import Backend, GenerationConfig, UserError
-from backends.speculation import SpeculationStats
+from backends.speculation import NgramDraft, NgramProposer, SpeculationStats
 from billion.bench import decode_rate
 from billion.loading import billion_home, model_folder
 from billion.models import MODELS, ModelSpec, parse_spec
 
 LAYER_DRAFT = re.compile(r"^layers:(\d+)$")
+NGRAM_DRAFT = re.compile(r"^ngram(?::(\d+))?$")
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 
 
@@ -45,9 +54,21 @@ DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 @dataclass(frozen=True)
 class Pair:
     target: Path
-    draft: Path
+    draft: Path | NgramDraft  # a draft model's folder, or prompt lookup (no model, no folder)
     target_label: str
     draft_label: str
+
+
+def ngram_draft(draft: str) -> NgramDraft | None:
+    """`ngram` or `ngram:N` (prompt lookup with n-grams of up to N tokens) as an NgramDraft, else None."""
+    m = NGRAM_DRAFT.match(draft)
+    return NgramDraft(int(m.group(1) or NgramDraft.max_ngram)) if m else None
+
+
+def draft_name(draft: str | None) -> str | None:
+    """A --draft value as records name it: `ngram` spelled out as `ngram:N`, so N is always on record."""
+    ngram = ngram_draft(draft) if draft else None
+    return str(ngram) if ngram else draft
 
 
 def _derived_path(folder: Path, tag: str) -> Path:
@@ -62,14 +83,16 @@ def _derived_path(folder: Path, tag: str) -> Path:
 def compatible_pairs(target: ModelSpec) -> str:
     """Suggestions for a draft that shares the target's vocabulary."""
     if target.kind in ("random", "tiny"):
-        return (f"use --draft layers:N (the target's own first N layers), or another {target.kind}:"
-                f"{target.card.alias} folder: synthetic folders share a tokenizer within a family only")
+        return (f"use --draft layers:N (the target's own first N layers), --draft ngram (prompt lookup), or "
+                f"another {target.kind}:{target.card.alias} folder: synthetic folders share a tokenizer within a "
+                f"family only")
     hub_id = (target.hub_id or "").lower()
     drafts = [c.alias for c in MODELS.values() if hub_id in (t.lower() for t in c.drafts_for)]
     if drafts:
         return f"drafts known to share {target.text}'s vocabulary: {', '.join(drafts)}"
     pairs = "; ".join(f"--draft {c.alias} for {' or '.join(c.drafts_for)}" for c in MODELS.values() if c.drafts_for)
-    return f"compatible pairs: {pairs}; or --draft layers:N (the target's own first N layers)"
+    return (f"compatible pairs: {pairs}; or --draft layers:N (the target's own first N layers), or --draft ngram "
+            f"(prompt lookup, no model)")
 
 
 def known_mismatch(target: ModelSpec, draft: ModelSpec) -> str | None:
@@ -109,15 +132,25 @@ def check_vocabularies(target: ModelSpec, draft_folder: Path, target_folder: Pat
 def prepare_pair(target: str, draft: str, damp: float | None = None) -> Pair:
     """The target's and draft's folders, checked to share a vocabulary before either is loaded.
 
-    `draft` is a model spec or `layers:N` (the target's first N layers, final
-    norm and head). `damp` (synthetic targets with a layers:N draft only) scales
-    the output projections of the layers the draft lacks, in a copy of the
-    target: see backends/draft_folder.py for why, and say so with the results.
+    `draft` is a model spec, `layers:N` (the target's first N layers, final
+    norm and head) or `ngram[:N]` (prompt lookup: no draft model, no folder).
+    `damp` (synthetic targets with a layers:N draft only) scales the output
+    projections of the layers the draft lacks, in a copy of the target: see
+    backends/draft_folder.py for why, and say so with the results.
     """
     from backends.draft_folder import write_damped_target, write_layer_draft
 
     target_spec = parse_spec(target)
     layers = LAYER_DRAFT.match(draft)
+    if damp is not None:
+        if target_spec.kind not in ("random", "tiny") or not layers:
+            raise UserError("--damp is for random: (or tiny:) targets with a layers:N draft only (it rewrites "
+                            "weights; on a real model it would change the model)")
+        if not 0 < damp < 1:
+            raise UserError(f"--damp must be between 0 and 1 (got {damp})")
+    ngram = ngram_draft(draft)
+    if ngram:  # it proposes the target's own tokens: nothing to build or check
+        return Pair(model_folder(target_spec), ngram, target, str(ngram))
     if not layers:
         draft_spec = parse_spec(draft)
         reason = known_mismatch(target_spec, draft_spec)
@@ -133,11 +166,6 @@ def prepare_pair(target: str, draft: str, damp: float | None = None) -> Pair:
     check_vocabularies(target_spec, draft_folder, target_folder, draft_label)
     target_label = target
     if damp is not None:
-        if target_spec.kind not in ("random", "tiny") or not layers:
-            raise UserError("--damp is for random: (or tiny:) targets with a layers:N draft only (it rewrites "
-                            "weights; on a real model it would change the model)")
-        if not 0 < damp < 1:
-            raise UserError(f"--damp must be between 0 and 1 (got {damp})")
         target_folder = write_damped_target(target_folder, _derived_path(target_folder, f"damped{n}-x{damp:g}"),
                                             n, damp)
         target_label = f"{target} (layers >= {n} damped x{damp:g})"
@@ -158,9 +186,20 @@ def leviathan_alpha(stats: SpeculationStats) -> float:
     return stats.accepted / trials if trials else math.nan
 
 
-def predicted_speedup(tokens_per_round: float, k: float, cost_ratio: float, verify_cost: float = 1.0) -> float:
-    """Tokens per round over the cost of a round in target steps: k*c for drafting plus the verification."""
-    return tokens_per_round / (k * cost_ratio + verify_cost)
+def predicted_speedup(tokens_per_round: float, k: float, cost_ratio: float) -> float:
+    """Leviathan et al.'s speedup: tokens per round over the cost of a round in target steps, k*c for
+    drafting plus one for the verification."""
+    return tokens_per_round / (k * cost_ratio + 1)
+
+
+def measured_prediction(stats: SpeculationStats, drafting: float, verify_cost: float) -> float:
+    """The speedup the counts predict: tokens over target steps. Each target pass gains its accepted
+    tokens plus one and costs verify_cost (a k+1 token pass), or one step after a round that proposed
+    nothing; `drafting` is what all the rounds' drafting cost, in target steps."""
+    passes = stats.rounds + stats.no_match
+    if not passes:
+        return math.nan
+    return (stats.accepted + passes) / (drafting + stats.rounds * verify_cost + stats.no_match)
 
 
 # ---------------------------------------------------------------- measurement
@@ -183,7 +222,8 @@ class SpeculateResult:
     config: SpeculateConfig
     prompt_tokens: int = 0
     target_tps: list[float] = field(default_factory=list)  # one per run
-    draft_tps: list[float] = field(default_factory=list)
+    draft_tps: list[float] = field(default_factory=list)  # a draft model
+    lookup_s: list[float] = field(default_factory=list)  # prompt lookup: seconds per lookup, one per run
     spec_tps: dict[int, list[float]] = field(default_factory=dict)  # k -> one per run
     stats: dict[int, SpeculationStats] = field(default_factory=dict)
     same_as_target: dict[int, list[bool]] = field(default_factory=dict)  # greedy: output == target's
@@ -199,7 +239,8 @@ def chat_prompt(backend: Backend, text: str) -> list[int]:
     return backend.tokenize(text)
 
 
-def timed_decode(backend: Backend, prompt: list[int], gen: GenerationConfig, *, draft: Backend | None = None,
+def timed_decode(backend: Backend, prompt: list[int], gen: GenerationConfig, *,
+                 draft: Backend | NgramDraft | None = None,
                  num_draft: int = 4, stats: SpeculationStats | None = None) -> tuple[float, list[int]]:
     """(decode tokens/s after the first token, tokens) of one generation."""
     times, tokens = [], []
@@ -224,8 +265,23 @@ def measure_verify_cost(target: Backend, prompt: list[int], k: int, repeats: int
     return statistics.median(many) / statistics.median(one)
 
 
-def measure(target: Backend, draft: Backend, cfg: SpeculateConfig, on_step=None) -> SpeculateResult:
-    """Interleaved runs: target alone, draft alone, then speculative for each k; Ctrl-C keeps what ran."""
+def lookup_seconds(target: Backend, draft: NgramDraft, tokens: list[int], first: int, k: int) -> float:
+    """Mean time of one prompt-lookup proposal (the search and its one-hot q) on the committed
+    prefixes of `tokens` that a generation's rounds see: the first `first` tokens and one more each time."""
+    proposer = NgramProposer(draft, target.vocab_size, frozenset())
+    times = []
+    for end in range(first + 1, len(tokens)):
+        prefix = tokens[:end]
+        start = time.perf_counter()
+        proposer.propose(prefix, k)
+        times.append(time.perf_counter() - start)
+    return statistics.fmean(times)
+
+
+def measure(target: Backend, draft: Backend | NgramDraft, cfg: SpeculateConfig, on_step=None) -> SpeculateResult:
+    """Interleaved runs: target alone, draft alone (or, for prompt lookup, its lookups on the target's
+    tokens), then speculative for each k; Ctrl-C keeps what ran."""
+    lookup = isinstance(draft, NgramDraft)
     prompt = chat_prompt(target, cfg.prompt)
     target.check_fits(len(prompt), cfg.gen_tokens)
     result = SpeculateResult(cfg, prompt_tokens=len(prompt))
@@ -241,14 +297,18 @@ def measure(target: Backend, draft: Backend, cfg: SpeculateConfig, on_step=None)
         for i in range(cfg.warmup):
             for k in (None, *cfg.ks):
                 timed_decode(target, prompt, short, draft=draft if k else None, num_draft=k or 1)
-            timed_decode(draft, prompt, short)
+            if not lookup:
+                timed_decode(draft, prompt, short)
             if on_step:
                 on_step("warmup", i + 1, None)
         for run in range(cfg.runs):
             g = gen(cfg.seed + run)
             tps, reference = timed_decode(target, prompt, g)
             result.target_tps.append(tps)
-            result.draft_tps.append(timed_decode(draft, prompt, g)[0])
+            if lookup:  # the longest k: the search costs the same for any k, the one-hot q grows with it
+                result.lookup_s.append(lookup_seconds(target, draft, prompt + reference, len(prompt), max(cfg.ks)))
+            else:
+                result.draft_tps.append(timed_decode(draft, prompt, g)[0])
             for k in cfg.ks:
                 tps, tokens = timed_decode(target, prompt, g, draft=draft, num_draft=k, stats=result.stats[k])
                 result.spec_tps.setdefault(k, []).append(tps)
@@ -266,29 +326,38 @@ def measure(target: Backend, draft: Backend, cfg: SpeculateConfig, on_step=None)
 def summarise(result: SpeculateResult) -> dict:
     n_runs = len(result.target_tps)
     metrics: dict = {"runs_completed": n_runs, "prompt_tokens": result.prompt_tokens}
-    if not n_runs or not result.draft_tps:
+    if not n_runs or not (result.draft_tps or result.lookup_s):
         return metrics
-    target_tps, draft_tps = statistics.median(result.target_tps), statistics.median(result.draft_tps)
-    cost_ratio = target_tps / draft_tps  # c = t_draft / t_target, per token
-    metrics.update(target_tps=target_tps, draft_tps=draft_tps, cost_ratio=cost_ratio, per_k={})
+    target_tps = statistics.median(result.target_tps)
+    metrics.update(target_tps=target_tps, per_k={})
+    if result.draft_tps:
+        draft_tps = statistics.median(result.draft_tps)
+        metrics.update(draft_tps=draft_tps, cost_ratio=target_tps / draft_tps)  # c = t_draft / t_target, per token
+    else:
+        lookup_s = statistics.median(result.lookup_s)
+        metrics.update(lookup_s=lookup_s, lookup_target_steps=lookup_s * target_tps)
     for k, spec in result.spec_tps.items():
         runs = len(spec)
         st = result.stats[k]
+        if result.draft_tps:  # the draft model runs once per drafted token
+            cost_ratio = metrics["cost_ratio"]
+            drafting = st.drafted * cost_ratio
+        else:  # one lookup per round, whatever it finds
+            cost_ratio = metrics["lookup_target_steps"] / k
+            drafting = (st.rounds + st.no_match) * metrics["lookup_target_steps"]
         alpha = leviathan_alpha(st)
-        tokens_per_round = 1 + st.mean_accepted
-        drafted_per_round = st.drafted / st.rounds if st.rounds else k
         verify = result.verify_cost.get(k)
         m = {
             **st.as_dict(),
             "speculative_tps": statistics.median(spec),
             # each run's ratio to the target alone in that same run, then the median
             "speedup": statistics.median(s / t for s, t in zip(spec, result.target_tps[:runs])),
-            "tokens_per_round": tokens_per_round,
+            "tokens_per_round": 1 + st.mean_accepted,
+            "cost_ratio": cost_ratio,
             "leviathan_alpha": alpha,
             "predicted_speedup_leviathan": predicted_speedup(expected_tokens(alpha, k), k, cost_ratio),
             "verify_cost_target_steps": verify,
-            "predicted_speedup": (predicted_speedup(tokens_per_round, drafted_per_round, cost_ratio, verify)
-                                  if verify else None),
+            "predicted_speedup": measured_prediction(st, drafting, verify) if verify else None,
             "greedy_same_as_target": (all(result.same_as_target[k]) if result.config.temperature <= 0 else None),
         }
         m["efficiency"] = m["speedup"] / m["predicted_speedup"] if m["predicted_speedup"] else None

@@ -1,19 +1,23 @@
-"""Speculative decoding on both engines: lossless (greedy and sampled), stats, pair checks, CLI."""
+"""Speculative decoding on both engines: lossless (greedy and sampled), stats, pair checks, CLI;
+with a draft model and with prompt lookup (n-gram drafts)."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from backends.base import GenerationConfig, UserError
-from backends.speculation import SpeculationStats, distribution
+from backends.speculation import NgramDraft, NgramProposer, SpeculationStats, distribution, speculative_tokens
 from tests.conftest import ENGINES
 
 PROMPT = "Why is the sky blue? Sunlight scatters off"
+# Random tiny weights rarely repeat themselves; from this prompt the greedy output does, once, on both engines.
+REPEATING = "a a a a a a a a"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -177,8 +181,6 @@ class _FixedLogits:
 def test_acceptance_rule_reproduces_the_target_exactly():
     """Many draws on a 6-token vocabulary: every drafted position must follow the target's p,
     not the draft's q (catches e.g. resampling from p instead of the residual max(0, p - q))."""
-    from backends.speculation import speculative_tokens
-
     target, draft = _FixedLogits([2.0, 1.0, 0.5, 0.0, -1.0, 0.3]), _FixedLogits([0.0, 1.5, 2.0, -1.0, 1.0, 0.0])
     gen = GenerationConfig(max_tokens=6, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True)
     p = distribution(target.row, gen)
@@ -247,16 +249,21 @@ def test_damping_makes_a_shallow_draft_agree(model, engine):
 
 
 def test_theory():
-    from billion.speculative import expected_tokens, leviathan_alpha, predicted_speedup
+    from billion.speculative import expected_tokens, leviathan_alpha, measured_prediction, predicted_speedup
 
     assert expected_tokens(0.0, 4) == 1 and expected_tokens(1.0, 4) == 5
     assert expected_tokens(0.5, 1) == pytest.approx(1.5)
-    assert predicted_speedup(3.0, 4, 0.25, 1.0) == pytest.approx(1.5)
+    assert predicted_speedup(3.0, 4, 0.25) == pytest.approx(1.5)
     s = SpeculationStats()
     s.record(4, 4)
     s.record(4, 1)
     assert (s.rounds, s.drafted, s.accepted, s.rejections, s.histogram) == (2, 8, 5, 1, [0, 1, 0, 0, 1])
     assert s.acceptance == 5 / 8 and leviathan_alpha(s) == 5 / 6
+    # the counts' prediction, model draft: (1 + accepted per round) / (drafted per round * c + verify)
+    assert measured_prediction(s, drafting=8 * 0.25, verify_cost=1.5) == pytest.approx((1 + 5 / 2) / (4 * 0.25 + 1.5))
+    s.record(0, 0)  # a lookup that found nothing: one target step, one token
+    assert (s.rounds, s.no_match, s.acceptance) == (2, 1, 5 / 8)
+    assert measured_prediction(s, drafting=0.3, verify_cost=1.5) == pytest.approx((5 + 3) / (0.3 + 2 * 1.5 + 1))
 
 
 def test_cli_speculate_both_engines(tiny_folder, tmp_path):
@@ -294,3 +301,121 @@ def test_cli_bench_with_a_draft(tiny_folder, tmp_path):
     assert all(rec["config"]["draft"] == "layers:1" and rec["config"]["num_draft"] == 3 for rec in records)
     bad = CliRunner().invoke(cli, ["bench", "-m", "tiny:tinyllama", "--draft", "tiny:pythia-1b"])
     assert bad.exit_code == 1 and "cannot draft" in bad.output
+
+
+# ---------------------------------------------------------------- prompt lookup (n-gram drafts)
+
+
+def _lookup_by_hand(tokens: list[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """The definition, slowly: the longest suffix n-gram, its latest earlier occurrence, what followed."""
+    for n in range(max_ngram, min_ngram - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tokens[len(tokens) - n:]:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+def test_ngram_draft_proposes_what_followed_the_latest_earlier_occurrence():
+    draft = NgramDraft(max_ngram=3)
+    tokens = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 1, 2, 3]
+    assert draft.lookup(tokens, 2) == [7, 8]  # the later of the two earlier [1, 2, 3]
+    assert draft.lookup(tokens, 9) == [7, 8, 4, 1, 2, 3]  # up to the end of the text
+    tokens = [4, 5, 6, 0, 6, 1, 4, 5, 6]
+    assert draft.lookup(tokens, 2) == [0, 6]  # the longest n-gram first, though [6] occurs later
+    assert NgramDraft(max_ngram=1).lookup(tokens, 2) == [1, 4]
+    assert draft.lookup([1, 2, 3], 4) == [] and draft.lookup([5], 4) == []  # the suffix itself does not count
+    assert draft.lookup([4, 5, 6, 0, 6], 2) == [0, 6] and NgramDraft(3, min_ngram=2).lookup([4, 5, 6, 0, 6], 2) == []
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        tokens, k, n = rng.integers(0, 4, rng.integers(1, 24)).tolist(), int(rng.integers(6)), int(rng.integers(1, 5))
+        assert NgramDraft(n).lookup(tokens, k) == _lookup_by_hand(tokens, k, n, 1), (tokens, k, n)
+    # as a proposer: q one-hot at each proposed token, nothing past an EOS
+    drafted, q = NgramProposer(draft, 10, frozenset({8})).propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 1, 2, 3], 4)
+    assert drafted == [7, 8] and np.array_equal(np.array(q), np.eye(10)[[7, 8]])
+    with pytest.raises(UserError, match="1 <= min <= max"):
+        NgramDraft(0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ngram_draft_greedy_output_is_the_targets(model, engine):
+    target = model(engine, "target")
+    ids = target.tokenize(REPEATING)
+    reference = target.generate(ids, greedy(32))
+    for k in range(1, 7):
+        stats = SpeculationStats()
+        chunks = list(target.stream(ids, greedy(32), draft=NgramDraft(), num_draft=k, stats=stats))
+        assert [c.token for c in chunks] == reference, f"k={k}"
+        assert sum(c.from_draft for c in chunks) == stats.accepted
+        # every round (found a match or not) gains accepted + 1 tokens; a last plain step may follow
+        assert len(chunks) - 1 - stats.accepted - stats.rounds - stats.no_match in (0, 1)
+        assert sum(stats.histogram) == stats.rounds and stats.drafted <= k * stats.rounds
+        # all three paths taken: an accepted lookup, a rejected one, no match
+        assert stats.accepted >= 1 and stats.rejections >= 1 and stats.no_match >= 1
+
+
+def test_ngram_draft_sampled_tokens_follow_the_targets_distribution():
+    """The prompt makes the first lookups propose tokens the target rarely or never draws
+    (4 is outside the top-p nucleus): the output must still follow p, token by token."""
+    target = _FixedLogits([2.0, 1.0, 0.5, 0.0, -1.0, 0.3])
+    gen = GenerationConfig(max_tokens=6, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True)
+    p = distribution(target.row, gen)
+    counts, accepted, stats = np.zeros(6), np.zeros(6), SpeculationStats()
+    for seed in range(3000):
+        tokens = speculative_tokens(target, NgramDraft(), [5, 5, 5, 5, 4, 4, 4, 4], replace(gen, seed=seed), 3, stats)
+        for token, from_draft in list(tokens)[1:]:  # the first token comes from the prefill
+            counts[token] += 1
+            accepted[token] += from_draft
+    assert 0.15 < stats.acceptance < 0.8 and stats.no_match > 0
+    assert _chi_square_p(counts, counts.sum() * p) > 1e-3
+    # the test can fail: the accepted proposals alone are far from p; the residual draws make up the rest
+    assert _chi_square_p(accepted, accepted.sum() * p) < 1e-6
+
+
+def test_cli_speculate_with_prompt_lookup(tiny_folder, tmp_path):
+    from billion.cli import cli
+    from billion.speculative import prepare_pair
+
+    pair = prepare_pair("tiny:tinyllama", "ngram:2")
+    assert pair.draft == NgramDraft(2) and pair.draft_label == "ngram:2"
+    with pytest.raises(UserError, match="--damp is for random"):
+        prepare_pair("tiny:tinyllama", "ngram", damp=0.1)
+    out = tmp_path / "results"
+    r = CliRunner().invoke(cli, ["speculate", "-b", "all", "--target", "tiny:tinyllama", "--draft", "ngram", "--k", "2",
+                                 "-n", "16", "--runs", "1", "--warmup", "0", "--prompt", REPEATING,
+                                 "--results-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    records = [json.loads(f.read_text()) for f in sorted(out.glob("speculate-*.json"))]
+    assert sorted(rec["backend"] for rec in records) == ["mlx", "torch"]
+    for rec in records:
+        assert rec["config"]["draft"] == rec["config"]["draft_label"] == "ngram:3"
+        assert rec["draft_info"] == {"prompt_lookup": {"max_ngram": 3, "min_ngram": 1}}
+        m = rec["metrics"]
+        # no draft model: no draft-alone speed; the cost ratio is the measured lookup's, in target steps
+        assert "draft_tps" not in m and rec["runs"]["draft_tps"] == []
+        assert 0 < m["lookup_s"] < 0.01 and m["lookup_target_steps"] == pytest.approx(m["lookup_s"] * m["target_tps"])
+        per = m["per_k"]["2"]
+        assert per["cost_ratio"] == pytest.approx(m["lookup_target_steps"] / 2)
+        assert per["greedy_same_as_target"] is True and per["no_match_rounds"] > 0
+        assert per["predicted_speedup"] > 0 and per["predicted_speedup_leviathan"] > 0
+    assert "no match" in r.output and "prompt lookup" in r.output
+    bad = CliRunner().invoke(cli, ["speculate", "--target", "tiny:tinyllama", "--draft", "ngram:0"])
+    assert bad.exit_code == 1 and "1 <= min <= max" in bad.output and "Traceback" not in bad.output
+
+
+def test_cli_bench_and_chat_with_prompt_lookup(tiny_folder, tmp_path):
+    from billion.cli import cli
+
+    out = tmp_path / "results"
+    r = CliRunner().invoke(cli, ["bench", "-m", "tiny:tinyllama", "-b", "torch", "--draft", "ngram:2", "-p", "8",
+                                 "-n", "8", "-r", "1", "--warmup", "0", "--results-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    (record,) = [json.loads(f.read_text()) for f in out.glob("bench-*.json")]
+    assert record["config"]["draft"] == "ngram:2"
+    args = ["chat", "-m", "tiny:tinyllama", "-b", "all", "--device", "cpu", "--dtype", "float32", "-p", REPEATING,
+            "-n", "24", "--json", "--results-dir", str(out)]
+    plain, drafted = ([json.loads(line) for line in CliRunner().invoke(cli, a).stdout.splitlines()]
+                      for a in (args, args + ["--draft", "ngram", "--num-draft", "3"]))
+    assert [d["backend"] for d in drafted] == ENGINES
+    for p, d in zip(plain, drafted, strict=True):
+        assert d["reply_token_ids"] == p["reply_token_ids"] and d["config"]["draft"] == "ngram:3"
+        assert d["metrics"]["tokens_from_draft"] > 0 and p["metrics"]["tokens_from_draft"] == 0

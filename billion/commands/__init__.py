@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import click
 from rich.console import Console
@@ -71,6 +71,14 @@ def loaded(engine: str, model: str, **kwargs):
         backend.close()
         del backend
         gc.collect()
+
+
+def loaded_draft(engine: str, draft, **kwargs):
+    """What Backend.stream takes as a draft: a draft model's folder or spec loaded on `engine`, or
+    an NgramDraft as it is (prompt lookup has no model to load)."""
+    from backends.speculation import NgramDraft
+
+    return nullcontext(draft) if isinstance(draft, NgramDraft) else loaded(engine, str(draft), **kwargs)
 
 
 def fmt(value, digits: int = 2) -> str:

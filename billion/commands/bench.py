@@ -7,7 +7,8 @@ import time
 import click
 from rich.table import Table
 
-from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
+from billion.commands import (console, engines, fmt, load_kwargs, loaded, loaded_draft, model_options,
+                              results_option)
 from billion.commands.mmlu import mmlu_options
 
 
@@ -22,7 +23,8 @@ from billion.commands.mmlu import mmlu_options
               help="With several engines: compare their logits on the same tokens.")
 @click.option("--draft", default=None,
               help="Decode speculatively with this draft (same vocabulary; or layers:N, the model's own first "
-                   "N layers); `billion speculate` measures it against the model alone.")
+                   "N layers; or ngram[:N], prompt lookup without a model); `billion speculate` measures it "
+                   "against the model alone.")
 @click.option("--num-draft", type=click.IntRange(1), default=4, show_default=True, help="Draft tokens per round.")
 @click.option("--mmlu", "with_mmlu", is_flag=True,
               help="Also score MMLU on each engine (as `billion mmlu`, set with the --mmlu-* options) "
@@ -42,12 +44,12 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
     from billion import bench as task
     from billion.compare import parity as parity_check, ratios
     from billion.results import make_record, write_record
+    from billion.speculative import draft_name, prepare_pair
 
     cfg = task.BenchConfig(prompt_tokens, gen_tokens, runs, warmup, seed, num_draft)
-    draft_folder = None
+    pair = None
     if draft:  # the vocabulary check runs before any model loads
-        from billion.speculative import prepare_pair
-        draft_folder = str(prepare_pair(model, draft).draft)
+        pair = prepare_pair(model, draft)
     names = engines(backend)
     mmlu_run = None
     if with_mmlu:  # the questions load before any model: missing data fails fast
@@ -58,7 +60,7 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
     for name in names:
         started = time.time()
         with loaded(name, model, **load_kwargs(opts)) as b, \
-                (loaded(name, draft_folder, **load_kwargs(opts)) if draft else nullcontext()) as d:
+                (loaded_draft(name, pair.draft, **load_kwargs(opts)) if pair else nullcontext()) as d:
             info = b.info()
             console.print(f"[bold]{name}[/]: {info.architecture}, {info.parameters:,} parameters, "
                           f"{info.dtype} on {info.device}" + (f", {info.quantization}" if info.quantization else ""))
@@ -88,7 +90,7 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
                                                                results_dir, started)))
                 result.interrupted = scored.interrupted
             status = "interrupted" if result.interrupted else "complete"
-            config = {**task.config_dict(cfg), **load_kwargs(opts), "draft": draft}
+            config = {**task.config_dict(cfg), **load_kwargs(opts), "draft": draft_name(draft)}
             record = make_record("bench", name, model, config, metrics, started=started, status=status,
                                  extra={"model_info": info.__dict__, "runs": [r.__dict__ for r in result.runs]})
             path = write_record(record, results_dir)

@@ -16,7 +16,8 @@ from rich.text import Text
 
 from backends.base import UserError
 from billion.chat import FALLBACK_TEMPLATE
-from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
+from billion.commands import (console, engines, fmt, load_kwargs, loaded, loaded_draft, model_options,
+                              results_option)
 
 HELP = """\
 /clear          forget the conversation (the system message stays)
@@ -41,7 +42,8 @@ Ctrl-C during a reply stops that reply and keeps what was said in the conversati
               help="Also send the conversation to MODEL (repeat it, or a comma list); with --backend all, "
                    "every model on every engine. Replies are shown side by side with their speed.")
 @click.option("--draft", default=None, metavar="MODEL",
-              help="Speculative decoding with this draft model (same tokenizer), on each engine.")
+              help="Speculative decoding with this draft model (same tokenizer), on each engine; or ngram[:N]: "
+                   "prompt lookup, no model (it proposes what followed an earlier occurrence of the last tokens).")
 @click.option("--num-draft", type=click.IntRange(1), default=4, show_default=True,
               help="Tokens the draft proposes per step.")
 @click.option("--json", "as_json", is_flag=True,
@@ -61,14 +63,18 @@ def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, c
     session its statistics (not the conversation).
     """
     from backends.base import GenerationConfig
+    from billion.speculative import ngram_draft
 
     if as_json and prompt is None:
         raise UserError("--json needs --prompt")
     models = [model] + [m.strip() for spec in compare_models for m in spec.split(",") if m.strip()]
     targets = [(name, spec) for spec in dict.fromkeys(models) for name in engines(backend)]
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if draft:  # prompt lookup is parsed, and checked, before any model loads
+        draft = ngram_draft(draft) or draft
     config = {"system": system, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-              "seed": seed, "draft": draft, "num_draft": num_draft if draft else None, **load_kwargs(opts)}
+              "seed": seed, "draft": str(draft) if draft else None, "num_draft": num_draft if draft else None,
+              **load_kwargs(opts)}
     setup = Setup(targets, gen, system, draft, num_draft, load_kwargs(opts), config, results_dir)
     if prompt is not None:
         answer_once(setup, prompt, as_json)
@@ -83,7 +89,7 @@ class Setup:
     targets: list[tuple[str, str]]  # (engine, model spec)
     gen: object  # GenerationConfig
     system: str | None
-    draft: str | None
+    draft: object  # a draft model's spec, an NgramDraft, or None
     num_draft: int
     load_opts: dict
     config: dict  # for the records
@@ -95,7 +101,7 @@ class Setup:
         draft = None
         if self.draft:
             if engine not in drafts:
-                drafts[engine] = stack.enter_context(loaded(engine, self.draft, **self.load_opts))
+                drafts[engine] = stack.enter_context(loaded_draft(engine, self.draft, **self.load_opts))
             draft = drafts[engine]
         return Chat(backend, self.gen, self.system, draft, self.num_draft)
 

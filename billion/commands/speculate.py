@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import click
 from rich.table import Table
 
-from billion.commands import QUANTIZE_CHOICES, console, engines, fmt, loaded, results_option
+from billion.commands import QUANTIZE_CHOICES, console, engines, fmt, loaded, loaded_draft, results_option
 
 
 def _ks(ctx, param, value: str) -> tuple[int, ...]:
@@ -24,8 +25,9 @@ def _ks(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--target", "-t", envvar="BILLION_MODEL", default="random:tinyllama", show_default=True,
               help="The model whose output you want: alias, Hub id, folder, random:<alias>, tiny:<alias>.")
 @click.option("--draft", "-d", default="layers:2", show_default=True,
-              help="A smaller model with the SAME vocabulary, or layers:N (the target's own first N layers, "
-                   "final norm and head).")
+              help="A smaller model with the SAME vocabulary, layers:N (the target's own first N layers, "
+                   "final norm and head), or ngram[:N] (prompt lookup, no model: propose what followed the last "
+                   "earlier occurrence of the text's final n-gram, n <= N, default 3).")
 @click.option("--backend", "-b", envvar="BILLION_BACKEND", default="auto", show_default=True,
               help="mlx, torch, auto, all, or a comma list [env BILLION_BACKEND].")
 @click.option("--device", default=None, help="MLX: gpu|cpu; torch: cuda|mps|cpu. Default: the best available.")
@@ -35,7 +37,7 @@ def _ks(ctx, param, value: str) -> tuple[int, ...]:
               help="Draft tokens per round; a comma list (1,2,4) sweeps them and reports the best.")
 @click.option("--gen-tokens", "-n", type=click.IntRange(2), default=64, show_default=True)
 @click.option("--runs", "-r", type=click.IntRange(1), default=3, show_default=True,
-              help="Timed runs, each: target alone, draft alone, speculative for every k.")
+              help="Timed runs, each: target alone, draft alone (ngram: its lookups), speculative for every k.")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
@@ -64,8 +66,10 @@ def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmu
     (accepted / drafted), tokens per round, the measured speedup and the speedup predicted by
     Leviathan et al. (2023) from the acceptance and the draft/target cost ratio, and a prediction
     with the measured cost of verifying k+1 tokens, whose ratio to the measured speedup is the
-    implementation's efficiency.
+    implementation's efficiency. With --draft ngram there is no draft model: the cost ratio comes from
+    the measured time of its lookups, and rounds that found no match count as plain target steps.
     """
+    from backends.speculation import NgramDraft
     from billion import speculative as task
     from billion.results import make_record, write_record
 
@@ -76,33 +80,39 @@ def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmu
         pair = task.prepare_pair(target, draft, damp)
     console.print(f"target: {pair.target_label}\ndraft:  {pair.draft_label}")
     kw = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    lookup = isinstance(pair.draft, NgramDraft)
     done = {}
     for name in names:
         started = time.time()
         with loaded(name, str(pair.target), **kw, quantize=quantize, group_size=group_size) as t, \
-                loaded(name, str(pair.draft), **kw, quantize=draft_quantize, group_size=group_size) as d:
-            ti, di = t.info(), d.info()
-            console.print(f"[bold]{name}[/]: target {ti.parameters / 1e9:.2f}B, draft {di.parameters / 1e9:.2f}B "
-                          f"parameters, {ti.dtype} on {ti.device}")
+                loaded_draft(name, pair.draft, **kw, quantize=draft_quantize, group_size=group_size) as d:
+            ti = t.info()
+            di = {"prompt_lookup": asdict(d)} if lookup else d.info().__dict__
+            console.print(f"[bold]{name}[/]: target {ti.parameters / 1e9:.2f}B parameters, "
+                          + (f"draft {d} (prompt lookup, no model)" if lookup else
+                             f"draft {di['parameters'] / 1e9:.2f}B") + f", {ti.dtype} on {ti.device}")
 
             def progress(kind, i, result):
                 if kind == "warmup":
                     console.print(f"  warm-up {i}/{warmup} done")
                     return
                 spec = ", ".join(f"k={k} {fmt(v[-1])}" for k, v in result.spec_tps.items())
-                console.print(f"  run {i}/{runs}: target {fmt(result.target_tps[-1])} tok/s, "
-                              f"draft {fmt(result.draft_tps[-1])}, speculative {spec}")
+                alone = (f"lookup {fmt(result.lookup_s[-1] * 1e6)} us" if lookup else
+                         f"draft {fmt(result.draft_tps[-1])}")
+                console.print(f"  run {i}/{runs}: target {fmt(result.target_tps[-1])} tok/s, {alone}, "
+                              f"speculative {spec}")
 
             with console.status(f"{name}: measuring..."):
                 result = task.measure(t, d, cfg, on_step=progress)
-            config = {**task.config_dict(cfg), "target": target, "draft": draft, "damp": damp, **kw,
-                      "quantize": quantize, "draft_quantize": draft_quantize, "group_size": group_size,
+            config = {**task.config_dict(cfg), "target": target, "draft": task.draft_name(draft), "damp": damp,
+                      **kw, "quantize": quantize, "draft_quantize": draft_quantize, "group_size": group_size,
                       "target_label": pair.target_label, "draft_label": pair.draft_label}
             record = make_record(
                 "speculate", name, target, config, result.metrics, started=started,
                 status="interrupted" if result.interrupted else "complete",
-                extra={"target_info": ti.__dict__, "draft_info": di.__dict__,
+                extra={"target_info": ti.__dict__, "draft_info": di,
                        "runs": {"target_tps": result.target_tps, "draft_tps": result.draft_tps,
+                                "lookup_s": result.lookup_s,
                                 "speculative_tps": result.spec_tps, "greedy_same_as_target": result.same_as_target}})
             console.print(f"  record: {write_record(record, results_dir)}")
             done[name] = result.metrics
@@ -114,20 +124,28 @@ def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmu
 
 
 def _print_table(pair, done: dict) -> None:
+    from backends.speculation import NgramDraft
+
+    lookup = isinstance(pair.draft, NgramDraft)
     for name, m in done.items():
-        if "target_tps" in m:
+        if "draft_tps" in m:
             console.print(f"{name}: target alone {fmt(m['target_tps'])} tok/s, draft alone {fmt(m['draft_tps'])} "
                           f"tok/s, cost ratio c = {fmt(m['cost_ratio'], 3)}")
+        elif "lookup_s" in m:
+            console.print(f"{name}: target alone {fmt(m['target_tps'])} tok/s, one lookup {fmt(m['lookup_s'] * 1e6)} "
+                          f"us = {fmt(m['lookup_target_steps'], 3)} target steps")
     table = Table(title=f"{pair.target_label} <- {pair.draft_label}")
-    for col in ("engine", "k", "accept", "tok/round", "spec tok/s", "speedup", "Leviathan", "verify",
-                "predicted", "eff.", "lossless"):
+    for col in ("engine", "k", "accept", *(("no match",) if lookup else ()), "tok/round", "spec tok/s", "speedup",
+                "Leviathan", "verify", "predicted", "eff.", "lossless"):
         table.add_column(col, justify="left" if col == "engine" else "right")
     for name, m in done.items():
         for k, r in m.get("per_k", {}).items():
             best = "*" if k == m.get("best_k") and len(m["per_k"]) > 1 else ""
             same = r["greedy_same_as_target"]
+            no_match = r["no_match_rounds"] / max(r["rounds"] + r["no_match_rounds"], 1)
             table.add_row(name, f"{k}{best}", f"{r['acceptance']:.0%}" if r["drafted"] else "-",
-                          fmt(r["tokens_per_round"]), fmt(r["speculative_tps"]), f"{fmt(r['speedup'])}x",
+                          *((f"{no_match:.0%}",) if lookup else ()), fmt(r["tokens_per_round"]),
+                          fmt(r["speculative_tps"]), f"{fmt(r['speedup'])}x",
                           f"{fmt(r['predicted_speedup_leviathan'])}x", fmt(r["verify_cost_target_steps"]),
                           f"{fmt(r['predicted_speedup'])}x", f"{r['efficiency']:.0%}" if r["efficiency"] else "-",
                           "sampled" if same is None else ("yes" if same else "NO"))
@@ -135,4 +153,6 @@ def _print_table(pair, done: dict) -> None:
     console.print("accept: accepted / drafted. speedup: speculative / target-alone decode tok/s, same run, median "
                   "over runs. Leviathan: E(alpha, k) / (k c + 1). verify: cost of a (k+1)-token target pass in "
                   "one-token passes. predicted: measured tokens/round / (k c + verify). eff.: speedup / predicted. "
-                  "lossless: greedy output == the target's own. *: best k.")
+                  "lossless: greedy output == the target's own. *: best k."
+                  + (" no match: rounds whose lookup found nothing, one plain target step each (predicted counts "
+                     "them); c: one lookup's target steps / k." if lookup else ""))
