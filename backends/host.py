@@ -110,7 +110,7 @@ def reset_peak_rss() -> bool:
 _measured_bandwidth: float | None = None
 
 
-def measured_read_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
+def measured_read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 10) -> float:
     """Host memory read bandwidth, summing a large array on every core at once.
 
     The best of a few repeats (contention only lowers it). Cached per process.

@@ -118,11 +118,18 @@ def summarise(backend: Backend, result: BenchResult) -> dict:
             spread = _spread([getattr(r, key) for r in result.runs])
             metrics[key] = spread["median"]
             metrics[f"{key}_min"], metrics[f"{key}_max"] = spread["min"], spread["max"]
+        drafted = sum(r.from_draft for r in result.runs)
         if bandwidth:
             ceiling = bandwidth * GB / info.decode_bytes_per_token
             metrics["bandwidth_ceiling_tps"] = ceiling
-            metrics["bandwidth_fraction"] = metrics["decode_tps"] / ceiling
-        drafted = sum(r.from_draft for r in result.runs)
+            if metrics["decode_tps"] > ceiling and not drafted:  # a draft may beat it: tokens without reads
+                # A ceiling that a measurement exceeds is not a ceiling: the probe was wrong
+                # (slowed by other work), so no fraction is reported.
+                metrics["bandwidth_fault"] = (
+                    f"decode read {metrics['decode_tps'] * info.decode_bytes_per_token / GB:.1f} GB/s, above the "
+                    f"measured bandwidth of {bandwidth:.1f} GB/s: the bandwidth probe was wrong")
+            else:
+                metrics["bandwidth_fraction"] = metrics["decode_tps"] / ceiling
         if drafted:
             metrics["tokens_from_draft_share"] = drafted / sum(len(r.tokens) for r in result.runs)
     return metrics

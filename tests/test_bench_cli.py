@@ -50,7 +50,7 @@ def test_bench_all_engines_writes_records_and_parity(results_dir):
     md = results_dir / "README.md"
     assert run("report", str(results_dir), "--markdown", str(md)).exit_code == 0
     text = md.read_text()
-    assert "## bench" in text and "## parity" in text and "| mlx | tiny:tinyllama | float32 |" in text
+    assert "## bench" in text and "## parity" in text and "| mlx | tiny:tinyllama | tiny | float32 |" in text
 
 
 def test_ctrl_c_keeps_a_partial_record(results_dir, monkeypatch):
@@ -170,3 +170,42 @@ def test_models_command_lists_registry():
     assert r.exit_code == 0
     for name in ("tinyllama", "Llama-3.2-1B-Instruct", "stablelm-2-1_6b-chat", "pythia-1b"):
         assert name in r.output
+
+
+class _StubEngine:
+    """Fixed bytes and bandwidth: bench's arithmetic checked exactly."""
+
+    def __init__(self, bandwidth_gbs):
+        from backends.base import MemoryStats, ModelInfo
+
+        self._bw = bandwidth_gbs
+        self._info = ModelInfo(backend="stub", path="-", architecture="-", model_type="-", parameters=10,
+                               dtype="float32", device="cpu", weight_bytes=2 * 10**9,
+                               decode_bytes_per_token=10**9, vocab_size=8, context_length=64)
+        self._mem = MemoryStats(1, 3 * 10**9, "stub")
+
+    def info(self):
+        return self._info
+
+    def memory(self):
+        return self._mem
+
+    def memory_bandwidth(self):
+        return self._bw, "stub"
+
+
+@pytest.mark.parametrize("bandwidth,fraction", [(20.0, 0.5), (5.0, None)])
+def test_bench_arithmetic_and_a_ceiling_that_holds(bandwidth, fraction):
+    from billion.bench import BenchConfig, BenchResult, RunTiming, summarise
+
+    runs = [RunTiming(ttft_s=t, prefill_tps=p, decode_tps=d, tokens=[1, 2])
+            for t, p, d in ((0.2, 100.0, 9.0), (0.1, 300.0, 10.0), (0.3, 200.0, 11.0))]
+    m = summarise(_StubEngine(bandwidth), BenchResult(BenchConfig(), runs))
+    assert (m["ttft_s"], m["prefill_tps"], m["decode_tps"]) == (0.2, 200.0, 10.0)  # medians
+    assert (m["decode_tps_min"], m["decode_tps_max"]) == (9.0, 11.0)
+    assert m["weight_gb"] == 2.0 and m["decode_gb_per_token"] == 1.0 and m["peak_memory_gb"] == 3.0
+    # 1 GB read per token: the ceiling is bandwidth / 1 GB tokens per second
+    assert m["bandwidth_ceiling_tps"] == bandwidth
+    assert m.get("bandwidth_fraction") == fraction
+    # 10 tok/s reads 10 GB/s: above a 5 GB/s "ceiling", so the probe was wrong, and said so
+    assert ("bandwidth_fault" in m) == (fraction is None)

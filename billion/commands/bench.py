@@ -145,3 +145,5 @@ def _print_table(model: str, done: dict) -> None:
         console.print(f"  {name}: peak memory from {m['memory_source']}; bandwidth {fmt(m['bandwidth_gbs'])} GB/s "
                       f"({m['bandwidth_source']}); % BW = decode tok/s / (bandwidth / "
                       f"{fmt(m['decode_gb_per_token'], 3)} GB read per token)")
+        if m.get("bandwidth_fault"):
+            console.print(f"  [red]{name}: measurement fault, no % BW: {m['bandwidth_fault']}[/]")

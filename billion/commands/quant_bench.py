@@ -106,3 +106,6 @@ def _print_table(model: str, done: dict, ratios) -> None:
                       f"{frac:.0%}" if frac else "-", fmt(m["weight_gb"], 3), ratio("weight_gb"),
                       fmt(m["peak_memory_gb"], 3), ratio("peak_memory_gb"))
     console.print(table)
+    for (name, precision), m in done.items():
+        if m.get("bandwidth_fault"):
+            console.print(f"  [red]{name} {precision}: measurement fault, no % BW: {m['bandwidth_fault']}[/]")
