@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import backends
-from backends.base import Backend, UserError
-from backends import hf_folder, host
+from backends.base import Backend
+from backends.types import UserError
+from backends import host
+from backends.folders import hf_folder
 from billion.models import ModelSpec, parse_spec
 
 # What a Hub download fetches: safetensors weights only (pickle weights can run code).
@@ -31,11 +33,11 @@ def model_folder(spec: ModelSpec | str, progress: bool = True) -> Path:
         hf_folder.read_config(spec.path)
         return spec.path
     if spec.kind == "gguf":
-        from backends.gguf_folder import convert
+        from backends.folders.gguf_folder import convert
 
         return convert(spec.path, billion_home() / "models", progress)
     if spec.kind in ("random", "tiny"):
-        from backends.synthetic import build_folder
+        from backends.folders.synthetic import build_folder
 
         return build_folder(synthetic_path(spec), spec.card.config, spec.card.family, tiny=spec.kind == "tiny")
     return download(spec, progress)
@@ -49,7 +51,7 @@ def weights_source(spec: ModelSpec | str) -> dict | None:
     except UserError:
         return None
     if spec.kind == "gguf":
-        from backends.gguf_folder import read_header
+        from backends.folders.gguf_folder import read_header
 
         header = read_header(spec.path)
         return {"kind": "gguf", "file": spec.path.name, "quantization": header["quantization"],

@@ -37,9 +37,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from backends.base import Backend, GenerationConfig, UserError
+from backends.base import Backend
+from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft, NgramProposer, SpeculationStats
-from billion.bench import decode_rate
+from billion.timing import TimedStream
 from billion.loading import billion_home, model_folder
 from billion.models import MODELS, ModelSpec, parse_spec
 
@@ -112,8 +113,8 @@ def known_mismatch(target: ModelSpec, draft: ModelSpec) -> str | None:
 
 def check_vocabularies(target: ModelSpec, draft_folder: Path, target_folder: Path, draft_label: str) -> None:
     """Same vocabulary size and the same token string for every id, else a UserError."""
-    from backends import hf_folder
-    from backends.draft_folder import tokenizer_vocabulary
+    from backends.folders import hf_folder
+    from backends.folders.draft_folder import tokenizer_vocabulary
 
     refuse = f"{draft_label} cannot draft for {target.text}"
     sizes = [int(hf_folder.read_config(f).get("vocab_size") or 0) for f in (target_folder, draft_folder)]
@@ -136,9 +137,9 @@ def prepare_pair(target: str, draft: str, damp: float | None = None) -> Pair:
     norm and head) or `ngram[:N]` (prompt lookup: no draft model, no folder).
     `damp` (synthetic targets with a layers:N draft only) scales the output
     projections of the layers the draft lacks, in a copy of the target: see
-    backends/draft_folder.py for why, and say so with the results.
+    backends/folders/draft_folder.py for why, and say so with the results.
     """
-    from backends.draft_folder import write_damped_target, write_layer_draft
+    from backends.folders.draft_folder import write_damped_target, write_layer_draft
 
     target_spec = parse_spec(target)
     layers = LAYER_DRAFT.match(draft)
@@ -243,11 +244,8 @@ def timed_decode(backend: Backend, prompt: list[int], gen: GenerationConfig, *,
                  draft: Backend | NgramDraft | None = None,
                  num_draft: int = 4, stats: SpeculationStats | None = None) -> tuple[float, list[int]]:
     """(decode tokens/s after the first token, tokens) of one generation."""
-    times, tokens = [], []
-    for chunk in backend.stream(prompt, gen, draft=draft, num_draft=num_draft, stats=stats):
-        times.append(chunk.time_s)
-        tokens.append(chunk.token)
-    return decode_rate(times), tokens
+    run = TimedStream(backend.stream(prompt, gen, draft=draft, num_draft=num_draft, stats=stats)).consume()
+    return run.decode_tps, run.tokens
 
 
 def measure_verify_cost(target: Backend, prompt: list[int], k: int, repeats: int) -> float:

@@ -176,7 +176,7 @@ class _StubEngine:
     """Fixed bytes and bandwidth: bench's arithmetic checked exactly."""
 
     def __init__(self, bandwidth_gbs):
-        from backends.base import MemoryStats, ModelInfo
+        from backends.types import MemoryStats, ModelInfo
 
         self._bw = bandwidth_gbs
         self._info = ModelInfo(backend="stub", path="-", architecture="-", model_type="-", parameters=10,

@@ -12,7 +12,8 @@ import pexpect
 import pytest
 from click.testing import CliRunner
 
-from backends.base import Backend, GenerationConfig
+from backends.base import Backend
+from backends.types import GenerationConfig
 from billion.chat import Chat, StopText, transcript
 from billion.cli import cli
 from billion.commands.chat import stream_to

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from backends.base import GenerationConfig, UserError
+from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft, NgramProposer, SpeculationStats, distribution, speculative_tokens
 from tests.conftest import ENGINES
 
@@ -35,7 +35,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def pair(billion_home):
     """(target folder, layers:1 draft folder, damped target folder, unrelated same-tokenizer folder)."""
-    from backends.synthetic import build_folder
+    from backends.folders.synthetic import build_folder
     from billion.models import card_for
     from billion.speculative import prepare_pair
 
@@ -89,7 +89,7 @@ def test_greedy_output_is_the_targets_for_every_k(model, engine, draft_name):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_eos_and_max_tokens_inside_a_drafted_block(model, engine):
-    from backends import hf_folder
+    from backends.folders import hf_folder
 
     target = model(engine, "target")
     ids = target.tokenize(PROMPT)
@@ -227,7 +227,7 @@ def test_compatible_pairs_come_from_the_registry():
 
 
 def test_layer_draft_and_damped_target_folders(pair):
-    from backends import hf_folder
+    from backends.folders import hf_folder
     from safetensors.torch import load_file
 
     target, draft, damped, _ = pair
