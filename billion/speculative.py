@@ -41,7 +41,7 @@ from backends.base import Backend
 from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft, NgramProposer, SpeculationStats
 from billion.timing import TimedStream
-from billion.loading import billion_home, model_folder
+from billion.loading import ResolvedModel, billion_home, model_folder
 from billion.models import MODELS, ModelSpec, parse_spec
 
 LAYER_DRAFT = re.compile(r"^layers:(\d+)$")
@@ -130,7 +130,7 @@ def check_vocabularies(target: ModelSpec, draft_folder: Path, target_folder: Pat
                         f"{by_id_d.get(i)!r} vs {by_id_t.get(i)!r}); {compatible_pairs(target)}")
 
 
-def prepare_pair(target: str, draft: str, damp: float | None = None) -> Pair:
+def prepare_pair(target: "str | ResolvedModel", draft: str, damp: float | None = None) -> Pair:
     """The target's and draft's folders, checked to share a vocabulary before either is loaded.
 
     `draft` is a model spec, `layers:N` (the target's first N layers, final
@@ -141,7 +141,8 @@ def prepare_pair(target: str, draft: str, damp: float | None = None) -> Pair:
     """
     from backends.folders.draft_folder import write_damped_target, write_layer_draft
 
-    target_spec = parse_spec(target)
+    resolved = target if isinstance(target, ResolvedModel) else None
+    target, target_spec = str(target), resolved.spec if resolved else parse_spec(target)
     layers = LAYER_DRAFT.match(draft)
     if damp is not None:
         if target_spec.kind not in ("random", "tiny") or not layers:
@@ -151,13 +152,13 @@ def prepare_pair(target: str, draft: str, damp: float | None = None) -> Pair:
             raise UserError(f"--damp must be between 0 and 1 (got {damp})")
     ngram = ngram_draft(draft)
     if ngram:  # it proposes the target's own tokens: nothing to build or check
-        return Pair(model_folder(target_spec), ngram, target, str(ngram))
+        return Pair(resolved.folder if resolved else model_folder(target_spec), ngram, target, str(ngram))
     if not layers:
         draft_spec = parse_spec(draft)
         reason = known_mismatch(target_spec, draft_spec)
         if reason:
             raise UserError(f"{draft} cannot draft for {target}: {reason}; {compatible_pairs(target_spec)}")
-    target_folder = model_folder(target_spec)
+    target_folder = resolved.folder if resolved else model_folder(target_spec)
     if layers:
         n = int(layers.group(1))
         draft_folder = write_layer_draft(target_folder, _derived_path(target_folder, f"layers{n}"), n)
@@ -360,13 +361,20 @@ def summarise(result: SpeculateResult) -> dict:
         }
         m["efficiency"] = m["speedup"] / m["predicted_speedup"] if m["predicted_speedup"] else None
         metrics["per_k"][k] = m
-    if metrics["per_k"]:
-        best = max(metrics["per_k"], key=lambda k: metrics["per_k"][k]["speedup"])
+    best = best_k(metrics["per_k"])
+    if best is not None:
         b = metrics["per_k"][best]
         metrics.update(best_k=best, speedup=b["speedup"], speculative_tps=b["speculative_tps"],
                        acceptance=b["acceptance"], predicted_speedup=b["predicted_speedup"],
                        predicted_speedup_leviathan=b["predicted_speedup_leviathan"], efficiency=b["efficiency"])
     return metrics
+
+
+def best_k(per_k: dict) -> int | None:
+    """The fastest k among those that kept the output the target's (a greedy run whose tokens
+    differed is a fault, however fast); None when no k did."""
+    lossless = [k for k, m in per_k.items() if m["greedy_same_as_target"] is not False]
+    return max(lossless, key=lambda k: per_k[k]["speedup"]) if lossless else None
 
 
 def config_dict(cfg: SpeculateConfig) -> dict:

@@ -46,10 +46,12 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
     from billion import bench as task
     from billion.compare import parity as parity_check, ratios
     from billion.results import make_record, write_record
+    from billion.loading import resolve
     from billion.speculative import draft_name, prepare_pair
 
     cfg = task.BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs, warmup=warmup, seed=seed,
                            num_draft=num_draft)
+    model = resolve(model)  # once: every step below gets the folder, not the text
     pair = None
     if draft:  # the vocabulary check runs before any model loads
         pair = prepare_pair(model, draft)
@@ -86,7 +88,7 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
             if mmlu_run and not result.interrupted:
                 from billion.mmlu import bench_metrics
 
-                scored = evaluate_mmlu(b, model, *mmlu_run, results_dir, opts)
+                scored = evaluate_mmlu(b, str(model), *mmlu_run, results_dir, opts)
                 metrics.update(bench_metrics(write_mmlu_record(name, model, mmlu_run[1], scored, info, opts,
                                                                results_dir, started)))
                 result.interrupted = scored.interrupted
