@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib
 import logging
 
-from backends.base import UserError
+from backends.types import UserError
 from backends.host import is_apple_silicon
 
 ENGINES = {
-    "mlx": "backends.mlx_backend:MLXBackend",
-    "torch": "backends.torch_backend:TorchBackend",
+    "mlx": "backends.mlx_engine.backend:MLXBackend",
+    "torch": "backends.torch_engine.backend:TorchBackend",
 }
 
 # What to import to know an engine works, and how to install it when it does not.
@@ -33,10 +33,6 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 class EngineUnavailable(UserError):
     pass
-
-
-def names() -> list[str]:
-    return list(ENGINES)
 
 
 def _probe(name: str) -> str | None:

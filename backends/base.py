@@ -1,8 +1,8 @@
-"""The engine interface and the plain-Python types that cross it.
+"""The engine interface: the whole contract between billion and an engine.
 
 Nothing here imports mlx or torch. What crosses the boundary is ints, lists of
 ints, floats, str, numpy arrays (for logits) and the small frozen dataclasses
-below — never an mx.array or a torch.Tensor.
+(backends/types.py) — never an mx.array or a torch.Tensor.
 
 Shared algorithms that need a model but not a framework (streaming text,
 context checks, log-likelihood scoring over KV sessions) live here once, as
@@ -13,72 +13,18 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # speculation imports this module
-    from backends.speculation import NgramDraft
+from backends import host
+from backends.folders import hf_folder
+from backends.speculation import NgramDraft, speculative_tokens
+from backends.types import Chunk, GenerationConfig, MemoryStats, ModelInfo, UserError
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad model, bad data, not enough memory...).
-
-    The CLI prints these as one line, without a traceback.
-    """
-
-
-# ---------------------------------------------------------------- plain types
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False  # benchmarks: every engine does the same work
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One generated token, timed after the device really computed it."""
-
-    token: int
-    text: str  # the new text this token completes (may be "" mid-character)
-    time_s: float  # time.perf_counter() after synchronising the device
-    from_draft: bool = False  # accepted from a speculative draft
-
-
-@dataclass(frozen=True)
-class MemoryStats:
-    current_bytes: int | None
-    peak_bytes: int | None
-    source: str  # e.g. "mx.get_peak_memory", "torch.cuda.max_memory_allocated", "process peak RSS"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    backend: str
-    path: str
-    architecture: str
-    model_type: str
-    parameters: int
-    dtype: str
-    device: str
-    weight_bytes: int
-    # bytes one decode step reads: all weights except the input embedding table
-    # (a lookup reads one row), unless it is tied to the output head.
-    decode_bytes_per_token: int
-    vocab_size: int
-    context_length: int
-    quantization: str | None = None
-    versions: dict = field(default_factory=dict)
-    # where the weights came from when billion made the folder: a GGUF file (name, sha256, its
-    # quantization type) or seeded random weights; None for folders as published
-    source: dict | None = None
+__all__ = ["Backend", "KVSession", "IncrementalDetokenizer", "Chunk", "GenerationConfig", "MemoryStats",
+           "ModelInfo", "UserError", "log_softmax", "score_encoded", "score_batched"]
 
 
 # ---------------------------------------------------------------- KV sessions
@@ -147,8 +93,6 @@ class Backend(ABC):
 
     def __init__(self, model, tokenizer, path: Path, config: dict, device: str, dtype: str,
                  quantization: str | None):
-        from backends import hf_folder
-
         self.model = model
         self.tokenizer = tokenizer  # a transformers tokenizer, the same on both engines
         self.path = Path(path)
@@ -188,12 +132,38 @@ class Backend(ABC):
     @abstractmethod
     def info(self) -> ModelInfo: ...
 
-    def lora_train(self, train, val, config, out_dir, on_step=None, resume=False):
-        """LoRA fine-tuning of this model in place (types in backends/training.py;
-        each engine's loop in backends/<engine>_train.py). Returns a TrainResult."""
-        from backends.training import engine_trainer
+    # -- engine operations beyond inference (each engine's quant/train module does the work) --
 
-        return engine_trainer(self.name).train(self, train, val, config, out_dir, on_step=on_step, resume=resume)
+    def lora_train(self, train, val, config, out_dir, on_step=None, resume=False):
+        """LoRA fine-tuning of this model in place, on the plan of backends/training.py
+        (TrainConfig, Example lists); saves the adapter in the engine's own format
+        under out_dir. Returns a TrainResult."""
+        raise self._unsupported("LoRA training")
+
+    def apply_adapter(self, adapter_dir: Path) -> None:
+        """Put an adapter folder in this engine's format onto the model, replacing any it has."""
+        raise self._unsupported("adapters")
+
+    def save_quantized_folder(self, out: Path, scheme: str, group_size: int) -> str:
+        """Write this (full-precision) model quantized with `scheme` as a folder this engine
+        loads as it is; returns a description of what was quantized."""
+        raise self._unsupported("quantized folders")
+
+    def adapter_logits(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """float32 logits of `ids` without and with the adapter the model carries."""
+        raise self._unsupported("adapters")
+
+    def fuse_adapter(self, requantize: bool = True) -> str:
+        """Merge the adapter into the (quantized) weights in place, re-quantizing the merged
+        layers unless requantize is False; returns a description."""
+        raise self._unsupported("adapter fusing")
+
+    def save_quantized(self, out: Path) -> None:
+        """Write the model as it stands (quantized, perhaps fused) as a folder this engine loads."""
+        raise self._unsupported("quantized folders")
+
+    def _unsupported(self, what: str) -> UserError:
+        return UserError(f"the {self.name} engine does not support {what}")
 
     def close(self) -> None:
         """Free the model's memory (engines override when they hold device caches)."""
@@ -204,13 +174,12 @@ class Backend(ABC):
         Apple GPUs: the chip's published figure; CPUs: measured here. Engines
         with other devices (CUDA) override this.
         """
-        from backends import host
-
         if getattr(self, "device", "cpu") in ("gpu", "mps"):
             chip = host.chip_name()
             value = host.apple_bandwidth_gbs(chip)
             return value, f"published figure for {chip}" if value else f"unknown chip {chip!r}"
-        return host.measured_read_bandwidth_gbs(), "measured host read bandwidth (numpy sums over 1 GiB on every core, best of 10)"
+        return (host.measured_read_bandwidth_gbs(),
+                "measured host read bandwidth (numpy sums over 1 GiB on every core, best of 10)")
 
     # -- shared -------------------------------------------------------------
 
@@ -254,7 +223,6 @@ class Backend(ABC):
         """
         self.check_fits(len(prompt_ids), gen.max_tokens)
         if draft is not None:
-            from backends.speculation import speculative_tokens
             tokens = speculative_tokens(self, draft, list(prompt_ids), gen, num_draft, stats)
         else:
             tokens = ((t, False) for t in self._token_stream(list(prompt_ids), gen))
@@ -264,8 +232,9 @@ class Backend(ABC):
                 now = time.perf_counter()
                 if token in self.eos_ids and not gen.ignore_eos:
                     break
-                yield Chunk(token, detok.add(token), now, from_draft)
-                if n + 1 >= gen.max_tokens:
+                last = n + 1 >= gen.max_tokens
+                yield Chunk(token, detok.add(token), now, from_draft, "max_tokens" if last else None)
+                if last:
                     break
         finally:
             close = getattr(tokens, "close", None)

@@ -26,7 +26,7 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from backends.base import GenerationConfig, UserError
+from backends.types import GenerationConfig, UserError
 
 
 @dataclass

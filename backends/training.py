@@ -7,12 +7,11 @@ weight decay, bias-corrected, linear decay to zero, gradient-norm clipping)
 and the same loss (cross-entropy summed over every masked token of an
 optimiser step, divided by their number: the token-weighted mean trl and
 transformers use under gradient accumulation). Each engine's loop lives in
-backends/<engine>_train.py; nothing here imports mlx or torch.
+backends/<engine>_engine/train.py; nothing here imports mlx or torch.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import zlib
@@ -22,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from backends.base import UserError
+from backends.types import UserError
 
 # Default LoRA targets per architecture (model_type): the seed's q_proj/v_proj
 # attention projections where they exist; GPT-NeoX fuses them into one layer.
@@ -241,8 +240,3 @@ def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
     found = checkpoints(out_dir)
     return found[-1] if found else None
-
-
-def engine_trainer(engine: str):
-    """The module with `train(backend, ...)`, `apply_adapter(...)` for an engine, imported on demand."""
-    return importlib.import_module(f"backends.{engine}_train")

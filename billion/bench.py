@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from backends.base import Backend, GenerationConfig
+from backends.base import Backend
 from backends.speculation import NgramDraft
+from backends.types import GenerationConfig
+from billion.timing import TimedStream
 
 GB = 1e9
 
@@ -51,23 +53,10 @@ def random_prompt(vocab_size: int, n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab_size, n).tolist()
 
 
-def decode_rate(times: list[float]) -> float:
-    """Tokens per second after the first token (the first one carries the prefill)."""
-    if len(times) < 2 or times[-1] <= times[0]:
-        return float("nan")
-    return (len(times) - 1) / (times[-1] - times[0])
-
-
 def time_generation(backend: Backend, prompt: list[int], gen: GenerationConfig, *,
                     draft: Backend | NgramDraft | None = None, num_draft: int = 4) -> RunTiming:
-    start = time.perf_counter()
-    times, tokens, from_draft = [], [], 0
-    for chunk in backend.stream(prompt, gen, draft=draft, num_draft=num_draft):
-        times.append(chunk.time_s)
-        tokens.append(chunk.token)
-        from_draft += chunk.from_draft
-    ttft = times[0] - start
-    return RunTiming(ttft, len(prompt) / ttft, decode_rate(times), tokens, from_draft)
+    run = TimedStream(backend.stream(prompt, gen, draft=draft, num_draft=num_draft)).consume()
+    return RunTiming(run.ttft_s, len(prompt) / run.ttft_s, run.decode_tps, run.tokens, run.from_draft)
 
 
 def _spread(values: list[float]) -> dict:

@@ -20,9 +20,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from backends.base import Backend, GenerationConfig, UserError
+from backends.base import Backend
+from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft
-from billion.bench import decode_rate
+from billion.timing import TimedStream
 
 FALLBACK_TEMPLATE = 'no chat template (a base model): using a plain transcript "User: …\\nAssistant:"'
 # A base model continues the transcript past its answer with the user's next
@@ -108,15 +109,10 @@ class Reply:
     def pieces(self) -> Iterator[str]:
         chat, stats = self.chat, self.stats
         stop = StopText(() if chat.backend.has_chat_template else FALLBACK_STOPS)
-        times: list[float] = []
-        start = time.perf_counter()
-        stream = chat.backend.stream(self.prompt_ids, chat.gen, draft=chat.draft, num_draft=chat.num_draft)
+        run = TimedStream(chat.backend.stream(self.prompt_ids, chat.gen, draft=chat.draft, num_draft=chat.num_draft))
+        chunks = iter(run)
         try:
-            for chunk in stream:
-                times.append(chunk.time_s)
-                self.token_ids.append(chunk.token)
-                stats.tokens += 1
-                stats.tokens_from_draft += chunk.from_draft
+            for chunk in chunks:
                 text, stopped = stop.push(chunk.text)
                 if not self.text:  # templates and transcripts leave a space or newline before the answer
                     text = text.lstrip()
@@ -130,16 +126,16 @@ class Reply:
             if tail:
                 self.text += tail
                 yield tail
-            stats.stop = "max_tokens" if stats.tokens >= chat.gen.max_tokens else "eos"
-        except BaseException as e:  # Ctrl-C, the consumer stopping early, or an engine error
-            stats.stop = "interrupted" if isinstance(e, (KeyboardInterrupt, GeneratorExit)) else "error"
-            raise
         finally:
-            stream.close()
-            stats.total_s = time.perf_counter() - start
-            if times:
-                stats.ttft_s = times[0] - start
-                rate = decode_rate(times)
+            chunks.close()  # frees the engine's stream when the reader stops early
+            if stats.stop != "stop_string":
+                stats.stop = run.finish_reason or "interrupted"
+            self.token_ids = list(run.tokens)
+            stats.tokens, stats.tokens_from_draft = len(run.tokens), run.from_draft
+            stats.total_s = time.perf_counter() - run.start
+            if run.times:
+                stats.ttft_s = run.ttft_s
+                rate = run.decode_tps
                 stats.decode_tps = None if rate != rate else rate  # NaN (one token) has no rate
             chat._finish(self)
 

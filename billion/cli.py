@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from backends.base import UserError
+from backends.types import UserError
 
 
 class BillionGroup(click.Group):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.base import UserError
+from backends.types import UserError
 from backends.training import Example
 
 SAMPLE = Path(__file__).parent / "data" / "sample_instructions.jsonl"

@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from backends.base import GenerationConfig, UserError
+from backends.types import GenerationConfig, UserError
 from backends.training import StepMetrics, TrainConfig, TrainResult, default_targets, steps_for_epochs
 from billion import data
 
@@ -141,7 +141,7 @@ def run(backend, model_spec: str, cfg: FinetuneConfig, prepared: Prepared, on_st
         fused = folder.parent / f"{folder.name}-fused"
         fuse_quantized(backend, fused)
     elif main and cfg.fuse and not result.interrupted:
-        from backends.adapters import fuse
+        from backends.folders.adapters import fuse
 
         phase("fusing")
         fused = fuse(backend.path, folder, folder.parent / f"{folder.name}-fused")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import backends
-from backends.base import Backend, UserError
-from backends import hf_folder, host
+from backends.base import Backend
+from backends.types import UserError
+from backends import host
+from backends.folders import hf_folder
 from billion.models import ModelSpec, parse_spec
 
 # What a Hub download fetches: safetensors weights only (pickle weights can run code).
@@ -31,25 +34,48 @@ def model_folder(spec: ModelSpec | str, progress: bool = True) -> Path:
         hf_folder.read_config(spec.path)
         return spec.path
     if spec.kind == "gguf":
-        from backends.gguf_folder import convert
+        from backends.folders.gguf_folder import convert
 
         return convert(spec.path, billion_home() / "models", progress)
     if spec.kind in ("random", "tiny"):
-        from backends.synthetic import build_folder
+        from backends.folders.synthetic import build_folder
 
         return build_folder(synthetic_path(spec), spec.card.config, spec.card.family, tiny=spec.kind == "tiny")
     return download(spec, progress)
 
 
-def weights_source(spec: ModelSpec | str) -> dict | None:
-    """What a record says the weights are, from the spec alone (no conversion, no download):
-    a GGUF file with its quantization type, seeded random weights, or None (a folder or Hub id)."""
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model spec turned, once, at the command's edge, into its local folder: what every later
+    step (pairing a draft, loading on each engine, records) is given instead of the text."""
+
+    spec: ModelSpec
+    folder: Path
+
+    def __str__(self) -> str:
+        return self.spec.text
+
+
+def resolve(model: "ResolvedModel | ModelSpec | str", progress: bool = True) -> ResolvedModel:
+    """Parse the spec and find, build, convert or download its folder (once; a ResolvedModel passes)."""
+    if isinstance(model, ResolvedModel):
+        return model
+    spec = parse_spec(model) if isinstance(model, str) else model
+    return ResolvedModel(spec, model_folder(spec, progress))
+
+
+def weights_source(spec: "ResolvedModel | ModelSpec | str") -> dict | None:
+    """What a record says the weights are: a GGUF file with its quantization type, seeded random
+    weights, or None (a folder as published, a Hub id). From the folder when resolved, else from
+    the spec alone (no conversion, no download)."""
+    if isinstance(spec, ResolvedModel):
+        return hf_folder.provenance(spec.folder)
     try:
         spec = parse_spec(spec) if isinstance(spec, str) else spec
     except UserError:
         return None
     if spec.kind == "gguf":
-        from backends.gguf_folder import read_header
+        from backends.folders.gguf_folder import read_header
 
         header = read_header(spec.path)
         return {"kind": "gguf", "file": spec.path.name, "quantization": header["quantization"],
@@ -99,11 +125,10 @@ def check_memory(path: Path, dtype: str | None, engine: str, device: str | None)
                         f"to the {engine} engine; try --dtype bfloat16 or --quantize int8")
 
 
-def load(engine: str, spec: ModelSpec | str, *, device=None, dtype=None, trust_remote_code=False,
-         quantize=None, group_size=64, progress=True) -> Backend:
-    spec = parse_spec(spec) if isinstance(spec, str) else spec
+def load(engine: str, model: ResolvedModel | ModelSpec | str, *, device=None, dtype=None,
+         trust_remote_code=False, quantize=None, group_size=64, progress=True) -> Backend:
     cls = backends.get(engine)  # fails early, naming the install command
-    path = model_folder(spec, progress)
+    path = resolve(model, progress).folder
     if not quantize:
         check_memory(path, dtype, engine, device)
     return cls.load(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,

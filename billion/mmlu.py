@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from backends.base import Backend, GenerationConfig, UserError, score_batched
+from backends.base import Backend, score_batched
+from backends.types import GenerationConfig, UserError
 from billion.mmlu_data import LETTERS, Question, Subject
 
 METHODS = ("loglik", "generate")

@@ -37,7 +37,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.base import UserError
+from backends.types import UserError
 
 HUB_DATASET = "cais/mmlu"
 LETTERS = "ABCD"

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.base import UserError
+from backends.types import UserError
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from typing import Callable
 
 import numpy as np
 
-from backends.base import Backend, UserError, log_softmax
+from backends.base import Backend, log_softmax
+from backends.types import UserError
 from billion.compare import kl_per_position
 
 

@@ -14,13 +14,13 @@ adapter is gone). Below MIN_KEPT the fuse is refused, naming what to do instead.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from backends.base import Backend, UserError
+from backends.base import Backend
+from backends.types import UserError
 
 MIN_KEPT = 0.5
 CHECK_TOKENS = 128
@@ -51,13 +51,12 @@ def fuse_quantized(backend: Backend, out: Path, requantize: bool = True) -> dict
     adapter survived, and write the quantized fused folder at `out` (with the
     check as fuse_check.json). requantize=False keeps the fused layers in full
     precision (the rest stays quantized). Changes `backend` in place."""
-    engine = importlib.import_module(f"backends.{backend.name}_quant")
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists")
     ids = check_ids(backend)
-    base, adapted = engine.adapter_logits(backend, ids)
-    description = engine.fuse_adapter(backend, requantize)
+    base, adapted = backend.adapter_logits(ids)
+    description = backend.fuse_adapter(requantize)
     check = {"fuse": description, "tokens": len(ids), **adapter_kept(base, adapted, backend.logits(ids))}
     kept = check["adapter_effect_kept"]
     if kept is not None and kept < MIN_KEPT:
@@ -66,7 +65,7 @@ def fuse_quantized(backend: Backend, out: Path, requantize: bool = True) -> dict
             f"are smaller than a quantization step. Keep the fused layers in full precision (billion adapter-fuse "
             f"--keep-fused-layers-full), use the adapter unfused on the quantized base, or fuse it into the "
             f"full-precision model and quantize afterwards (billion quantize)")
-    engine.save_quantized(backend, out)
+    backend.save_quantized(out)
     (out / CHECK_FILE).write_text(json.dumps(check, indent=2) + "\n")
     return check
 
@@ -77,7 +76,7 @@ def fuse_folder(engine: str, base: Path, adapter: Path, out: Path, requantize: b
     engine's format if needed), then fuse_quantized."""
     import tempfile
 
-    from backends.adapters import convert, detect
+    from backends.folders.adapters import convert, detect
     from billion.loading import load
 
     want = "mlx" if engine == "mlx" else "peft"
@@ -87,7 +86,7 @@ def fuse_folder(engine: str, base: Path, adapter: Path, out: Path, requantize: b
             if detect(adapter) != want:
                 convert(adapter, Path(tmp) / "adapter", want)
                 adapter = Path(tmp) / "adapter"
-            importlib.import_module(f"backends.{engine}_train").apply_adapter(backend, Path(adapter))
+            backend.apply_adapter(Path(adapter))
         return fuse_quantized(backend, out, requantize)
     finally:
         backend.close()

@@ -67,7 +67,7 @@ def make_record(task: str, backend: str, model: str, config: dict, metrics: dict
     from billion.loading import weights_source
 
     record = {
-        "schema": SCHEMA_VERSION, "task": task, "backend": backend, "model": model,
+        "schema": SCHEMA_VERSION, "task": task, "backend": backend, "model": str(model),  # a spec or a ResolvedModel
         "model_source": weights_source(model),
         "config": config, "metrics": metrics, "environment": environment(),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),

@@ -37,10 +37,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from backends.base import Backend, GenerationConfig, UserError
+from backends.base import Backend
+from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft, NgramProposer, SpeculationStats
-from billion.bench import decode_rate
-from billion.loading import billion_home, model_folder
+from billion.timing import TimedStream
+from billion.loading import ResolvedModel, billion_home, model_folder
 from billion.models import MODELS, ModelSpec, parse_spec
 
 LAYER_DRAFT = re.compile(r"^layers:(\d+)$")
@@ -112,8 +113,8 @@ def known_mismatch(target: ModelSpec, draft: ModelSpec) -> str | None:
 
 def check_vocabularies(target: ModelSpec, draft_folder: Path, target_folder: Path, draft_label: str) -> None:
     """Same vocabulary size and the same token string for every id, else a UserError."""
-    from backends import hf_folder
-    from backends.draft_folder import tokenizer_vocabulary
+    from backends.folders import hf_folder
+    from backends.folders.draft_folder import tokenizer_vocabulary
 
     refuse = f"{draft_label} cannot draft for {target.text}"
     sizes = [int(hf_folder.read_config(f).get("vocab_size") or 0) for f in (target_folder, draft_folder)]
@@ -129,18 +130,19 @@ def check_vocabularies(target: ModelSpec, draft_folder: Path, target_folder: Pat
                         f"{by_id_d.get(i)!r} vs {by_id_t.get(i)!r}); {compatible_pairs(target)}")
 
 
-def prepare_pair(target: str, draft: str, damp: float | None = None) -> Pair:
+def prepare_pair(target: "str | ResolvedModel", draft: str, damp: float | None = None) -> Pair:
     """The target's and draft's folders, checked to share a vocabulary before either is loaded.
 
     `draft` is a model spec, `layers:N` (the target's first N layers, final
     norm and head) or `ngram[:N]` (prompt lookup: no draft model, no folder).
     `damp` (synthetic targets with a layers:N draft only) scales the output
     projections of the layers the draft lacks, in a copy of the target: see
-    backends/draft_folder.py for why, and say so with the results.
+    backends/folders/draft_folder.py for why, and say so with the results.
     """
-    from backends.draft_folder import write_damped_target, write_layer_draft
+    from backends.folders.draft_folder import write_damped_target, write_layer_draft
 
-    target_spec = parse_spec(target)
+    resolved = target if isinstance(target, ResolvedModel) else None
+    target, target_spec = str(target), resolved.spec if resolved else parse_spec(target)
     layers = LAYER_DRAFT.match(draft)
     if damp is not None:
         if target_spec.kind not in ("random", "tiny") or not layers:
@@ -150,13 +152,13 @@ def prepare_pair(target: str, draft: str, damp: float | None = None) -> Pair:
             raise UserError(f"--damp must be between 0 and 1 (got {damp})")
     ngram = ngram_draft(draft)
     if ngram:  # it proposes the target's own tokens: nothing to build or check
-        return Pair(model_folder(target_spec), ngram, target, str(ngram))
+        return Pair(resolved.folder if resolved else model_folder(target_spec), ngram, target, str(ngram))
     if not layers:
         draft_spec = parse_spec(draft)
         reason = known_mismatch(target_spec, draft_spec)
         if reason:
             raise UserError(f"{draft} cannot draft for {target}: {reason}; {compatible_pairs(target_spec)}")
-    target_folder = model_folder(target_spec)
+    target_folder = resolved.folder if resolved else model_folder(target_spec)
     if layers:
         n = int(layers.group(1))
         draft_folder = write_layer_draft(target_folder, _derived_path(target_folder, f"layers{n}"), n)
@@ -243,11 +245,8 @@ def timed_decode(backend: Backend, prompt: list[int], gen: GenerationConfig, *,
                  draft: Backend | NgramDraft | None = None,
                  num_draft: int = 4, stats: SpeculationStats | None = None) -> tuple[float, list[int]]:
     """(decode tokens/s after the first token, tokens) of one generation."""
-    times, tokens = [], []
-    for chunk in backend.stream(prompt, gen, draft=draft, num_draft=num_draft, stats=stats):
-        times.append(chunk.time_s)
-        tokens.append(chunk.token)
-    return decode_rate(times), tokens
+    run = TimedStream(backend.stream(prompt, gen, draft=draft, num_draft=num_draft, stats=stats)).consume()
+    return run.decode_tps, run.tokens
 
 
 def measure_verify_cost(target: Backend, prompt: list[int], k: int, repeats: int) -> float:
@@ -362,13 +361,20 @@ def summarise(result: SpeculateResult) -> dict:
         }
         m["efficiency"] = m["speedup"] / m["predicted_speedup"] if m["predicted_speedup"] else None
         metrics["per_k"][k] = m
-    if metrics["per_k"]:
-        best = max(metrics["per_k"], key=lambda k: metrics["per_k"][k]["speedup"])
+    best = best_k(metrics["per_k"])
+    if best is not None:
         b = metrics["per_k"][best]
         metrics.update(best_k=best, speedup=b["speedup"], speculative_tps=b["speculative_tps"],
                        acceptance=b["acceptance"], predicted_speedup=b["predicted_speedup"],
                        predicted_speedup_leviathan=b["predicted_speedup_leviathan"], efficiency=b["efficiency"])
     return metrics
+
+
+def best_k(per_k: dict) -> int | None:
+    """The fastest k among those that kept the output the target's (a greedy run whose tokens
+    differed is a fault, however fast); None when no k did."""
+    lossless = [k for k, m in per_k.items() if m["greedy_same_as_target"] is not False]
+    return max(lossless, key=lambda k: per_k[k]["speedup"]) if lossless else None
 
 
 def config_dict(cfg: SpeculateConfig) -> dict:

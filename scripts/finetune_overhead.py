@@ -4,7 +4,7 @@ For each engine, the same model folder, the same tokenized examples (made once b
 billion/data.py), the same LoRA settings (rank, scale, targets, dropout) and the
 same number of optimiser steps, batch size and gradient accumulation run twice:
 
-  billion  Backend.lora_train (backends/mlx_train.py, backends/torch_train.py),
+  billion  Backend.lora_train (backends/mlx_engine/train.py, backends/torch_engine/train.py),
            without validation, as `billion finetune` runs it;
   direct   MLX: `mlx_lm.tuner.trainer.train` on `linear_to_lora_layers`, its own
            batching (length-sorted, the prompt masked through (ids, offset) pairs);

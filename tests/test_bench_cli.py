@@ -176,7 +176,7 @@ class _StubEngine:
     """Fixed bytes and bandwidth: bench's arithmetic checked exactly."""
 
     def __init__(self, bandwidth_gbs):
-        from backends.base import MemoryStats, ModelInfo
+        from backends.types import MemoryStats, ModelInfo
 
         self._bw = bandwidth_gbs
         self._info = ModelInfo(backend="stub", path="-", architecture="-", model_type="-", parameters=10,
@@ -209,3 +209,16 @@ def test_bench_arithmetic_and_a_ceiling_that_holds(bandwidth, fraction):
     assert m.get("bandwidth_fraction") == fraction
     # 10 tok/s reads 10 GB/s: above a 5 GB/s "ceiling", so the probe was wrong, and said so
     assert ("bandwidth_fault" in m) == (fraction is None)
+
+
+def test_bench_resolves_the_model_spec_once(tiny_folder, results_dir, monkeypatch):
+    import billion.loading as loading
+
+    seen = []
+    real = loading.model_folder
+    monkeypatch.setattr(loading, "model_folder", lambda spec, *a, **k: seen.append(spec.text) or real(spec, *a, **k))
+    result = CliRunner().invoke(cli, ["bench", "-b", "all", "-m", "tiny:tinyllama", "--device", "cpu",
+                                      "--draft", "layers:1", "-p", "4", "-n", "3", "--runs", "1", "--warmup", "0",
+                                      "--no-parity", "--results-dir", str(results_dir)])
+    assert result.exit_code == 0, result.output
+    assert seen.count("tiny:tinyllama") == 1  # not once per engine, nor again for the draft or the records

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends.base import GenerationConfig, UserError
+from backends.types import GenerationConfig, UserError
 from tests.conftest import ENGINES, FAMILIES
 
 PROMPT = "Why is the sky blue? Sunlight scatters off"
@@ -49,7 +49,7 @@ def test_stops_at_eos_unless_ignored(tiny_model, engine):
         assert b.generate(ids, GenerationConfig(max_tokens=30)) == []
         assert b.generate(ids, GenerationConfig(max_tokens=30, ignore_eos=True)) == free
     finally:
-        from backends import hf_folder
+        from backends.folders import hf_folder
 
         b.eos_ids = hf_folder.eos_ids(b.path, b.tokenizer)
 

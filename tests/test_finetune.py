@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 import backends
-from backends import adapters
-from backends.base import UserError
-from backends.training import TrainConfig, engine_trainer, plan_steps
+from backends.folders import adapters
+from backends.types import UserError
+from backends.training import TrainConfig, plan_steps
 from billion import data
 from tests.conftest import ENGINES
 
@@ -186,7 +186,7 @@ def test_adapters_round_trip_and_give_the_same_logits_across_engines(trained, ti
     for engine, adapter, trainer in (("torch", out / "as-peft", "mlx"), ("mlx", out / "as-mlx", "torch")):
         other = fresh(tiny_folder, engine, alias)
         base = other.logits(IDS)
-        engine_trainer(engine).apply_adapter(other, adapter)
+        other.apply_adapter(adapter)
         want = models[trainer].logits(IDS)
         got = other.logits(IDS)
         assert np.abs(want - base).max() > 20 * tol  # the adapter changes the logits...
@@ -266,3 +266,33 @@ def test_finetune_cli_reports_bad_data_line(tmp_path):
     r = CliRunner().invoke(cli, ["finetune", "-b", "torch", "-m", "tiny:tinyllama", "--data", str(bad),
                                  "--out", str(tmp_path / "o"), "--results-dir", str(tmp_path / "r")])
     assert r.exit_code == 1 and f"{bad}:2: not valid JSON" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_as_one_at_the_same_global_batch(tiny_folder, tmp_path):
+    """Data parallel with unchanged code: 2 torchrun processes, global batch 4 (2 each), give the
+    step losses of one process with batch 4."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny_folder("tinyllama")  # built once here, not by two processes at once
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "billion", "finetune", "-b", "torch", "-m", "tiny:tinyllama", "--device", "cpu", "--steps", "3",
+            "--batch-size", "4", "--grad-accum", "2", "--dropout", "0", "--lr", "1e-2", "--eval-every", "3",
+            "--prompt", "Hi", "--answer-tokens", "2"]
+
+    def losses(launcher, name):
+        out = tmp_path / name
+        done = subprocess.run([*launcher, *args, "--out", str(out / "adapters"), "--results-dir", str(out / "r")],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        (record,) = [json.loads(f.read_text()) for f in (out / "r").glob("finetune-*.json")]
+        return record["metrics"].get("processes"), [h["loss"] for h in record["history"]]
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    one_procs, one = losses([sys.executable], "one")
+    two_procs, two = losses([torchrun, "--nproc-per-node", "2", "--master-port", "29517"], "two")
+    assert (one_procs, two_procs) == (1, 2) and len(one) == len(two) == 3
+    np.testing.assert_allclose(two, one, rtol=1e-4)

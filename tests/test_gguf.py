@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from backends.base import UserError
-from backends.gguf_folder import convert, read_header
+from backends.types import UserError
+from backends.folders.gguf_folder import convert, read_header
 from billion.cli import cli
 from billion.models import MODELS, bundled_gguf, parse_spec
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from backends.base import UserError
+from backends.types import UserError
 from billion import mmlu, mmlu_data
 from billion.cli import cli
 from billion.results import read_records

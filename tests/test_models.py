@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from backends.base import UserError
-from backends.synthetic import count_parameters
+from backends.types import UserError
+from backends.folders.synthetic import count_parameters
 from billion.models import MODELS, card_for, parse_spec
 
 

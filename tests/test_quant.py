@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from backends.base import GenerationConfig, UserError
+from backends.types import GenerationConfig, UserError
 from billion import quality
 from billion.cli import cli
 from billion.loading import load
@@ -103,10 +103,8 @@ def test_quantized_folder_round_trip(tiny_folder, tmp_path, engine):
 def test_mlx_folder_keeps_packed_weights_whatever_the_dtype(tiny_folder, tmp_path):
     import mlx.core as mx
 
-    from backends import mlx_quant
-
     b = _load("mlx", tiny_folder)
-    mlx_quant.save_folder(b, tmp_path / "q", "int8", 64)
+    b.save_quantized_folder(tmp_path / "q", "int8", 64)
     for dtype in ("float32", "bfloat16"):
         again = load("mlx", str(tmp_path / "q"), device="cpu", dtype=dtype, progress=False)
         proj = again.model.model.layers[0].self_attn.q_proj
@@ -129,7 +127,7 @@ def test_unsupported_scheme_is_a_clear_error(tiny_folder, engine, scheme, group,
 def test_torch_devices_without_kernels_say_what_works():
     import torch
 
-    from backends.torch_quant import check_scheme
+    from backends.torch_engine.quant import check_scheme
 
     with pytest.raises(UserError, match="no int8/int4 weight kernels on MPS.*--backend mlx"):
         check_scheme("int4", 64, "mps", torch.float16)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends.base import GenerationConfig, log_softmax
+from backends.base import log_softmax
+from backends.types import GenerationConfig
 from backends.training import TrainConfig
 from billion import data
 from billion.compare import kl_per_position

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from backends.base import GenerationConfig, UserError
+from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft, NgramProposer, SpeculationStats, distribution, speculative_tokens
 from tests.conftest import ENGINES
 
@@ -35,7 +35,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def pair(billion_home):
     """(target folder, layers:1 draft folder, damped target folder, unrelated same-tokenizer folder)."""
-    from backends.synthetic import build_folder
+    from backends.folders.synthetic import build_folder
     from billion.models import card_for
     from billion.speculative import prepare_pair
 
@@ -89,7 +89,7 @@ def test_greedy_output_is_the_targets_for_every_k(model, engine, draft_name):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_eos_and_max_tokens_inside_a_drafted_block(model, engine):
-    from backends import hf_folder
+    from backends.folders import hf_folder
 
     target = model(engine, "target")
     ids = target.tokenize(PROMPT)
@@ -227,7 +227,7 @@ def test_compatible_pairs_come_from_the_registry():
 
 
 def test_layer_draft_and_damped_target_folders(pair):
-    from backends import hf_folder
+    from backends.folders import hf_folder
     from safetensors.torch import load_file
 
     target, draft, damped, _ = pair
@@ -278,7 +278,8 @@ def test_cli_speculate_both_engines(tiny_folder, tmp_path):
     assert sorted(rec["backend"] for rec in records) == ["mlx", "torch"]
     for rec in records:
         m = rec["metrics"]
-        assert rec["config"]["ks"] == [1, 2] and m["best_k"] in (1, 2)
+        assert rec["config"]["ks"] == [1, 2]
+        assert m["best_k"] == max((1, 2), key=lambda k: m["per_k"][str(k)]["speedup"])
         for k in ("1", "2"):
             per = m["per_k"][k]
             assert per["greedy_same_as_target"] is True and 0.5 < per["acceptance"] <= 1
@@ -419,3 +420,14 @@ def test_cli_bench_and_chat_with_prompt_lookup(tiny_folder, tmp_path):
     for p, d in zip(plain, drafted, strict=True):
         assert d["reply_token_ids"] == p["reply_token_ids"] and d["config"]["draft"] == "ngram:3"
         assert d["metrics"]["tokens_from_draft"] > 0 and p["metrics"]["tokens_from_draft"] == 0
+
+
+def test_best_k_is_chosen_among_lossless_k_only():
+    from billion.speculative import best_k
+
+    per_k = {1: {"speedup": 1.2, "greedy_same_as_target": True},
+             2: {"speedup": 1.9, "greedy_same_as_target": False},  # faster, but not the target's output
+             4: {"speedup": 1.5, "greedy_same_as_target": True}}
+    assert best_k(per_k) == 4
+    assert best_k({2: per_k[2]}) is None
+    assert best_k({1: {"speedup": 1.1, "greedy_same_as_target": None}}) == 1  # sampling: no greedy check

@@ -20,7 +20,7 @@ def adapter_convert(source, dest, to):
     adapter trained on one engine runs on the other (`mlx_lm.load(..., adapter_path=)`,
     `PeftModel.from_pretrained`).
     """
-    from backends.adapters import convert, detect
+    from backends.folders.adapters import convert, detect
 
     kind = detect(source)
     written = convert(source, dest, to)
@@ -37,8 +37,8 @@ def adapter_convert(source, dest, to):
                    "re-quantizing them (for adapters smaller than a quantization step).")
 def adapter_fuse(model, adapter, dest, keep_fused_layers_full):
     """Merge a LoRA adapter (either format) into its base model: an HF-format folder both engines load."""
-    from backends import hf_folder
-    from backends.adapters import fuse
+    from backends.folders import hf_folder
+    from backends.folders.adapters import fuse
     from billion.loading import model_folder
 
     base = model_folder(model)

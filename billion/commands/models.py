@@ -14,7 +14,7 @@ def models():
     Use an alias, the Hub id, random:<alias> (real architecture, random weights),
     tiny:<alias> (toy size), gguf:<alias> (a GGUF file a package ships) or a .gguf path as --model.
     """
-    from backends.base import UserError
+    from backends.types import UserError
     from billion.models import MODELS, bundled_gguf
 
     for c in MODELS.values():

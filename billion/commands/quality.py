@@ -7,17 +7,19 @@ import time
 import click
 from rich.table import Table
 
-from billion.commands import console, engines, fmt, load_kwargs, model_options, results_option
-from billion.commands.mmlu import mmlu_options
+from billion.quality import QualityConfig
+from billion.commands import (console, engines, fmt, load_kwargs, mmlu_options, model_options, prepare_mmlu,
+                              results_option)
 
 
 @click.command()
 @model_options
 @click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
               help="Text to score. Default: a fixed ~700-word text shipped with billion.")
-@click.option("--ctx", type=click.IntRange(4), default=512, show_default=True,
+@click.option("--ctx", type=click.IntRange(4), default=QualityConfig.ctx, show_default=True,
               help="Window length in tokens; the second half of each window is scored.")
-@click.option("--chunks", type=click.IntRange(1), default=4, show_default=True, help="Windows scored at most.")
+@click.option("--chunks", type=click.IntRange(1), default=QualityConfig.chunks, show_default=True,
+              help="Windows scored at most.")
 @click.option("--mmlu/--no-mmlu", default=False, show_default=True,
               help="Also run MMLU on every model and report the accuracy difference.")
 @mmlu_options(prefix="mmlu-")
@@ -37,13 +39,12 @@ def quality(model, backend, text_file, ctx, chunks, mmlu, results_dir, **opts):
     mmlu_opts = {k[len("mmlu_"):]: opts.pop(k) for k in list(opts) if k.startswith("mmlu_")}
     schemes = [opts["quantize"]] if opts["quantize"] else ["int8", "int4"]
     text, text_label = task.read_text(text_file)
-    cfg = task.QualityConfig(ctx, chunks)
+    cfg = task.QualityConfig(ctx=ctx, chunks=chunks)
     evaluate, mmlu_cfg = None, None
     if mmlu:
         from billion import mmlu as mmlu_task
-        from billion.commands.mmlu import prepare
 
-        subjects, mmlu_cfg = prepare(**mmlu_opts)
+        subjects, mmlu_cfg = prepare_mmlu(**mmlu_opts)
 
         def evaluate(b):
             with console.status(f"MMLU on {b.name} ({b.quantization or 'full precision'})..."):

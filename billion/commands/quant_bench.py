@@ -7,13 +7,14 @@ import time
 import click
 from rich.table import Table
 
-from billion.commands import QUANTIZE_CHOICES, console, engines, fmt, loaded, results_option
+from billion.bench import BenchConfig
+from billion.commands import QUANTIZE_CHOICES, console, engines, fmt, loaded, model_options, results_option
 
 FULL = "full"
 
 
 def parse_precisions(text: str) -> list[str]:
-    from backends.base import UserError
+    from backends.types import UserError
 
     picked = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in picked if p != FULL and p not in QUANTIZE_CHOICES]
@@ -24,22 +25,15 @@ def parse_precisions(text: str) -> list[str]:
 
 
 @click.command("quant-bench")
-@click.option("--model", "-m", envvar="BILLION_MODEL", default="random:tinyllama", show_default=True,
-              help="Alias, Hub id, local HF folder, random:<alias> or tiny:<alias> [env BILLION_MODEL].")
-@click.option("--backend", "-b", envvar="BILLION_BACKEND", default="auto", show_default=True,
-              help="mlx, torch, auto, all, or a comma list [env BILLION_BACKEND].")
+@model_options(skip=("quantize",))
 @click.option("--precisions", default="full,int8,int4", show_default=True,
               help=f"Comma list of: {FULL}, {', '.join(QUANTIZE_CHOICES)}.")
-@click.option("--device", default=None, help="MLX: gpu|cpu; torch: cuda|mps|cpu. Default: the best available.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Full-precision dtype (and that of the scales). Default: the engine's for the device.")
-@click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow model folders to run their own code.")
-@click.option("--prompt-tokens", "-p", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--gen-tokens", "-n", type=click.IntRange(2), default=128, show_default=True)
-@click.option("--runs", "-r", type=click.IntRange(1), default=3, show_default=True, help="Timed runs (median reported).")
-@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt.")
+@click.option("--prompt-tokens", "-p", type=click.IntRange(1), default=BenchConfig.prompt_tokens, show_default=True)
+@click.option("--gen-tokens", "-n", type=click.IntRange(2), default=BenchConfig.gen_tokens, show_default=True)
+@click.option("--runs", "-r", type=click.IntRange(1), default=BenchConfig.runs, show_default=True,
+              help="Timed runs (median reported).")
+@click.option("--warmup", type=click.IntRange(0), default=BenchConfig.warmup, show_default=True)
+@click.option("--seed", type=int, default=BenchConfig.seed, show_default=True, help="Seed of the random prompt.")
 @results_option
 def quant_bench(model, backend, precisions, device, dtype, group_size, trust_remote_code, prompt_tokens,
                 gen_tokens, runs, warmup, seed, results_dir):
@@ -55,7 +49,7 @@ def quant_bench(model, backend, precisions, device, dtype, group_size, trust_rem
     from billion.results import make_record, write_record
 
     picked = parse_precisions(precisions)
-    cfg = task.BenchConfig(prompt_tokens, gen_tokens, runs, warmup, seed)
+    cfg = task.BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs, warmup=warmup, seed=seed)
     done: dict[tuple[str, str], dict] = {}
     interrupted = False
     for name in engines(backend):

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 
 import click
 
-from billion.commands import console, engines, fmt, results_option
+from billion.commands import console, engines, fmt, model_options, results_option
 
 VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. Quantization stores weights in fewer bits."
 
 
 @click.command()
-@click.option("--model", "-m", envvar="BILLION_MODEL", default="random:tinyllama", show_default=True,
-              help="Alias, Hub id, local HF folder, random:<alias> or tiny:<alias> [env BILLION_MODEL].")
-@click.option("--backend", "-b", envvar="BILLION_BACKEND", default="auto", show_default=True,
-              help="mlx or torch (the folder format is the engine's own) [env BILLION_BACKEND].")
+@model_options(skip=("quantize",))
 @click.option("--bits", type=click.Choice(["4", "8"]), required=True, help="Bits per weight.")
-@click.option("--group-size", type=int, default=64, show_default=True,
-              help="Weights sharing one scale (MLX: 32/64/128; torch int4: 32-256; torch int8 is per channel).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write (new or empty).")
-@click.option("--device", default=None, help="MLX: gpu|cpu; torch: cuda|cpu. Default: the best available.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="dtype of the scales and of the layers left unquantized.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow model folders to run their own code.")
 @results_option
 def quantize(model, backend, bits, group_size, out, device, dtype, trust_remote_code, results_dir):
     """Quantize a model's weights to 4 or 8 bits and save the folder.
@@ -36,7 +26,7 @@ def quantize(model, backend, bits, group_size, out, device, dtype, trust_remote_
     model like any other: `billion bench --model OUT --backend <same engine>`. It is
     loaded back once here and its logits checked against the model just quantized.
     """
-    from backends.base import UserError
+    from backends.types import UserError
     from billion.loading import load
     from billion.results import make_record, write_record
 
@@ -53,7 +43,7 @@ def quantize(model, backend, bits, group_size, out, device, dtype, trust_remote_
     try:
         full_bytes = b.info().weight_bytes
         with console.status(f"quantizing to {scheme} and writing {out}..."):
-            description = importlib.import_module(f"backends.{name}_quant").save_folder(b, out, scheme, group_size)
+            description = b.save_quantized_folder(out, scheme, group_size)
         ids = b.tokenize(VERIFY_TEXT)
         expected, quant_bytes = b.logits(ids), b.info().weight_bytes
     finally:

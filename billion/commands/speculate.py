@@ -8,7 +8,9 @@ from dataclasses import asdict
 import click
 from rich.table import Table
 
-from billion.commands import QUANTIZE_CHOICES, console, engines, fmt, loaded, loaded_draft, results_option
+from billion.speculative import SpeculateConfig
+from billion.commands import (QUANTIZE_CHOICES, console, engines, fmt, loaded, loaded_draft, model_options,
+                              results_option)
 
 
 def _ks(ctx, param, value: str) -> tuple[int, ...]:
@@ -22,43 +24,36 @@ def _ks(ctx, param, value: str) -> tuple[int, ...]:
 
 
 @click.command()
-@click.option("--target", "-t", envvar="BILLION_MODEL", default="random:tinyllama", show_default=True,
-              help="The model whose output you want: alias, Hub id, folder, random:<alias>, tiny:<alias>.")
+@model_options(flags=("--target", "-t"), param="target")
 @click.option("--draft", "-d", default="layers:2", show_default=True,
               help="A smaller model with the SAME vocabulary, layers:N (the target's own first N layers, "
                    "final norm and head), or ngram[:N] (prompt lookup, no model: propose what followed the last "
                    "earlier occurrence of the text's final n-gram, n <= N, default 3).")
-@click.option("--backend", "-b", envvar="BILLION_BACKEND", default="auto", show_default=True,
-              help="mlx, torch, auto, all, or a comma list [env BILLION_BACKEND].")
-@click.option("--device", default=None, help="MLX: gpu|cpu; torch: cuda|mps|cpu. Default: the best available.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Default: float32 on CPU, bfloat16 on CUDA and MLX GPU, float16 on MPS.")
-@click.option("--k", "ks", default="4", show_default=True, callback=_ks,
+@click.option("--num-draft", "--k", "ks", default=",".join(map(str, SpeculateConfig.ks)), show_default=True,
+              callback=_ks,
               help="Draft tokens per round; a comma list (1,2,4) sweeps them and reports the best.")
-@click.option("--gen-tokens", "-n", type=click.IntRange(2), default=64, show_default=True)
-@click.option("--runs", "-r", type=click.IntRange(1), default=3, show_default=True,
+@click.option("--gen-tokens", "-n", type=click.IntRange(2), default=SpeculateConfig.gen_tokens, show_default=True)
+@click.option("--runs", "-r", type=click.IntRange(1), default=SpeculateConfig.runs, show_default=True,
               help="Timed runs, each: target alone, draft alone (ngram: its lookups), speculative for every k.")
-@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=SpeculateConfig.warmup, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=SpeculateConfig.temperature, show_default=True,
+              help="0: greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=SpeculateConfig.top_p, show_default=True)
+@click.option("--seed", type=int, default=SpeculateConfig.seed, show_default=True)
 @click.option("--prompt", default=None, help="User message (wrapped in the chat template when there is one).")
 @click.option("--damp", type=float, default=None,
               help="Demonstration on random: targets with a layers:N draft: scale the output projections of the "
                    "layers the draft lacks by this factor (e.g. 0.1) in a copy of the target, so that acceptance "
                    "is not ~0% on random weights. Same compute; says nothing about real models.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow model folders to run their own code.")
-@click.option("--quantize", "-q", type=click.Choice(QUANTIZE_CHOICES), default=None,
-              help="The target's weights, quantized at load time.")
 @click.option("--draft-quantize", type=click.Choice(QUANTIZE_CHOICES), default=None,
               help="The draft's weights, quantized at load time (independently of the target's).")
-@click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size.")
 @results_option
 def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmup, temperature, top_p, seed,
               prompt, damp, trust_remote_code, quantize, draft_quantize, group_size, results_dir):
     """Speculative decoding: a draft proposes k tokens, the target verifies them in one pass.
 
-    Lossless (greedy: the target's own tokens; sampling: the target's distribution). In float32 the greedy output is the target's own token for token;
+    Lossless (greedy: the target's own tokens; sampling: the target's distribution). In float32
+    the greedy output is the target's own token for token;
     in bfloat16 the target scores k+1 tokens per pass, so a near-tied argmax can resolve the other way. Draft and
     target must share a vocabulary; this is checked before anything loads. Each run times, on
     the same prompt and chat template, the target alone, the draft alone and speculative
@@ -73,8 +68,8 @@ def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmu
     from billion import speculative as task
     from billion.results import make_record, write_record
 
-    cfg = task.SpeculateConfig(ks, gen_tokens, runs, warmup, temperature, top_p, seed,
-                               prompt or task.DEFAULT_PROMPT)
+    cfg = task.SpeculateConfig(ks=ks, gen_tokens=gen_tokens, runs=runs, warmup=warmup, temperature=temperature,
+                               top_p=top_p, seed=seed, prompt=prompt or task.DEFAULT_PROMPT)
     names = engines(backend)
     with console.status("checking the pair (building derived folders if needed)..."):
         pair = task.prepare_pair(target, draft, damp)

@@ -10,7 +10,7 @@
   residual stream makes acceptance real while the compute (and so the timing)
   stays exactly the same.
 
-Tensors are read and written with safetensors' torch API, as backends/synthetic.py
+Tensors are read and written with safetensors' torch API, as backends/folders/synthetic.py
 does (numpy has no bfloat16).
 """
 
@@ -23,8 +23,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from backends import hf_folder
-from backends.base import UserError
+from backends.folders import hf_folder
+from backends.types import UserError
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 # What each layer adds to the residual stream: attention output and MLP output projections

@@ -22,13 +22,13 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from backends import training
-from backends.base import UserError
+from backends.types import UserError
 from backends.training import Example, StepMetrics, TrainConfig, TrainResult
 
 
 def add_lora(backend, cfg: TrainConfig) -> PeftModel:
     if backend.quantization:  # QLoRA: gradients must flow through the frozen quantized base
-        from backends.torch_quant import prepare_for_training
+        from backends.torch_engine.quant import prepare_for_training
 
         note = prepare_for_training(backend.model)
         backend.quantization += f"; {note}" if note else ""

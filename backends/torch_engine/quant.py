@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backends.base import UserError
+from backends.types import UserError
 
 SCHEMES = ("int8", "int4", "bnb-int8", "bnb-int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # torchao int4 kernels

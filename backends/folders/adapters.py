@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from backends import training
-from backends.base import UserError
+from backends.types import UserError
 
 MLX_FILE, PEFT_FILE, CONFIG_FILE = "adapters.safetensors", "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."

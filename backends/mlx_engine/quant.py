@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import compute_bits_per_weight, quantize_model as mlx_lm_quantize, save_config, save_model
 
-from backends.base import UserError
+from backends.types import UserError
 
 BITS = {"int8": 8, "int4": 4}
 GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts for affine mode

@@ -24,7 +24,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from backends.base import UserError
+from backends.types import UserError
 
 GGUF_MAGIC = b"GGUF"
 # llama.cpp's general.file_type (enum llama_ftype) -> the name llama.cpp prints.

@@ -14,10 +14,12 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import _get_classes, get_total_parameters, load_model
-from transformers import AutoTokenizer
 
-from backends import hf_folder
-from backends.base import Backend, GenerationConfig, KVSession, MemoryStats, ModelInfo, UserError
+from backends.folders import hf_folder
+from backends.mlx_engine import quant as mlx_quant
+from backends.mlx_engine import train as mlx_train
+from backends.base import Backend, KVSession
+from backends.types import GenerationConfig, MemoryStats, ModelInfo, UserError
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -80,7 +82,8 @@ class MLXBackend(Backend):
         except ValueError as e:
             raise UserError(f"the MLX engine (mlx-lm {_version('mlx-lm')}) cannot load architecture "
                             f"{(config.get('architectures') or ['?'])[0]} ({e})") from None
-        hf_folder.safetensors_files(path)  # clear error before mlx-lm's
+        hf_folder.check_remote_code(path, config, trust_remote_code)
+        hf_folder.tensor_shapes(path)  # missing or unreadable weights: one line naming the file, before mlx-lm
         model, config = load_model(path, lazy=True, trust_remote_code=trust_remote_code)
         quantization = None
         if "quantization" in config:  # an mlx-lm quantized folder: keep its packed weights
@@ -89,10 +92,9 @@ class MLXBackend(Backend):
         # set_dtype casts floating parameters only: packed quantized weights stay as they are.
         model.set_dtype(DTYPES[dtype])
         if quantize:
-            from backends.mlx_quant import quantize_model
-            quantization = quantize_model(model, quantize, group_size)
+            quantization = mlx_quant.quantize_model(model, quantize, group_size)
         mx.eval(model.parameters())
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = hf_folder.load_tokenizer(path, trust_remote_code)
         return cls(model, tokenizer, path, config, device, dtype, quantization)
 
     def _token_stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
@@ -141,6 +143,24 @@ class MLXBackend(Backend):
             decode_bytes_per_token=weight_bytes - embed_bytes, vocab_size=self.vocab_size,
             context_length=self.context_length, quantization=self.quantization, source=self.source,
             versions={"mlx": _version("mlx"), "mlx-lm": _version("mlx-lm")})
+
+    def lora_train(self, train, val, config, out_dir, on_step=None, resume=False):
+        return mlx_train.train(self, train, val, config, out_dir, on_step=on_step, resume=resume)
+
+    def apply_adapter(self, adapter_dir: Path) -> None:
+        mlx_train.apply_adapter(self, adapter_dir)
+
+    def save_quantized_folder(self, out: Path, scheme: str, group_size: int) -> str:
+        return mlx_quant.save_folder(self, out, scheme, group_size)
+
+    def adapter_logits(self, ids):
+        return mlx_quant.adapter_logits(self, ids)
+
+    def fuse_adapter(self, requantize: bool = True) -> str:
+        return mlx_quant.fuse_adapter(self, requantize)
+
+    def save_quantized(self, out: Path) -> None:
+        mlx_quant.save_quantized(self, out)
 
     def close(self) -> None:
         self.model = None

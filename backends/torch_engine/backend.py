@@ -8,10 +8,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from backends import hf_folder, host
-from backends.base import Backend, GenerationConfig, KVSession, MemoryStats, ModelInfo, UserError
+from backends import host
+from backends.folders import hf_folder
+from backends.torch_engine import quant as torch_quant
+from backends.base import Backend, KVSession
+from backends.types import GenerationConfig, MemoryStats, ModelInfo, UserError
 
 # transformers draws a "Loading weights" bar per load; billion shows its own status line.
 transformers.utils.logging.disable_progress_bar()
@@ -87,13 +90,15 @@ class TorchBackend(Backend):
         dtype = dtype or default_dtype(device)
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        hf_folder.check_remote_code(path, hf_folder.read_config(path), trust_remote_code)
+        hf_folder.tensor_shapes(path)  # missing or unreadable weights: one line naming the file, first
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (ValueError, KeyError) as e:
             arch = hf_folder.read_config(path).get("architectures") or ["?"]
             raise UserError(f"the torch engine (transformers {transformers.__version__}) cannot load "
                             f"architecture {arch[0]}: {str(e).splitlines()[0]}") from None
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = hf_folder.load_tokenizer(path, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
             use_safetensors=True)
@@ -101,18 +106,10 @@ class TorchBackend(Backend):
         quantization = None
         folder_q = getattr(config, "quantization_config", None)
         if folder_q:  # a folder written pre-quantized (billion quantize): its weights load as stored
-            from backends.torch_quant import folder_description
-            quantization = folder_description(folder_q if isinstance(folder_q, dict) else folder_q.to_dict())
+            quantization = torch_quant.folder_description(folder_q if isinstance(folder_q, dict) else folder_q.to_dict())
         if quantize:
-            from backends.torch_quant import quantize_model
-            quantization = quantize_model(model, quantize, group_size, device)
+            quantization = torch_quant.quantize_model(model, quantize, group_size, device)
         return cls(model, tokenizer, Path(path), model.config.to_dict(), device, dtype, quantization)
-
-    def _sync(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        elif self.device == "mps":
-            torch.mps.synchronize()
 
     @torch.inference_mode()
     def _token_stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
@@ -161,13 +158,11 @@ class TorchBackend(Backend):
 
     def info(self) -> ModelInfo:
         # quantized weights (torchao subclasses, bitsandbytes) are counted as stored, not as they stand for
-        from backends.torch_quant import logical_numel, stored_bytes
-
-        weight_bytes = sum(stored_bytes(p) for p in self.model.parameters())
-        params = sum(logical_numel(p) for p in self.model.parameters())
+        weight_bytes = sum(torch_quant.stored_bytes(p) for p in self.model.parameters())
+        params = sum(torch_quant.logical_numel(p) for p in self.model.parameters())
         embed = self.model.get_input_embeddings().weight
         tied = self.model.get_output_embeddings().weight is embed
-        embed_bytes = 0 if tied else stored_bytes(embed)
+        embed_bytes = 0 if tied else torch_quant.stored_bytes(embed)
         config = self.model.config
         return ModelInfo(
             backend=self.name, path=str(self.path), architecture=(config.architectures or ["?"])[0],
@@ -193,6 +188,30 @@ class TorchBackend(Backend):
             best = max(best, 2 * x.nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
         del x, y
         return best, f"measured device copy bandwidth on {torch.cuda.get_device_name()}"
+
+    # trl and peft take seconds to import: backends/torch_engine/train.py is imported only to train.
+
+    def lora_train(self, train, val, config, out_dir, on_step=None, resume=False):
+        from backends.torch_engine import train as torch_train
+
+        return torch_train.train(self, train, val, config, out_dir, on_step=on_step, resume=resume)
+
+    def apply_adapter(self, adapter_dir: Path) -> None:
+        from backends.torch_engine import train as torch_train
+
+        torch_train.apply_adapter(self, adapter_dir)
+
+    def save_quantized_folder(self, out: Path, scheme: str, group_size: int) -> str:
+        return torch_quant.save_folder(self, out, scheme, group_size)
+
+    def adapter_logits(self, ids):
+        return torch_quant.adapter_logits(self, ids)
+
+    def fuse_adapter(self, requantize: bool = True) -> str:
+        return torch_quant.fuse_adapter(self, requantize)
+
+    def save_quantized(self, out: Path) -> None:
+        torch_quant.save_quantized(self, out)
 
     def close(self) -> None:
         self.model = None

@@ -33,7 +33,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters, remove_lora_layers
 
 from backends import training
-from backends.base import UserError
+from backends.types import UserError
 from backends.training import Example, StepMetrics, TrainConfig, TrainResult
 
 ADAPTER_FILE = "adapters.safetensors"

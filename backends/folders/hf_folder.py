@@ -7,13 +7,13 @@ on what the model is before either loads a byte of weights.
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from pathlib import Path
 
-from backends.base import UserError
+from backends.types import UserError
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
-                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+log = logging.getLogger("billion")
 
 
 def read_config(path: Path) -> dict:
@@ -22,8 +22,32 @@ def read_config(path: Path) -> dict:
         raise UserError(f"{path} is not a model folder (no config.json)")
     try:
         return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{f}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{f}: cannot read ({e.strerror})") from None
+
+
+def check_remote_code(path: Path, config: dict, trust_remote_code: bool) -> None:
+    """Say so when a folder ships its own model code (auto_map) that is not run."""
+    auto_map = config.get("auto_map")
+    if auto_map and not trust_remote_code:
+        arch = (config.get("architectures") or ["?"])[0]
+        code = ", ".join(sorted({str(v) for v in auto_map.values()}))
+        log.warning(f"{path} ships its own model code ({code}); it was not run (--trust-remote-code runs "
+                    f"it): using the engine's built-in {arch} instead")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The folder's transformers tokenizer (both engines use it); an unreadable one is a UserError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # a damaged tokenizer.json surfaces as whatever its parser raises
+        files = [f.name for f in Path(path).glob("tokenizer*")] or ["no tokenizer files"]
+        raise UserError(f"{path}: cannot read the tokenizer ({', '.join(sorted(files))}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -40,29 +64,37 @@ def tensor_shapes(path: Path) -> dict[str, tuple[str, list[int]]]:
     """name -> (dtype, shape) for every tensor, read from the safetensors headers only."""
     out = {}
     for f in safetensors_files(path):
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
+        for name, meta in _safetensors_header(f).items():
             if name != "__metadata__":
                 out[name] = (meta["dtype"], meta["shape"])
     return out
+
+
+def _safetensors_header(f: Path) -> dict:
+    """The header of one safetensors file, checked against the file's size (a cut-off
+    download has a whole header and too few bytes after it)."""
+    bad = f"{f}: unreadable safetensors file, truncated or damaged"
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            if n > size - 8:
+                raise UserError(f"{bad} (header of {n:,} bytes in a {size:,}-byte file)")
+            header = json.loads(fh.read(n))
+        end = max((m["data_offsets"][1] for k, m in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{bad} ({type(e).__name__})") from None
+    except OSError as e:
+        raise UserError(f"{f}: cannot read ({e.strerror})") from None
+    if 8 + n + end > size:
+        raise UserError(f"{bad} ({size:,} bytes, its header describes {8 + n + end:,})")
+    return header
 
 
 def parameter_count(path: Path) -> int:
     total = 0
     for _, shape in tensor_shapes(path).values():
         n = 1
-        for d in shape:
-            n *= d
-        total += n
-    return total
-
-
-def weight_bytes_on_disk(path: Path) -> int:
-    total = 0
-    for dtype, shape in tensor_shapes(path).values():
-        n = _DTYPE_BYTES.get(dtype, 4)
         for d in shape:
             n *= d
         total += n

@@ -1,0 +1,68 @@
+"""Errors and the plain types that cross the engine boundary.
+
+A leaf: imports nothing of billion's, so every module of the engine layer can
+use these without an import cycle. Plain Python only: ints, lists of ints,
+floats, str and small frozen dataclasses, never an mx.array or a torch.Tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad model, bad data, not enough memory...).
+
+    The CLI prints these as one line, without a traceback.
+    """
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: every engine does the same work
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One generated token, timed after the device really computed it."""
+
+    token: int
+    text: str  # the new text this token completes (may be "" mid-character)
+    time_s: float  # time.perf_counter() after synchronising the device
+    from_draft: bool = False  # accepted from a speculative draft
+    # "max_tokens" on the chunk that reached gen.max_tokens; None otherwise. A stream that ends
+    # with no such chunk stopped at EOS (which is not yielded), unless its consumer stopped it.
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    current_bytes: int | None
+    peak_bytes: int | None
+    source: str  # e.g. "mx.get_peak_memory", "torch.cuda.max_memory_allocated", "process peak RSS"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    backend: str
+    path: str
+    architecture: str
+    model_type: str
+    parameters: int
+    dtype: str
+    device: str
+    weight_bytes: int
+    # bytes one decode step reads: all weights except the input embedding table
+    # (a lookup reads one row), unless it is tied to the output head.
+    decode_bytes_per_token: int
+    vocab_size: int
+    context_length: int
+    quantization: str | None = None
+    versions: dict = field(default_factory=dict)
+    # where the weights came from when billion made the folder: a GGUF file (name, sha256, its
+    # quantization type) or seeded random weights; None for folders as published
+    source: dict | None = None
