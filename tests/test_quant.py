@@ -145,9 +145,14 @@ def test_quant_bench_and_quality_commands(tiny_folder, tmp_path):
     records = [json.loads(f.read_text()) for f in (tmp_path / "bench").glob("bench-*.json")]
     assert sorted((r["backend"], r["config"]["quantize"] or "full") for r in records) == [
         ("mlx", "full"), ("mlx", "int4"), ("torch", "full"), ("torch", "int4")]
+    read = {(r["backend"], r["config"]["quantize"] or "full"): r["model_info"]["decode_bytes_per_token"]
+            for r in records}
+    for engine in ("mlx", "torch"):  # int4 weights (plus scales) read far fewer bytes a token than float32
+        assert read[(engine, "int4")] < 0.6 * read[(engine, "full")], engine
     for r in records:  # the bandwidth ceiling comes from the bytes decode reads at that precision
-        bytes_per_token = r["model_info"]["decode_bytes_per_token"]
-        assert r["metrics"]["decode_gb_per_token"] * 1e9 == pytest.approx(bytes_per_token)
+        m = r["metrics"]
+        per_token = r["model_info"]["decode_bytes_per_token"]
+        assert m["bandwidth_ceiling_tps"] == pytest.approx(m["bandwidth_gbs"] * 1e9 / per_token)
     assert "quant-bench" in result.output and "int4" in result.output
 
     result = runner.invoke(cli, ["quality", "-m", model, "-b", "all", "-q", "int8", "--device", "cpu",
