@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from backends import host
 from backends.folders import hf_folder
 from backends.torch_engine import quant as torch_quant
+from backends.torch_engine import quant_adapters, quant_folder
 from backends.base import Backend, KVSession
 from backends.types import GenerationConfig, MemoryStats, ModelInfo, UserError
 
@@ -106,7 +107,7 @@ class TorchBackend(Backend):
         quantization = None
         folder_q = getattr(config, "quantization_config", None)
         if folder_q:  # a folder written pre-quantized (billion quantize): its weights load as stored
-            quantization = torch_quant.folder_description(folder_q if isinstance(folder_q, dict) else folder_q.to_dict())
+            quantization = quant_folder.folder_description(folder_q if isinstance(folder_q, dict) else folder_q.to_dict())
         if quantize:
             quantization = torch_quant.quantize_model(model, quantize, group_size, device)
         return cls(model, tokenizer, Path(path), model.config.to_dict(), device, dtype, quantization)
@@ -202,16 +203,16 @@ class TorchBackend(Backend):
         torch_train.apply_adapter(self, adapter_dir)
 
     def save_quantized_folder(self, out: Path, scheme: str, group_size: int) -> str:
-        return torch_quant.save_folder(self, out, scheme, group_size)
+        return quant_folder.save_folder(self, out, scheme, group_size)
 
     def adapter_logits(self, ids):
-        return torch_quant.adapter_logits(self, ids)
+        return quant_adapters.adapter_logits(self, ids)
 
     def fuse_adapter(self, requantize: bool = True) -> str:
-        return torch_quant.fuse_adapter(self, requantize)
+        return quant_adapters.fuse_adapter(self, requantize)
 
     def save_quantized(self, out: Path) -> None:
-        torch_quant.save_quantized(self, out)
+        quant_folder.save_quantized(self, out)
 
     def close(self) -> None:
         self.model = None

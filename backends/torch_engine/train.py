@@ -28,7 +28,7 @@ from backends.training import Example, StepMetrics, TrainConfig, TrainResult
 
 def add_lora(backend, cfg: TrainConfig) -> PeftModel:
     if backend.quantization:  # QLoRA: gradients must flow through the frozen quantized base
-        from backends.torch_engine.quant import prepare_for_training
+        from backends.torch_engine.quant_adapters import prepare_for_training
 
         note = prepare_for_training(backend.model)
         backend.quantization += f"; {note}" if note else ""
