@@ -26,6 +26,7 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
+from backends.sampling import distribution, sample, uses_history  # the one sampling rule (re-exported here)
 from backends.types import GenerationConfig, UserError
 
 
@@ -72,31 +73,6 @@ class SpeculationStats:
                 "rejections": self.rejections, "acceptance": self.acceptance,
                 "mean_accepted_per_round": self.mean_accepted, "accepted_histogram": list(self.histogram),
                 "no_match_rounds": self.no_match}
-
-
-def distribution(logits: np.ndarray, gen: GenerationConfig) -> np.ndarray:
-    """The distribution a token is drawn from: softmax(logits / T) cut to the
-    top-p nucleus (as the torch engine's sampler does); greedy is the one-hot
-    argmax, which turns the sampling rule below into exact greedy matching."""
-    if gen.temperature <= 0:
-        p = np.zeros(logits.shape[-1])
-        p[int(np.argmax(logits))] = 1.0
-        return p
-    x = logits.astype(np.float64) / gen.temperature
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    if gen.top_p < 1.0:
-        order = np.argsort(-p)
-        sorted_p = p[order]
-        p[order[np.cumsum(sorted_p) - sorted_p >= gen.top_p]] = 0.0  # the first token always stays
-        p /= p.sum()
-    return p
-
-
-def sample(weights: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw an index with probability proportional to `weights` (never a zero-weight one)."""
-    cdf = np.cumsum(weights)
-    return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
 
 
 # ---------------------------------------------------------------- proposers
@@ -203,6 +179,8 @@ def speculative_tokens(target, draft, prompt_ids: list[int], gen: GenerationConf
     """
     if num_draft < 1:
         raise UserError(f"the number of draft tokens must be at least 1 (got {num_draft})")
+    if uses_history(gen):
+        raise UserError("repetition, presence and frequency penalties are not supported with speculative decoding")
     stats = stats if stats is not None else SpeculationStats()
     rng = np.random.default_rng(gen.seed)
     stop = frozenset() if gen.ignore_eos else target.eos_ids

@@ -19,11 +19,23 @@ class UserError(Exception):
 
 @dataclass(frozen=True)
 class GenerationConfig:
+    """How to generate. The sampling rule (order, exact semantics) is backends/sampling.py's.
+
+    Plain greedy / temperature / top-p run in each engine's own decode loop; any of top_k,
+    min_p or the penalties send generation through the one KV-session loop (Backend.stream),
+    which samples with backends/sampling.py on both engines alike."""
+
     max_tokens: int = 256
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: every engine does the same work
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off; over prompt and output tokens (CTRL, transformers, vLLM)
+    presence_penalty: float = 0.0  # OpenAI's: over the output tokens only
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one (not included)
 
 
 @dataclass(frozen=True)
@@ -34,8 +46,9 @@ class Chunk:
     text: str  # the new text this token completes (may be "" mid-character)
     time_s: float  # time.perf_counter() after synchronising the device
     from_draft: bool = False  # accepted from a speculative draft
-    # "max_tokens" on the chunk that reached gen.max_tokens; None otherwise. A stream that ends
-    # with no such chunk stopped at EOS (which is not yielded), unless its consumer stopped it.
+    # "max_tokens" on the chunk that reached gen.max_tokens, "stop" on the chunk that completed a
+    # stop string (gen.stop; its text ends before the stop string); None otherwise. A stream that
+    # ends with no such chunk stopped at EOS (which is not yielded), unless its consumer stopped it.
     finish_reason: str | None = None
 
 

@@ -8,6 +8,11 @@ the oldest exchanges when the conversation no longer fits the model's context.
 time to first token, decode tok/s). The command line lives in
 billion/commands/chat.py; nothing here prints.
 
+The conversation's KV session is kept from turn to turn (backends.base.PromptCache): each
+prompt crops it to the tokens it shares with the last one and computes only the rest, so the
+time to first token of a later turn pays for its new message, not the whole transcript.
+/clear and a new system message start it afresh.
+
 Ctrl-C during a reply: the partial reply is kept in the history (the model's
 next turn sees what was shown on screen); a reply interrupted before any text
 removes its user message too, as if it had not been sent.
@@ -17,10 +22,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
-from backends.base import Backend
+from backends.base import Backend, PromptCache, StopText  # noqa: F401  (StopText: the one stop-string helper)
 from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft
 from billion.timing import TimedStream
@@ -54,29 +59,6 @@ def render(backend: Backend, messages: list[dict]) -> list[int]:
         raise UserError(f"the model's chat template rejected the conversation: {e}") from None
 
 
-class StopText:
-    """Finds stop strings in streamed text, holding back what could be the start of one."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.held = ""
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """(text safe to show now, whether a stop string was reached)."""
-        text = self.held + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return text[: min(hits)], True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
-
-
 @dataclass
 class ReplyStats:
     prompt_tokens: int
@@ -87,6 +69,7 @@ class ReplyStats:
     stop: str = "running"  # eos | max_tokens | stop_string | interrupted | error
     tokens_from_draft: int = 0
     dropped_turns: int = 0  # oldest exchanges dropped to fit this prompt in the context
+    cached_tokens: int = 0  # prompt tokens found in the conversation's KV cache (not computed again)
 
     @property
     def prefill_tps(self) -> float | None:
@@ -108,30 +91,26 @@ class Reply:
 
     def pieces(self) -> Iterator[str]:
         chat, stats = self.chat, self.stats
-        stop = StopText(() if chat.backend.has_chat_template else FALLBACK_STOPS)
-        run = TimedStream(chat.backend.stream(self.prompt_ids, chat.gen, draft=chat.draft, num_draft=chat.num_draft))
+        gen = chat.gen
+        if not chat.backend.has_chat_template:  # stop strings are Backend.stream's (gen.stop)
+            gen = replace(gen, stop=tuple(gen.stop) + FALLBACK_STOPS)
+        run = TimedStream(chat.backend.stream(self.prompt_ids, gen, draft=chat.draft, num_draft=chat.num_draft,
+                                              cache=chat.cache))
         chunks = iter(run)
         try:
             for chunk in chunks:
-                text, stopped = stop.push(chunk.text)
+                text = chunk.text
                 if not self.text:  # templates and transcripts leave a space or newline before the answer
                     text = text.lstrip()
                 if text:
                     self.text += text
                     yield text
-                if stopped:
-                    stats.stop = "stop_string"
-                    return
-            tail = stop.flush()
-            if tail:
-                self.text += tail
-                yield tail
         finally:
             chunks.close()  # frees the engine's stream when the reader stops early
-            if stats.stop != "stop_string":
-                stats.stop = run.finish_reason or "interrupted"
+            stats.stop = {"stop": "stop_string", None: "interrupted"}.get(run.finish_reason, run.finish_reason)
             self.token_ids = list(run.tokens)
             stats.tokens, stats.tokens_from_draft = len(run.tokens), run.from_draft
+            stats.cached_tokens = chat.cache.reused if chat.cache is not None else 0
             stats.total_s = time.perf_counter() - run.start
             if run.times:
                 stats.ttft_s = run.ttft_s
@@ -151,6 +130,13 @@ class Chat:
     num_draft: int = 4
     turns: list[dict] = field(default_factory=list)  # alternating user / assistant messages
     replies: list[ReplyStats] = field(default_factory=list)
+    # Reuse the conversation's KV session from one turn to the next (PromptCache); not with a
+    # draft (speculative decoding keeps its own sessions).
+    prompt_cache: bool = True
+
+    def __post_init__(self):
+        self.cache = PromptCache(self.backend) if self.prompt_cache and self.draft is None else None
+        self._cached_system = self.system
 
     @property
     def template(self) -> str:
@@ -162,6 +148,8 @@ class Chat:
 
     def clear(self) -> None:
         self.turns = []
+        if self.cache is not None:
+            self.cache.reset()
 
     def ask(self, text: str) -> Reply:
         """Add the user's message and start the reply; the reply joins the history as it ends.
@@ -176,6 +164,9 @@ class Chat:
         if reserve >= context:
             raise UserError(f"--max-tokens {reserve} leaves no room for a prompt in the model's context "
                             f"of {context} tokens")
+        if self.cache is not None and self.system != self._cached_system:
+            self.cache.reset()  # a new system message: the whole transcript changes
+            self._cached_system = self.system
         turns = self.turns + [{"role": "user", "content": text}]
         dropped = 0
         while True:

@@ -38,6 +38,17 @@ Ctrl-C during a reply stops that reply and keeps what was said in the conversati
               help="0 is greedy: the same reply on both engines (in float32).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed (each reply starts from it).")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Sample among the k most likely "
+              "tokens (0: off).")
+@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Drop tokens less likely than min-p times the most likely one (0: off).")
+@click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="Divide positive logits (multiply negative ones) of tokens already in the prompt or reply "
+                   "(1: off; 1.1-1.3 is usual).")
+@click.option("--stop", "stops", multiple=True, metavar="TEXT",
+              help="End the reply before this text (repeat for several).")
+@click.option("--no-prompt-cache", is_flag=True,
+              help="Recompute the whole conversation every turn instead of reusing its KV cache.")
 @click.option("--compare", "-c", "compare_models", multiple=True, metavar="MODEL",
               help="Also send the conversation to MODEL (repeat it, or a comma list); with --backend all, "
                    "every model on every engine. Replies are shown side by side with their speed.")
@@ -50,8 +61,8 @@ Ctrl-C during a reply stops that reply and keeps what was said in the conversati
 @click.option("--json", "as_json", is_flag=True,
               help="With --prompt: print the records as JSON Lines on stdout (one per model and engine).")
 @results_option
-def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, compare_models, draft, num_draft,
-         as_json, results_dir, **opts):
+def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty,
+         stops, no_prompt_cache, compare_models, draft, num_draft, as_json, results_dir, **opts):
     """Chat with a model in the terminal, or answer one --prompt.
 
     Streams the reply, keeps the conversation, and shows tokens, time to first token
@@ -70,16 +81,20 @@ def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, c
         raise UserError("--json needs --prompt")
     models = [model] + [m.strip() for spec in compare_models for m in spec.split(",") if m.strip()]
     targets = [(name, spec) for spec in dict.fromkeys(models) for name in engines(backend)]
-    gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, top_k=top_k,
+                           min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(stops))
     if draft:  # as bench does: layers:N built, vocabularies checked, before any model loads
         if compare_models:
             raise UserError("--draft drafts for --model; it cannot be combined with --compare")
         pair = prepare_pair(model, draft)
         draft, draft_label = pair.draft, pair.draft_label
     config = {"system": system, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-              "seed": seed, "draft": draft_label if draft else None, "num_draft": num_draft if draft else None,
+              "seed": seed, "top_k": top_k, "min_p": min_p, "repetition_penalty": repetition_penalty,
+              "stop": list(stops), "prompt_cache": not no_prompt_cache,
+              "draft": draft_label if draft else None, "num_draft": num_draft if draft else None,
               **load_kwargs(opts)}
-    setup = Setup(targets, gen, system, draft, num_draft, load_kwargs(opts), config, results_dir)
+    setup = Setup(targets, gen, system, draft, num_draft, load_kwargs(opts), config, results_dir,
+                  not no_prompt_cache)
     if prompt is not None:
         answer_once(setup, prompt, as_json)
     else:
@@ -98,6 +113,7 @@ class Setup:
     load_opts: dict
     config: dict  # for the records
     results_dir: str
+    prompt_cache: bool = True
 
     def new_chat(self, engine: str, backend, stack: ExitStack, drafts: dict):
         from billion.chat import Chat
@@ -107,7 +123,7 @@ class Setup:
             if engine not in drafts:
                 drafts[engine] = stack.enter_context(loaded_draft(engine, self.draft, **self.load_opts))
             draft = drafts[engine]
-        return Chat(backend, self.gen, self.system, draft, self.num_draft)
+        return Chat(backend, self.gen, self.system, draft, self.num_draft, prompt_cache=self.prompt_cache)
 
     def record(self, engine: str, spec: str, chat, started: float, mode: str, metrics: dict, status: str,
                extra: dict) -> tuple[dict, Path]:
@@ -129,6 +145,8 @@ def stats_line(stats) -> str:
     parts = [f"{stats.tokens} tokens", f"TTFT {fmt(stats.ttft_s, 3)} s", f"{fmt(stats.decode_tps)} tok/s"]
     if stats.tokens_from_draft:
         parts.append(f"{stats.tokens_from_draft} from the draft")
+    if getattr(stats, "cached_tokens", 0):
+        parts.append(f"{stats.cached_tokens} prompt tokens from the cache")
     if stats.stop not in ("eos", "stop_string"):
         parts.append({"max_tokens": "stopped at --max-tokens", "interrupted": "interrupted"}[stats.stop])
     return " · ".join(parts)

@@ -1,0 +1,96 @@
+"""The one sampling rule, for both engines: float32 logits in, a distribution over the vocabulary out.
+
+numpy only (float64 inside), so that MLX and torch draw from the same distribution given the same
+logits, and so that the rule can be tested against a direct computation. Used by the KV-session
+loop of Backend.stream (whenever a request asks for top-k, min-p or a penalty) and by speculative
+decoding (backends/speculation.py); plain greedy / temperature / top-p keep each engine's own
+decode loop, whose samplers implement the same temperature and top-p.
+
+The order is vLLM's and transformers' logits processors':
+
+1. penalties, on the raw logits x:
+   - repetition penalty r (CTRL, Keskar et al. 2019; transformers, vLLM): every token that occurs
+     in the prompt or the output so far has x -> x / r if x > 0 else x * r;
+   - presence and frequency penalties (OpenAI's): x -> x - frequency * c - presence * [c > 0],
+     c the token's count in the output so far (not the prompt, as OpenAI and vLLM);
+2. temperature T: greedy (T == 0) is the one-hot argmax of the penalized logits and ignores the
+   filters below; else p = softmax(x / T);
+3. top-k: keep the k most probable tokens (ties broken by lower token id);
+4. top-p (nucleus): of those, keep the smallest most-probable prefix whose mass, renormalised,
+   reaches top_p (the most probable token always stays);
+5. min-p: keep tokens with p >= min_p * max(p) (the ratio does not depend on the filters above);
+6. renormalise what is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from backends.types import GenerationConfig
+
+
+def uses_history(gen: GenerationConfig) -> bool:
+    """Whether the rule needs the tokens so far (a penalty is on)."""
+    return gen.repetition_penalty != 1.0 or gen.presence_penalty != 0.0 or gen.frequency_penalty != 0.0
+
+
+def needs_shared_loop(gen: GenerationConfig) -> bool:
+    """Whether `gen` asks for more than the engines' own samplers do (temperature, top-p)."""
+    return gen.top_k > 0 or gen.min_p > 0.0 or uses_history(gen)
+
+
+def penalize(logits: np.ndarray, gen: GenerationConfig, prompt_ids: Sequence[int] = (),
+             output_ids: Sequence[int] = ()) -> np.ndarray:
+    """Step 1: the penalized logits (float64, a copy)."""
+    x = np.array(logits, dtype=np.float64)
+    vocab = x.shape[-1]
+    if gen.repetition_penalty != 1.0:
+        seen = np.unique(np.asarray(list(prompt_ids) + list(output_ids), dtype=np.int64))
+        seen = seen[(seen >= 0) & (seen < vocab)]
+        v = x[seen]
+        x[seen] = np.where(v > 0, v / gen.repetition_penalty, v * gen.repetition_penalty)
+    if (gen.presence_penalty or gen.frequency_penalty) and len(output_ids):
+        out = np.asarray(output_ids, dtype=np.int64)
+        counts = np.bincount(out[(out >= 0) & (out < vocab)], minlength=vocab).astype(np.float64)
+        x -= gen.frequency_penalty * counts + gen.presence_penalty * (counts > 0)
+    return x
+
+
+def distribution(logits: np.ndarray, gen: GenerationConfig, prompt_ids: Sequence[int] = (),
+                 output_ids: Sequence[int] = ()) -> np.ndarray:
+    """The distribution the next token is drawn from (float64, sums to 1); see the module docstring.
+    Greedy is one-hot, which turns speculative decoding's acceptance rule into exact matching."""
+    x = penalize(logits, gen, prompt_ids, output_ids) if uses_history(gen) else np.asarray(logits, np.float64)
+    vocab = x.shape[-1]
+    if gen.temperature <= 0:
+        p = np.zeros(vocab)
+        p[int(np.argmax(x))] = 1.0
+        return p
+    x = x / gen.temperature
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    keep = np.ones(vocab, dtype=bool)
+    if 0 < gen.top_k < vocab:
+        order = np.argsort(-p, kind="stable")
+        keep[order[gen.top_k:]] = False
+    if gen.top_p < 1.0:
+        q = np.where(keep, p, 0.0)
+        q /= q.sum()
+        order = np.argsort(-q, kind="stable")
+        sorted_q = q[order]
+        keep[order[np.cumsum(sorted_q) - sorted_q >= gen.top_p]] = False  # the first token always stays
+    if gen.min_p > 0.0:
+        keep &= p >= gen.min_p * p.max()
+    if not keep.all():
+        p = np.where(keep, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def sample(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw an index with probability proportional to `weights` (never a zero-weight one): one
+    uniform draw, inverted through the cumulative sum, so equal weights and seeds give equal tokens."""
+    cdf = np.cumsum(weights)
+    return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))

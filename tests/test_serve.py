@@ -1,0 +1,243 @@
+"""`billion serve`: a real uvicorn server on 127.0.0.1 (in a thread, and the CLI as a process) over tiny
+models, driven by the official `openai` client; errors, disconnects, concurrency, both engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+try:
+    import httpx
+except ImportError:  # openai 3 depends on httpx's successor, httpx2 (the same API)
+    import httpx2 as httpx
+import openai
+import pytest
+
+from backends.types import GenerationConfig
+from tests.conftest import ENGINES
+
+QUESTION = "Why is the sky blue?"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Server:
+    """A uvicorn.Server on 127.0.0.1 and a free port, in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    from billion.serve import create_app
+
+    srv = Server(create_app({f"tiny@{e}": tiny_model(e) for e in ENGINES}))
+    yield srv
+    srv.stop()
+
+
+def expected_reply(backend, messages, max_tokens):
+    ids = backend.apply_chat_template(messages)
+    tokens = backend.generate(ids, GenerationConfig(max_tokens=max_tokens))
+    return backend.detokenize(tokens), len(ids), len(tokens)
+
+
+def ask(client, model, text=QUESTION, temperature=0.0, **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                          temperature=temperature, **kw)
+
+
+def test_models_health_and_chat(server, tiny_model):
+    assert [m.id for m in server.client.models.list().data] == ["tiny@mlx", "tiny@torch"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    want, n_prompt, n_out = expected_reply(tiny_model("torch"), [{"role": "user", "content": QUESTION}], 12)
+    r = ask(server.client, "tiny@torch", max_tokens=12)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content.strip() == want.strip() and want.strip()
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, n_out)
+    assert r.usage.total_tokens == n_prompt + n_out
+    assert r.choices[0].finish_reason == ("length" if n_out == 12 else "stop")
+    # streamed: the same text, as server-sent events, with a final usage chunk
+    events = list(ask(server.client, "tiny@torch", max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    assert text == r.choices[0].message.content
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] == r.choices[0].finish_reason
+    assert events[-1].usage.completion_tokens == n_out and events[-1].usage.prompt_tokens == n_prompt
+
+
+def test_completions_streamed_and_not(server, tiny_model):
+    backend = tiny_model("mlx")
+    ids = backend.tokenize("Once upon a time")
+    want = backend.detokenize(backend.generate(ids, GenerationConfig(max_tokens=8)))
+    r = server.client.completions.create(model="tiny@mlx", prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text.strip() == want.strip()
+    assert r.usage.prompt_tokens == len(ids)
+    streamed = server.client.completions.create(model="tiny@mlx", prompt="Once upon a time", max_tokens=8,
+                                                temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+    # token ids as the prompt, a stop string, ignore_eos
+    assert len(r.choices[0].text) >= 5
+    stop = r.choices[0].text[3:5]
+    cut = server.client.completions.create(model="tiny@mlx", prompt=ids, max_tokens=8, temperature=0, stop=[stop])
+    assert cut.choices[0].text == r.choices[0].text[:r.choices[0].text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    full = server.client.completions.create(model="tiny@mlx", prompt=ids, max_tokens=20, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == 20 and full.choices[0].finish_reason == "length"
+
+
+def test_same_greedy_reply_on_both_engines(server):
+    replies = [ask(server.client, f"tiny@{e}", "Tell me a story.", max_tokens=24) for e in ENGINES]
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    counts = [(r.usage.prompt_tokens, r.usage.completion_tokens) for r in replies]
+    assert replies[0].choices[0].message.content and counts[0] == counts[1]
+    # and sampled with a seed, through the shared sampler
+    sampled = [ask(server.client, f"tiny@{e}", "Tell me a story.", temperature=0.9, max_tokens=24, seed=5,
+                   extra_body={"top_k": 20, "repetition_penalty": 1.2}) for e in ENGINES]
+    assert sampled[0].choices[0].message.content == sampled[1].choices[0].message.content
+
+
+def post(server, path, body, raw=False):
+    return httpx.post(server.url + path, content=body if raw else json.dumps(body),
+                      headers={"Content-Type": "application/json"}, timeout=30)
+
+
+def test_bad_requests_are_json_errors_and_the_server_goes_on(server):
+    chat = {"model": "tiny@torch", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        (b'{"model": "tiny@torch", "messages": [', True, 400, "invalid_json"),
+        (b"[1, 2]", True, 400, "invalid_json"),
+        ({**chat, "model": "gpt-4"}, False, 404, "model_not_found"),
+        ({**chat, "max_tokens": "many"}, False, 400, "invalid_value"),
+        ({**chat, "temperature": "hot"}, False, 400, "invalid_value"),
+        ({**chat, "messages": "hi"}, False, 400, "invalid_value"),
+        ({k: v for k, v in chat.items() if k != "messages"}, False, 400, "missing_required_parameter"),
+        ({**chat, "n": 2}, False, 400, "unsupported_value"),
+        ({**chat, "messages": [{"role": "user", "content": "Paris is in France. " * 200}]}, False, 400,
+         "context_length_exceeded"),
+        ({**chat, "max_tokens": 100000}, False, 400, "context_length_exceeded"),
+    ]
+    for body, raw, status, code in cases:
+        r = post(server, "/v1/chat/completions", body, raw)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == code, err
+        assert "Traceback" not in r.text
+    r = post(server, "/v1/completions", {"model": "tiny@mlx", "prompt": "x", "max_tokens": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError):
+        ask(server.client, "nope", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        ask(server.client, "tiny@mlx", "Paris is in France. " * 200, max_tokens=2)
+    assert ask(server.client, "tiny@torch", max_tokens=3).usage.completion_tokens == 3  # still serving
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_disconnect_mid_stream_frees_the_engine(server, engine):
+    state = server.app.state.engines[f"tiny@{engine}"]
+    before = len(state.done)
+    body = {"model": f"tiny@{engine}", "prompt": "a", "max_tokens": 500, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        got = []
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                got.append(line)
+            if len(got) == 3:
+                break
+    deadline = time.time() + 20
+    while len(state.done) == before:
+        assert time.time() < deadline, "the generation did not end"
+        time.sleep(0.01)
+    tokens, reason = state.done[-1]
+    assert reason == "interrupted" and 3 <= tokens < 500  # stopped early, not run to the end
+    r = ask(server.client, f"tiny@{engine}", max_tokens=4)  # the engine is free again
+    assert r.usage.completion_tokens == 4
+
+
+def test_concurrent_clients_are_queued_and_both_correct(server, tiny_model):
+    prompts = ["Why is the sky blue?", "What is rain?"]
+    want = [expected_reply(tiny_model("torch"), [{"role": "user", "content": p}], 16)[0].strip() for p in prompts]
+    got: dict = {}
+
+    def client(i):
+        if i == 0:
+            got[i] = ask(server.client, "tiny@torch", prompts[i], max_tokens=16).choices[0].message.content
+        else:
+            events = ask(server.client, "tiny@torch", prompts[i], max_tokens=16, stream=True)
+            got[i] = "".join(e.choices[0].delta.content or "" for e in events)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got[i].strip() for i in range(2)] == want
+
+
+def test_a_conversation_reuses_the_engines_kv_cache(server):
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    first = server.client.chat.completions.create(model="tiny@torch", messages=messages, max_tokens=8, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And the sea?"}]
+    second = server.client.chat.completions.create(model="tiny@torch", messages=messages, max_tokens=8, temperature=0)
+    # the first prompt (give or take a token where the reply's text meets it) comes from the cache
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 2
+
+
+def test_cli_serves_one_engine_under_the_plain_name_too(tiny_folder):
+    from billion.commands.serve import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
+    folder = tiny_folder("tinyllama")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "billion", "serve", "-m", str(folder), "-b", "torch", "--device",
+                             "cpu", "--dtype", "float32", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url, seen = None, []
+        deadline = time.time() + 90
+        while url is None:
+            line = proc.stdout.readline()
+            assert line and time.time() < deadline, "".join(seen)
+            seen.append(line)
+            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            url = m.group(1) if m else None
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [f"{folder.name}@torch", folder.name]
+        assert "serving" in "".join(seen) and "warning" not in "".join(seen).lower()
+        r = ask(client, folder.name, max_tokens=5)
+        assert r.usage.completion_tokens == 5 and r.model == folder.name
+    finally:
+        proc.terminate()
+        proc.wait(20)
