@@ -59,6 +59,25 @@ def model_options(f=None, *, flags=("--model", "-m"), param="model", skip=()):
     return decorate(f) if f is not None else decorate
 
 
+def bench_options(f):
+    """The timed-run options of bench and quant-bench, with BenchConfig's defaults."""
+    from billion.bench import BenchConfig
+
+    options = [
+        click.option("--prompt-tokens", "-p", type=click.IntRange(1), default=BenchConfig.prompt_tokens,
+                     show_default=True),
+        click.option("--gen-tokens", "-n", type=click.IntRange(2), default=BenchConfig.gen_tokens, show_default=True),
+        click.option("--runs", "-r", type=click.IntRange(1), default=BenchConfig.runs, show_default=True,
+                     help="Timed runs (median reported)."),
+        click.option("--warmup", type=click.IntRange(0), default=BenchConfig.warmup, show_default=True),
+        click.option("--seed", type=int, default=BenchConfig.seed, show_default=True,
+                     help="Seed of the random prompt."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def results_option(f):
     return click.option("--results-dir", envvar="BILLION_RESULTS", default="results", show_default=True,
                         type=click.Path(file_okay=False), help="Where JSON records go [env BILLION_RESULTS].")(f)

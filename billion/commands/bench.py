@@ -8,18 +8,14 @@ import click
 from rich.table import Table
 
 from billion.bench import BenchConfig
-from billion.commands import (console, engines, evaluate_mmlu, fmt, load_kwargs, loaded, loaded_draft,
-                              mmlu_options, model_options, prepare_mmlu, results_option, write_mmlu_record)
+from billion.commands import (bench_options, console, engines, evaluate_mmlu, fmt, load_kwargs, loaded,
+                              loaded_draft, mmlu_options, model_options, prepare_mmlu, results_option,
+                              write_mmlu_record)
 
 
 @click.command()
 @model_options
-@click.option("--prompt-tokens", "-p", type=click.IntRange(1), default=BenchConfig.prompt_tokens, show_default=True)
-@click.option("--gen-tokens", "-n", type=click.IntRange(2), default=BenchConfig.gen_tokens, show_default=True)
-@click.option("--runs", "-r", type=click.IntRange(1), default=BenchConfig.runs, show_default=True,
-              help="Timed runs (median reported).")
-@click.option("--warmup", type=click.IntRange(0), default=BenchConfig.warmup, show_default=True)
-@click.option("--seed", type=int, default=BenchConfig.seed, show_default=True, help="Seed of the random prompt.")
+@bench_options
 @click.option("--parity/--no-parity", default=True, show_default=True,
               help="With several engines: compare their logits on the same tokens.")
 @click.option("--draft", default=None,

@@ -7,8 +7,8 @@ import time
 import click
 from rich.table import Table
 
-from billion.bench import BenchConfig
-from billion.commands import QUANTIZE_CHOICES, console, engines, fmt, loaded, model_options, results_option
+from billion.commands import (QUANTIZE_CHOICES, bench_options, console, engines, fmt, loaded, model_options,
+                              results_option)
 
 FULL = "full"
 
@@ -28,12 +28,7 @@ def parse_precisions(text: str) -> list[str]:
 @model_options(skip=("quantize",))
 @click.option("--precisions", default="full,int8,int4", show_default=True,
               help=f"Comma list of: {FULL}, {', '.join(QUANTIZE_CHOICES)}.")
-@click.option("--prompt-tokens", "-p", type=click.IntRange(1), default=BenchConfig.prompt_tokens, show_default=True)
-@click.option("--gen-tokens", "-n", type=click.IntRange(2), default=BenchConfig.gen_tokens, show_default=True)
-@click.option("--runs", "-r", type=click.IntRange(1), default=BenchConfig.runs, show_default=True,
-              help="Timed runs (median reported).")
-@click.option("--warmup", type=click.IntRange(0), default=BenchConfig.warmup, show_default=True)
-@click.option("--seed", type=int, default=BenchConfig.seed, show_default=True, help="Seed of the random prompt.")
+@bench_options
 @results_option
 def quant_bench(model, backend, precisions, device, dtype, group_size, trust_remote_code, prompt_tokens,
                 gen_tokens, runs, warmup, seed, results_dir):
