@@ -9,7 +9,6 @@ prefill plus the first sample, decode covers the tokens after it.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np

@@ -7,7 +7,6 @@ Command modules import mlx/torch-facing code only inside the command body, so
 from __future__ import annotations
 
 import gc
-import os
 import sys
 from contextlib import contextmanager, nullcontext
 
