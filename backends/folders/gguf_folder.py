@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import struct
-import tempfile
 from collections import Counter
 from pathlib import Path
 
+from backends.folders import hf_folder
 from backends.types import UserError
 
 GGUF_MAGIC = b"GGUF"
@@ -133,17 +131,10 @@ def convert(path: Path, cache_dir: Path, progress: bool = True) -> Path:
     model.is_quantized = False
     model.hf_quantizer = None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with hf_folder.building(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

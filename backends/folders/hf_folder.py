@@ -8,12 +8,31 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import struct
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from backends.types import UserError
 
 log = logging.getLogger("billion")
+
+
+@contextmanager
+def building(out: Path):
+    """Build a folder aside and rename it to `out` only when complete (an interrupted build leaves
+    nothing that looks like a model); yields the folder to write into."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_config(path: Path) -> dict:

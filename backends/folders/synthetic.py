@@ -12,11 +12,10 @@ special tokens and chat template, and a config.json with the Hub's keys
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
+
+from backends.folders import hf_folder
 
 # Chat templates of the families, written to match what the real models use.
 TEMPLATES = {
@@ -170,9 +169,7 @@ def build_folder(out: Path, config: dict, family: str, *, tiny: bool, seed: int 
             t = torch.randn(shape, generator=g) * std
         tensors[name] = t.to(dtype).contiguous()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with hf_folder.building(out) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         del tensors
         tokenizer.save_pretrained(tmp)
@@ -181,9 +178,4 @@ def build_folder(out: Path, config: dict, family: str, *, tiny: bool, seed: int 
         config["billion_synthetic"] = {"kind": "tiny" if tiny else "random", "seed": seed,
                                        "note": "seeded random weights: measures speed and memory, not quality"}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
