@@ -81,3 +81,14 @@ def real_model(real_folder):
         return _loaded[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module whose server or engine threads would otherwise oversubscribe 2 cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,14 +14,7 @@ from tests.conftest import ENGINES
 MESSAGES = ["Why is the sky blue?", "And the sea?", "Tell me about clouds.", "Thanks!"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Recording:

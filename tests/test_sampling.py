@@ -15,6 +15,7 @@ from backends import sampling
 from backends.base import session_tokens
 from backends.types import GenerationConfig, UserError
 from tests.conftest import ENGINES
+from tests.doubles import FixedLogits
 
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 0.3, 1.7, -0.4], dtype=np.float32)
 
@@ -89,28 +90,6 @@ def test_greedy_with_penalty_picks_the_penalized_argmax():
     assert int(np.argmax(sampling.distribution(LOGITS, gen, (0,), ()))) == 6
     assert not sampling.needs_shared_loop(GenerationConfig(temperature=0.8, top_p=0.9))
     assert sampling.needs_shared_loop(GenerationConfig(top_k=5)) and sampling.needs_shared_loop(gen)
-
-
-class FixedLogits:
-    """A stand-in engine whose next-token logits never change."""
-
-    def __init__(self, logits):
-        self.row = np.asarray(logits, dtype=np.float32)
-
-    def session(self):
-        engine = self
-
-        class Session:
-            length = 0
-
-            def feed(self, ids, keep=0):
-                self.length += len(ids)
-                return np.tile(engine.row, (keep or len(ids), 1))
-
-            def crop(self, length):
-                self.length = min(self.length, length)
-
-        return Session()
 
 
 def test_session_loop_draws_from_the_rule():

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft, NgramProposer, SpeculationStats, distribution, speculative_tokens
 from tests.conftest import ENGINES
+from tests.doubles import FixedLogits
 
 PROMPT = "Why is the sky blue? Sunlight scatters off"
 # Random tiny weights rarely repeat themselves; from this prompt the greedy output does, once, on both engines.
@@ -151,37 +152,10 @@ def test_sampled_tokens_follow_the_targets_distribution(model, engine):
     assert _chi_square_p(counts, n * _second_token_distribution(draft, ids, gen)) < 1e-6
 
 
-class _FixedLogits:
-    """A stand-in engine whose next-token logits never change: its output tokens are i.i.d."""
-
-    eos_ids = frozenset()
-
-    def __init__(self, logits):
-        self.row, self.vocab_size = np.asarray(logits, dtype=np.float32), len(logits)
-
-    def check_fits(self, *_):
-        pass
-
-    def session(self):
-        engine = self
-
-        class Session:
-            length = 0
-
-            def feed(self, ids, keep=0):
-                self.length += len(ids)
-                return np.tile(engine.row, (keep or len(ids), 1))
-
-            def crop(self, length):
-                self.length = min(self.length, length)
-
-        return Session()
-
-
 def test_acceptance_rule_reproduces_the_target_exactly():
     """Many draws on a 6-token vocabulary: every drafted position must follow the target's p,
     not the draft's q (catches e.g. resampling from p instead of the residual max(0, p - q))."""
-    target, draft = _FixedLogits([2.0, 1.0, 0.5, 0.0, -1.0, 0.3]), _FixedLogits([0.0, 1.5, 2.0, -1.0, 1.0, 0.0])
+    target, draft = FixedLogits([2.0, 1.0, 0.5, 0.0, -1.0, 0.3]), FixedLogits([0.0, 1.5, 2.0, -1.0, 1.0, 0.0])
     gen = GenerationConfig(max_tokens=6, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True)
     p = distribution(target.row, gen)
     counts, stats = np.zeros(6), SpeculationStats()
@@ -357,7 +331,7 @@ def test_ngram_draft_greedy_output_is_the_targets(model, engine):
 def test_ngram_draft_sampled_tokens_follow_the_targets_distribution():
     """The prompt makes the first lookups propose tokens the target rarely or never draws
     (4 is outside the top-p nucleus): the output must still follow p, token by token."""
-    target = _FixedLogits([2.0, 1.0, 0.5, 0.0, -1.0, 0.3])
+    target = FixedLogits([2.0, 1.0, 0.5, 0.0, -1.0, 0.3])
     gen = GenerationConfig(max_tokens=6, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True)
     p = distribution(target.row, gen)
     counts, accepted, stats = np.zeros(6), np.zeros(6), SpeculationStats()

@@ -1,0 +1,32 @@
+"""Test doubles shared by several test files: engines that need no weights."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class FixedLogits:
+    """A stand-in engine whose next-token logits never change: its output tokens are i.i.d."""
+
+    eos_ids = frozenset()
+
+    def __init__(self, logits):
+        self.row, self.vocab_size = np.asarray(logits, dtype=np.float32), len(logits)
+
+    def check_fits(self, *_):
+        pass
+
+    def session(self):
+        engine = self
+
+        class Session:
+            length = 0
+
+            def feed(self, ids, keep=0):
+                self.length += len(ids)
+                return np.tile(engine.row, (keep or len(ids), 1))
+
+            def crop(self, length):
+                self.length = min(self.length, length)
+
+        return Session()
