@@ -15,13 +15,17 @@ from backends.host import is_apple_silicon
 ENGINES = {
     "mlx": "backends.mlx_engine.backend:MLXBackend",
     "torch": "backends.torch_engine.backend:TorchBackend",
+    # a peer: the tool to compare billion with, named explicitly (never part of "all")
+    "llama.cpp": "backends.llamacpp_engine.backend:LlamaCppBackend",
 }
+PEERS = ("llama.cpp",)
 
 # What to import to know an engine works, and how to install it when it does not.
-_PROBES = {"mlx": ("mlx.core", "mlx_lm"), "torch": ("torch", "transformers")}
+_PROBES = {"mlx": ("mlx.core", "mlx_lm"), "torch": ("torch", "transformers"), "llama.cpp": ("llama_cpp", "gguf")}
 INSTALL = {
     "mlx": 'pip install mlx-lm "mlx[cpu]"   (on macOS with Apple Silicon: pip install mlx-lm)',
     "torch": "pip install torch transformers",
+    "llama.cpp": "bash scripts/setup_llamacpp.sh   (builds llama-cpp-python from source, ~10 minutes)",
 }
 
 
@@ -46,6 +50,7 @@ def _probe(name: str) -> str | None:
 
 
 def available() -> list[str]:
+    """Every engine that imports here, peers included."""
     return [n for n in ENGINES if _probe(n) is None]
 
 
@@ -72,8 +77,8 @@ def resolve(choice: str) -> list[str]:
     choice = (choice or "auto").strip().lower()
     if choice == "auto":
         return [auto()]
-    if choice == "all":
-        found = available()
+    if choice == "all":  # billion's own engines; a peer only when named
+        found = [n for n in available() if n not in PEERS]
         if not found:
             raise EngineUnavailable("no engine is installed; " + "; ".join(INSTALL.values()))
         return found

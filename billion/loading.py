@@ -10,17 +10,13 @@ import backends
 from backends.base import Backend
 from backends.types import UserError
 from backends import host
-from backends.folders import hf_folder
+from backends.folders import billion_home, hf_folder
 from billion.models import ModelSpec, parse_spec
 
 # What a Hub download fetches: safetensors weights only (pickle weights can run code).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
 
 BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def billion_home() -> Path:
-    return Path(os.environ.get("BILLION_HOME", Path.home() / ".cache" / "billion"))
 
 
 def synthetic_path(spec: ModelSpec) -> Path:

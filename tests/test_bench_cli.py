@@ -94,7 +94,8 @@ def test_engine_not_installed_names_install_command(monkeypatch):
     monkeypatch.setattr(backends, "_probe", lambda name: "ImportError: No module named 'mlx'" if name == "mlx" else None)
     r = run("bench", "-m", "tiny:tinyllama", "-b", "mlx")
     assert r.exit_code == 1 and 'pip install mlx-lm "mlx[cpu]"' in r.output
-    assert backends.available() == ["torch"] and backends.resolve("all") == ["torch"]
+    # "all" is billion's own engines: the llama.cpp peer runs only when named
+    assert backends.available() == ["torch", "llama.cpp"] and backends.resolve("all") == ["torch"]
 
 
 def test_model_too_big_is_refused_before_loading(monkeypatch):

@@ -22,10 +22,16 @@ quant_folder.py; LoRA on a quantized base (QLoRA, fusing) in quant_adapters.py.
 
 from __future__ import annotations
 
+import copy
+import logging
+import time
+
 import torch
 from torch import nn
 
 from backends.types import UserError
+
+log = logging.getLogger("billion")
 
 SCHEMES = ("int8", "int4", "bnb-int8", "bnb-int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # torchao int4 kernels
@@ -144,6 +150,7 @@ def quantize_model(model, scheme: str, group_size: int, device: str, *, serializ
 
     config = torchao_config(scheme, group_size, device, serializable=serializable)
     untied = _untie_output_head(model)
+    probe = _speed_probe(model) if _device_kind(device) == "cpu" else None
     quantize_(model, config)
     done, kept = _linear_count(model)
     if scheme == "int8":
@@ -160,7 +167,50 @@ def quantize_model(model, scheme: str, group_size: int, device: str, *, serializ
     if untied:
         notes.append("output head quantized as its own copy of the tied embedding")
     notes.append("input embedding in full precision")
+    if probe:
+        notes.append(_speed_note(scheme, dtype, *probe))
     return f"{scheme} ({what}; {'; '.join(notes)})"
+
+
+# ------------------------------------------------------------- is it faster here?
+
+
+def _speed_probe(model) -> tuple[str, nn.Linear, nn.Linear] | None:
+    """(name, the model's widest linear layer, a full-precision copy of it), taken before quantizing."""
+    head = model.get_output_embeddings()
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    if not linears:
+        return None
+    name, layer = max(linears, key=lambda nm: nm[1].weight.numel())
+    return name, layer, copy.deepcopy(layer)
+
+
+def _best_us(layer: nn.Linear, repeats: int = 20) -> float:
+    x = torch.randn(1, 1, layer.in_features, dtype=layer.weight.dtype if layer.weight.is_floating_point()
+                    else torch.float32)
+    best = float("inf")
+    with torch.inference_mode():
+        for i in range(repeats + 3):
+            start = time.perf_counter()
+            layer(x)
+            if i >= 3:  # the first calls pay for kernel set-up
+                best = min(best, time.perf_counter() - start)
+    return best * 1e6
+
+
+def _speed_note(scheme: str, dtype: torch.dtype, name: str, quantized: nn.Linear, original: nn.Linear) -> str:
+    """On CPU, whether the quantized kernel is faster than full precision is a property of the CPU
+    and the kernel, not a given (torchao's int8 and int4 CPU kernels are slower than float32 on the
+    2-core EPYC this was written on): measure one decode-shaped matmul (one token) of the widest
+    layer both ways, and warn when quantizing costs speed."""
+    q_us, f_us = _best_us(quantized), _best_us(original)
+    full = str(dtype).removeprefix("torch.")
+    factor = q_us / f_us
+    if factor > 1.0:
+        log.warning(f"--quantize {scheme} on this CPU saves memory but costs speed: one token's matmul through "
+                    f"{name} took {factor:.1f}x as long as in {full} (measured at load: {q_us:.0f} vs "
+                    f"{f_us:.0f} us); load in {full} for speed")
+    return f"one-token matmul {factor:.2f}x the time of {full} on this CPU (measured at load on {name})"
 
 
 def _bitsandbytes(model, scheme: str, group_size: int, device: str, dtype: torch.dtype) -> None:

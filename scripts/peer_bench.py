@@ -1,0 +1,151 @@
+"""billion's torch engine against llama.cpp (the peer), precision by precision, interleaved in one run.
+
+For each pair -- torch float32 / llama.cpp F32, torch bfloat16 / llama.cpp F16, torch int8 /
+llama.cpp Q8_0, torch int4 / llama.cpp Q4_0 (llama.cpp's files converted from the same folder by
+its own convert_hf_to_gguf.py and quantizer, see backends/llamacpp_engine/convert.py) -- both
+engines are loaded at once and timed exactly as `billion bench` times an engine (billion.bench:
+the same seeded random prompt, EOS ignored, greedy, one warm-up), alternating run by run so that
+whatever the machine does meanwhile falls on both. Medians of --runs. With --mlx, MLX float32
+joins the float32 pair (slow on MLX's CPU build). Then the float32 logits of all engines
+teacher-forced on the same tokens (top-1 agreement, KL): the same model on three engines.
+
+    bash scripts/setup_llamacpp.sh     # once: llama-cpp-python from source (~10 min) + the converter
+    .venv/bin/python scripts/peer_bench.py -m gguf:smollm2-135m --runs 3
+    .venv/bin/python scripts/peer_bench.py -m random:tinyllama --pairs float32,bfloat16
+
+Writes a `bench` record per engine and precision (config.interleaved_with names the partner), a
+`parity` record per engine pair and one `peer_bench` record holding the table and its ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from backends.types import GenerationConfig
+from billion import bench
+from billion.compare import parity
+from billion.loading import load, resolve
+from billion.results import make_record, write_record
+
+# name -> ((engine, dtype, quantize) for billion, the same for the peer)
+PAIRS = {
+    "float32": (("torch", "float32", None), ("llama.cpp", "float32", None)),
+    "bfloat16": (("torch", "bfloat16", None), ("llama.cpp", "float16", None)),
+    "int8": (("torch", "float32", "int8"), ("llama.cpp", "float32", "int8")),
+    "int4": (("torch", "float32", "int4"), ("llama.cpp", "float32", "int4")),
+}
+PEER_NAMES = {("float32", None): "F32", ("float16", None): "F16", ("float32", "int8"): "Q8_0",
+              ("float32", "int4"): "Q4_0"}
+
+
+def label(engine: str, dtype: str, quantize: str | None) -> str:
+    if engine == "llama.cpp":
+        return f"llama.cpp {PEER_NAMES[(dtype, quantize)]}"
+    return f"{engine} {quantize or dtype}"
+
+
+def interleaved(model, members, cfg: bench.BenchConfig, group: int) -> dict:
+    """Load `members`, warm each up, then time cfg.runs runs of each, alternating."""
+    loaded = {}
+    try:
+        for m in members:
+            t = time.perf_counter()
+            loaded[m] = load(m[0], model, dtype=m[1], quantize=m[2], group_size=group)
+            print(f"  loaded {label(*m)} in {time.perf_counter() - t:.1f} s: {loaded[m].info().quantization or m[1]}")
+        b0 = next(iter(loaded.values()))
+        prompt = bench.random_prompt(b0.vocab_size, cfg.prompt_tokens, cfg.seed)
+        gen = GenerationConfig(max_tokens=cfg.gen_tokens, temperature=0.0, ignore_eos=True)
+        warm = GenerationConfig(max_tokens=min(8, cfg.gen_tokens), temperature=0.0, ignore_eos=True)
+        results = {m: bench.BenchResult(cfg) for m in members}
+        for m, b in loaded.items():
+            bench.time_generation(b, prompt, warm)
+            b.reset_peak_memory()
+        for i in range(cfg.runs):
+            for m, b in loaded.items():
+                run = bench.time_generation(b, prompt, gen)
+                results[m].runs.append(run)
+                print(f"  run {i + 1}/{cfg.runs} {label(*m):18s} prefill {run.prefill_tps:7.1f} tok/s, "
+                      f"decode {run.decode_tps:6.2f} tok/s")
+        out = {}
+        for m, b in loaded.items():
+            metrics = bench.summarise(b, results[m])
+            out[m] = {"metrics": metrics, "info": b.info().__dict__, "runs": results[m].runs,
+                      "logits": b.logits(prompt + results[m].runs[0].tokens) if m[2] is None and m[1] == "float32"
+                      else None, "tokens": results[m].runs[0].tokens, "prompt": prompt}
+        return out
+    finally:
+        for b in loaded.values():
+            b.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-m", "--model", default="gguf:smollm2-135m")
+    ap.add_argument("--pairs", default=",".join(PAIRS), help=f"Comma list of {', '.join(PAIRS)}.")
+    ap.add_argument("--mlx", action="store_true", help="Add MLX float32 to the float32 pair.")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=64, help="torch int4 group size (llama.cpp's are 32).")
+    ap.add_argument("--results-dir", default="results")
+    args = ap.parse_args()
+
+    model = resolve(args.model)
+    cfg = bench.BenchConfig(prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, runs=args.runs)
+    started = time.time()
+    rows, float32 = [], {}
+    for name in args.pairs.split(","):
+        members = list(PAIRS[name])
+        if name == "float32" and args.mlx:
+            members.append(("mlx", "float32", None))
+        print(f"{name}: " + " / ".join(label(*m) for m in members))
+        done = interleaved(model, members, cfg, args.group_size)
+        peer = done[members[1]]["metrics"]
+        for m, d in done.items():
+            partners = [label(*o) for o in members if o != m]
+            config = {**bench.config_dict(cfg), "dtype": m[1], "quantize": m[2], "group_size": args.group_size,
+                      "interleaved_with": partners}
+            rec = make_record("bench", m[0], model, config, d["metrics"], started=started,
+                              extra={"model_info": d["info"], "runs": [r.__dict__ for r in d["runs"]]})
+            write_record(rec, args.results_dir)
+            if d["logits"] is not None:
+                float32[m[0]] = (d["logits"], d["tokens"])
+            rows.append({"pair": name, "engine": label(*m), "prefill_tps": d["metrics"].get("prefill_tps"),
+                         "decode_tps": d["metrics"].get("decode_tps"), "weight_gb": d["metrics"]["weight_gb"],
+                         "bandwidth_fraction": d["metrics"].get("bandwidth_fraction"),
+                         "decode_vs_peer": d["metrics"]["decode_tps"] / peer["decode_tps"],
+                         "prefill_vs_peer": d["metrics"]["prefill_tps"] / peer["prefill_tps"],
+                         "decode_vs_torch_float32": None})
+    base = next((r["decode_tps"] for r in rows if r["engine"] == "torch float32"), None)
+    for r in rows:
+        r["decode_vs_torch_float32"] = r["decode_tps"] / base if base else None
+
+    agreement = {}
+    names = list(float32)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (la, ta), (lb, tb) = float32[a], float32[b]
+            p = parity(la, lb, ta, tb)
+            agreement[f"{a} vs {b}"] = p
+            write_record(make_record("parity", f"{a},{b}", model, {**bench.config_dict(cfg), "dtype": "float32"}, p,
+                                     started=started), args.results_dir)
+
+    print(f"\n{'engine':20s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'decode vs peer':>15s} "
+          f"{'prefill vs peer':>16s} {'weights GB':>11s}")
+    for r in rows:
+        print(f"{r['engine']:20s} {r['prefill_tps']:14.1f} {r['decode_tps']:13.2f} {r['decode_vs_peer']:14.2f}x "
+              f"{r['prefill_vs_peer']:15.2f}x {r['weight_gb']:11.3f}")
+    for k, p in agreement.items():
+        print(f"float32 logits {k}: top-1 {p['top1_agreement']:.1%}, max |dlogit| {p['max_abs_logit_diff']:.2e}, "
+              f"mean KL {p['mean_kl']:.2e}, first greedy divergence {p['first_greedy_divergence']}")
+    metrics = {"rows": rows, "float32_agreement": agreement,
+               "median_of_runs": args.runs, "note": "ratios: each row over its pair's llama.cpp row"}
+    rec = make_record("peer_bench", "torch,llama.cpp" + (",mlx" if args.mlx else ""), model,
+                      {**bench.config_dict(cfg), "pairs": args.pairs, "group_size": args.group_size}, metrics,
+                      started=started)
+    print(f"record: {write_record(rec, args.results_dir)}")
+
+
+if __name__ == "__main__":
+    main()
