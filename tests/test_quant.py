@@ -271,3 +271,19 @@ def test_adapter_fuse_into_a_quantized_folder(tiny_folder, tmp_path, engine):
     check = json.loads((tmp_path / "fused" / "fuse_check.json").read_text())
     assert check["adapter_effect_kept"] > 0.7
     assert "from folder" in load(engine, str(tmp_path / "fused"), device="cpu", progress=False).info().quantization
+
+
+def test_torch_cpu_quantization_measures_its_speed_and_warns_when_slower(tiny_folder, monkeypatch, caplog):
+    """On CPU the load measures one decode-shaped matmul quantized and in full precision: the
+    factor is in the quantization description, and a slower kernel is a warning naming it."""
+    import logging
+
+    from backends.torch_engine import quant as torch_quant
+
+    times = iter([300.0, 100.0])  # quantized first, then full precision
+    monkeypatch.setattr(torch_quant, "_best_us", lambda layer: next(times))
+    with caplog.at_level(logging.WARNING, logger="billion"):
+        b = _load("torch", tiny_folder, "int8")
+    assert "one-token matmul 3.00x the time of float32" in b.quantization
+    assert "saves memory but costs speed" in caplog.text and "3.0x" in caplog.text
+    b.close()

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import _get_classes, get_total_parameters, load_model
@@ -101,10 +101,14 @@ class MLXBackend(Backend):
         if gen.seed is not None:
             mx.random.seed(gen.seed)
         sampler = make_sampler(temp=gen.temperature, top_p=gen.top_p if gen.top_p < 1.0 else 0.0)
+        # What mlx_lm.stream_generate adds to generate_step (which already clears MLX's buffer
+        # cache every 256 tokens), minus its EOS stop and detokenizer (Backend.stream's): the
+        # wired limit, which on Metal keeps large weights resident (a no-op on the CPU build).
         # generate_step yields token.item(): the device has computed the token by then.
-        for token, _ in generate_step(mx.array(prompt_ids), self.model, max_tokens=gen.max_tokens,
-                                      sampler=sampler):
-            yield token
+        with wired_limit(self.model, [generation_stream]):
+            for token, _ in generate_step(mx.array(prompt_ids), self.model, max_tokens=gen.max_tokens,
+                                          sampler=sampler):
+                yield token
 
     def session(self) -> MLXSession:
         return MLXSession(self)
