@@ -124,3 +124,14 @@ def test_no_charts_flag(results_dir):
     text = _report(results_dir, "--no-charts")
     assert _links(text) == []
     assert not (results_dir / "charts").exists()
+
+
+def test_a_record_holding_a_table_gets_it_rendered(results_dir):
+    rows = [{"engine": "torch float32", "decode_tps": 8.5, "decode_vs_peer": 0.31},
+            {"engine": "llama.cpp F32", "decode_tps": 27.4, "decode_vs_peer": 1.0}]
+    path = _write(results_dir, "peer_bench", "torch,llama.cpp", {"runs": 3}, {"rows": rows, "median_of_runs": 3},
+                  model=GGUF)
+    text = _report(results_dir, "--no-charts")
+    assert "| engine | decode_tps | decode_vs_peer |" in text
+    assert "| torch float32 | 8.5 | 0.31 |" in text and "| llama.cpp F32 | 27.4 | 1 |" in text
+    assert f"{path.name}:" in text
