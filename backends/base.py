@@ -280,7 +280,8 @@ class Backend(ABC):
             value = host.apple_bandwidth_gbs(chip)
             return value, f"published figure for {chip}" if value else f"unknown chip {chip!r}"
         return (host.measured_read_bandwidth_gbs(),
-                "measured host read bandwidth (numpy sums over 1 GiB on every core, best of 10)")
+                "measured host read bandwidth (1 GiB read on every core by the fastest of numpy dot, max "
+                "and sum, best of 10)")
 
     # -- shared -------------------------------------------------------------
 

@@ -165,8 +165,11 @@ def lm_class():
                 return template[name]
             return template
 
-    for engine in ("mlx", "torch"):
-        register_model(f"billion-{engine}")(type(f"Billion{engine.upper()}LM", (BillionLM,), {"engine": engine}))
+    import backends
+
+    for engine in backends.ENGINES:  # billion-mlx, billion-torch, billion-llama.cpp (the peer)
+        cls_name = f"Billion{engine.replace('.', '').upper()}LM"
+        register_model(f"billion-{engine}")(type(cls_name, (BillionLM,), {"engine": engine}))
     return BillionLM
 
 

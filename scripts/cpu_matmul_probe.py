@@ -11,7 +11,11 @@ BLAS on the same data, at 1 and at all threads. Medians of --repeats passes.
     .venv/bin/python scripts/cpu_matmul_probe.py                 # SmolLM2-135M's MLP shape
     .venv/bin/python scripts/cpu_matmul_probe.py --out 5632 --in 2048 --layers 8   # TinyLlama's
 
-Prints GB/s per kernel; writes one `cpu_matmul_probe` record under --results-dir.
+    .venv/bin/python scripts/cpu_matmul_probe.py --profile-model gguf:smollm2-135m   # where decode goes
+
+Prints GB/s per kernel; writes one `cpu_matmul_probe` record under --results-dir. With
+--profile-model, also torch's profiler over 16 decode steps of that model (billion's torch engine,
+float32): the share of the time each operator takes, in the record too.
 """
 
 from __future__ import annotations
@@ -78,12 +82,35 @@ def _linear(w: torch.Tensor) -> nn.Linear:
     return layer
 
 
+def profile_decode(spec: str, steps: int = 16) -> list[dict]:
+    """Self CPU time per operator over `steps` greedy decode steps after a 128-token prompt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from backends.types import GenerationConfig
+    from billion.loading import load
+
+    backend = load("torch", spec, dtype="float32")
+    try:
+        prompt = list(range(1000, 1128))
+        gen = GenerationConfig(max_tokens=steps, temperature=0.0, ignore_eos=True)
+        backend.generate(prompt, gen)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            backend.generate(prompt, gen)
+    finally:
+        backend.close()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count,
+             "avg_us": e.self_cpu_time_total / e.count} for e in events[:8]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=int, default=1536)
     ap.add_argument("--in", dest="inp", type=int, default=576)
     ap.add_argument("--layers", type=int, default=40, help="Matrices read in turn (their total defeats caches).")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--profile-model", default=None, help="Also profile torch decoding this model spec.")
     ap.add_argument("--results-dir", default="results")
     args = ap.parse_args()
 
@@ -105,7 +132,13 @@ def main() -> None:
         rows.append(row)
         print(f"  {name:38s} " + "  ".join(f"{t} thr {row[f'gbs_{t}_threads']:5.1f} GB/s ({row[f'ms_{t}_threads']:6.2f} ms)"
                                            for t in sorted({1, all_threads})))
-    record = make_record("cpu_matmul_probe", "torch", "synthetic", vars(args), {"rows": rows, "threads": all_threads},
+    metrics = {"rows": rows, "threads": all_threads}
+    if args.profile_model:
+        metrics["decode_profile"] = profile_decode(args.profile_model)
+        print(f"torch decode of {args.profile_model} (prompt 128 tokens, 16 steps, float32), self CPU time:")
+        for op in metrics["decode_profile"]:
+            print(f"  {op['op']:55s} {op['share']:6.1%}  {op['calls']:6d} calls  {op['avg_us']:8.1f} us")
+    record = make_record("cpu_matmul_probe", "torch", args.profile_model or "synthetic", vars(args), metrics,
                          started=started)
     print(f"record: {write_record(record, args.results_dir)}")
 

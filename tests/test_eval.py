@@ -140,7 +140,7 @@ def test_chat_template_methods_and_registry(billion_lm, tiny_folder):
         assert billion_lm.apply_chat_template(history) == tok.apply_chat_template(
             history, tokenize=False, add_generation_prompt=True)
         assert billion_lm.chat_template(True) == tok.chat_template
-    for engine in ("mlx", "torch"):
+    for engine in ("mlx", "torch", "llama.cpp"):  # the peer too: registering imports no engine
         cls = get_model(f"billion-{engine}")
         assert cls.engine == engine and issubclass(cls, lm_class())
     lm = get_model("billion-torch").create_from_arg_string(f"pretrained={tiny_folder()},dtype=float32,device=cpu")

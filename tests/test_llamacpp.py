@@ -82,7 +82,11 @@ def test_session_crop_and_turns(peer):
     np.testing.assert_allclose(again, fresh[20:], atol=1e-4)
     other = b.session()
     other.feed(list(range(500, 520)))
-    np.testing.assert_allclose(s.feed([7], keep=1)[-1], b.session().feed(ids + [7], keep=1)[-1], atol=1e-4)
+    # s feeds again after `other` used the context: it must see its own 40 tokens, not other's 20.
+    # llama.cpp's one-token and many-token kernels round differently (~1e-2 here); a session on
+    # the wrong tokens would be off by whole logits.
+    mine, reference = s.feed([7], keep=1)[-1], b.session().feed(ids + [7], keep=1)[-1]
+    assert mine.argmax() == reference.argmax() and np.abs(mine - reference).max() < 0.1
 
 
 def test_quantized_and_refused(peer):
