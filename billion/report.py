@@ -16,7 +16,7 @@ COLUMNS = {
 }
 MAX_GENERIC = 6
 CHARTS_DIR = "charts"  # next to the Markdown file
-ENGINE_COLORS = {"mlx": "C0", "torch": "C1"}
+ENGINE_COLORS = {"mlx": "C0", "torch": "C1", "llama.cpp": "C2"}
 
 
 def _fmt(v) -> str:
