@@ -281,7 +281,7 @@ def test_torch_cpu_quantization_measures_its_speed_and_warns_when_slower(tiny_fo
     from backends.torch_engine import quant as torch_quant
 
     times = iter([300.0, 100.0])  # quantized first, then full precision
-    monkeypatch.setattr(torch_quant, "_best_us", lambda layer, like: next(times))
+    monkeypatch.setattr(torch_quant, "_best_us", lambda layer: next(times))
     with caplog.at_level(logging.WARNING, logger="billion"):
         b = _load("torch", tiny_folder, "int8")
     assert "one-token matmul 3.00x the time of float32" in b.quantization

@@ -159,9 +159,8 @@ class TorchBackend(Backend):
 
     def info(self) -> ModelInfo:
         # quantized weights (torchao subclasses, bitsandbytes) are counted as stored, not as they stand for
-        dyn_bytes, dyn_numel = torch_quant.dynamic_bytes_and_numel(self.model)  # int8-dynamic hides its weights
-        weight_bytes = dyn_bytes + sum(torch_quant.stored_bytes(p) for p in self.model.parameters())
-        params = dyn_numel + sum(torch_quant.logical_numel(p) for p in self.model.parameters())
+        weight_bytes = sum(torch_quant.stored_bytes(p) for p in self.model.parameters())
+        params = sum(torch_quant.logical_numel(p) for p in self.model.parameters())
         embed = self.model.get_input_embeddings().weight
         tied = self.model.get_output_embeddings().weight is embed
         embed_bytes = 0 if tied else torch_quant.stored_bytes(embed)
@@ -193,20 +192,14 @@ class TorchBackend(Backend):
 
     # trl and peft take seconds to import: backends/torch_engine/train.py is imported only to train.
 
-    def _check_trainable(self) -> None:
-        if self.quantization and self.quantization.startswith("int8-dynamic"):
-            raise UserError("int8-dynamic is inference only: no LoRA on it (use --quantize int8 or int4 for QLoRA)")
-
     def lora_train(self, train, val, config, out_dir, on_step=None, resume=False):
         from backends.torch_engine import train as torch_train
 
-        self._check_trainable()
         return torch_train.train(self, train, val, config, out_dir, on_step=on_step, resume=resume)
 
     def apply_adapter(self, adapter_dir: Path) -> None:
         from backends.torch_engine import train as torch_train
 
-        self._check_trainable()
         torch_train.apply_adapter(self, adapter_dir)
 
     def save_quantized_folder(self, out: Path, scheme: str, group_size: int) -> str:

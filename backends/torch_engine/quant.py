@@ -7,12 +7,6 @@ Schemes (`--quantize`):
             capability >= 8.0), two weights per byte, a scale and zero per group.
             CPU: torchao's CPU int4 layout (two weights per byte, ATen's
             `_weight_int4pack_mm_for_cpu` kernel), a scale and zero per group.
-  int8-dynamic  CPU only: torch.ao's dynamic quantization (fbgemm on x86, qnnpack on ARM):
-            int8 weights with one scale per output channel, and each token's activations
-            quantized to int8 on the fly, so the matmul itself runs in int8. The one int8
-            path faster than float32 on the CPUs measured here (scripts/cpu_matmul_probe.py),
-            but inference only (no folders, no LoRA), and torch has deprecated the quantized
-            tensors it is built on (torchao, their successor, has no fast CPU int8 kernel yet).
   bnb-int8  bitsandbytes LLM.int8() (CUDA only).
   bnb-int4  bitsandbytes NF4, blocks of --group-size (CUDA only).
 
@@ -39,7 +33,7 @@ from backends.types import UserError
 
 log = logging.getLogger("billion")
 
-SCHEMES = ("int8", "int4", "int8-dynamic", "bnb-int8", "bnb-int4")
+SCHEMES = ("int8", "int4", "bnb-int8", "bnb-int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # torchao int4 kernels
 
 
@@ -56,13 +50,6 @@ def check_scheme(scheme: str, group_size: int, device: str, dtype: torch.dtype) 
         raise UserError("the torch engine has no int8/int4 weight kernels on MPS (torchao runs on CPU and CUDA, "
                         "bitsandbytes on CUDA); on Apple Silicon use --backend mlx --quantize int8|int4, "
                         "or --device cpu")
-    if scheme == "int8-dynamic":
-        if kind != "cpu":
-            raise UserError(f"int8-dynamic is torch's CPU kernel; on {kind} use --quantize int8"
-                            + (" or bnb-int8" if kind == "cuda" else ""))
-        if dtype != torch.float32:
-            raise UserError("int8-dynamic quantizes float32 models: drop --dtype or use --dtype float32")
-        return
     if scheme.startswith("bnb-"):
         if kind != "cuda":
             raise UserError(f"{scheme} (bitsandbytes) needs a CUDA GPU; on {kind} use --quantize int8 or int4 "
@@ -159,11 +146,6 @@ def quantize_model(model, scheme: str, group_size: int, device: str, *, serializ
                 else f"bitsandbytes NF4, blocks of {group_size}")
         done, _ = _linear_count(model)
         return f"{scheme} ({what}; {done} linear layers; output head and embedding in full precision)"
-    if scheme == "int8-dynamic":
-        if serializable:
-            raise UserError("int8-dynamic is an inference-time scheme: it cannot be written as a folder "
-                            "(`billion quantize` writes int8 or int4)")
-        return _dynamic_int8(model)
     from torchao.quantization import quantize_
 
     config = torchao_config(scheme, group_size, device, serializable=serializable)
@@ -186,26 +168,26 @@ def quantize_model(model, scheme: str, group_size: int, device: str, *, serializ
         notes.append("output head quantized as its own copy of the tied embedding")
     notes.append("input embedding in full precision")
     if probe:
-        notes.append(_speed_note(model, scheme, dtype, *probe))
+        notes.append(_speed_note(scheme, dtype, *probe))
     return f"{scheme} ({what}; {'; '.join(notes)})"
 
 
 # ------------------------------------------------------------- is it faster here?
 
 
-def _speed_probe(model) -> tuple[str, nn.Linear] | None:
-    """(name of the model's widest linear layer, a full-precision copy of it), taken before quantizing."""
+def _speed_probe(model) -> tuple[str, nn.Linear, nn.Linear] | None:
+    """(name, the model's widest linear layer, a full-precision copy of it), taken before quantizing."""
     head = model.get_output_embeddings()
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
     if not linears:
         return None
     name, layer = max(linears, key=lambda nm: nm[1].weight.numel())
-    return name, copy.deepcopy(layer)
+    return name, layer, copy.deepcopy(layer)
 
 
-def _best_us(layer: nn.Module, like: nn.Linear, repeats: int = 20) -> float:
-    """Best time of one token through `layer`, fed what full-precision `like` takes."""
-    x = torch.randn(1, 1, like.in_features, dtype=like.weight.dtype)
+def _best_us(layer: nn.Linear, repeats: int = 20) -> float:
+    x = torch.randn(1, 1, layer.in_features, dtype=layer.weight.dtype if layer.weight.is_floating_point()
+                    else torch.float32)
     best = float("inf")
     with torch.inference_mode():
         for i in range(repeats + 3):
@@ -216,61 +198,19 @@ def _best_us(layer: nn.Module, like: nn.Linear, repeats: int = 20) -> float:
     return best * 1e6
 
 
-def _speed_note(model, scheme: str, dtype: torch.dtype, name: str, original: nn.Linear) -> str:
+def _speed_note(scheme: str, dtype: torch.dtype, name: str, quantized: nn.Linear, original: nn.Linear) -> str:
     """On CPU, whether the quantized kernel is faster than full precision is a property of the CPU
     and the kernel, not a given (torchao's int8 and int4 CPU kernels are slower than float32 on the
     2-core EPYC this was written on): measure one decode-shaped matmul (one token) of the widest
     layer both ways, and warn when quantizing costs speed."""
-    q_us, f_us = _best_us(model.get_submodule(name), original), _best_us(original, original)
+    q_us, f_us = _best_us(quantized), _best_us(original)
     full = str(dtype).removeprefix("torch.")
     factor = q_us / f_us
     if factor > 1.0:
         log.warning(f"--quantize {scheme} on this CPU saves memory but costs speed: one token's matmul through "
                     f"{name} took {factor:.1f}x as long as in {full} (measured at load: {q_us:.0f} vs "
-                    f"{f_us:.0f} us); load in {full} for speed"
-                    + (", or try -q int8-dynamic (torch's int8 CPU kernel)" if scheme == "int8" else ""))
+                    f"{f_us:.0f} us); load in {full} for speed")
     return f"one-token matmul {factor:.2f}x the time of {full} on this CPU (measured at load on {name})"
-
-
-def _dynamic_int8(model) -> str:
-    import warnings
-
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    head = model.get_output_embeddings()
-    probe = _speed_probe(model)
-    layers = {n: per_channel_dynamic_qconfig for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "quantized tensors are deprecated": said in the docstring
-        quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True)
-    untied = False
-    done = len(list(dynamic_linears(model)))
-    notes = [f"{done} linear layers", "input embedding in full precision"]
-    if untied:
-        notes.append("output head quantized as its own copy of the tied embedding")
-    if probe:
-        notes.append(_speed_note(model, "int8-dynamic", torch.float32, *probe))
-    return (f"int8-dynamic (torch.ao dynamic quantization, {torch.backends.quantized.engine}: int8 weights, "
-            f"one scale per output channel, int8 activations per token; {'; '.join(notes)})")
-
-
-def dynamic_linears(model):
-    """The linear layers torch.ao's dynamic quantization replaced: their int8 weights are packed
-    out of sight of model.parameters()."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    return (m for m in model.modules() if isinstance(m, DynamicLinear))
-
-
-def dynamic_bytes_and_numel(model) -> tuple[int, int]:
-    """(bytes stored, weights stood for) of the dynamic int8 layers: one byte per weight, a
-    float64 scale and an int64 zero point per output channel, the bias in float32."""
-    stored = numel = 0
-    for m in dynamic_linears(model):
-        weight, bias = m._weight_bias()
-        stored += weight.numel() + weight.shape[0] * 16 + (bias.numel() * 4 if bias is not None else 0)
-        numel += weight.numel() + (bias.numel() if bias is not None else 0)
-    return stored, numel
 
 
 def _bitsandbytes(model, scheme: str, group_size: int, device: str, dtype: torch.dtype) -> None:

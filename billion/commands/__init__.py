@@ -17,8 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 # Piped output (logs, CI) gets 120 columns rather than rich's 80, so tables are not cut.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
-# int8/int4 on both engines; int8-dynamic is torch's CPU kernel; bnb-* are bitsandbytes on CUDA (torch only).
-QUANTIZE_CHOICES = ["int8", "int4", "int8-dynamic", "bnb-int8", "bnb-int4"]
+# int8/int4 on both engines; bnb-* are bitsandbytes on CUDA (torch only).
+QUANTIZE_CHOICES = ["int8", "int4", "bnb-int8", "bnb-int4"]
 
 
 MODEL_HELP = ("Alias, Hub id, local HF folder, path.gguf, gguf:<alias>, random:<alias> or tiny:<alias> "
