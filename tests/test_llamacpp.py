@@ -96,3 +96,8 @@ def test_quantized_and_refused(peer):
         peer(quantize="bnb-int4")
     with pytest.raises(UserError, match="context"):
         q.check_fits(q.context_length, 1)
+
+
+def test_synthetic_folder_is_refused_with_the_reason(peer, tiny_folder):
+    with pytest.raises(UserError, match="home-made one"):
+        backends.get("llama.cpp").load(tiny_folder())

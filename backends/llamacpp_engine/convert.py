@@ -71,7 +71,10 @@ def _convert(path: Path, out: Path, outtype: str, tools: Path) -> None:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise UserError(f"llama.cpp's convert_hf_to_gguf.py could not convert {path}: {last}")
+            hint = (" (the converter knows only published tokenizers by their hash; billion's random: and tiny: "
+                    "folders carry a home-made one, so llama.cpp can run only real models)"
+                    if "pre-tokenizer was not recognized" in last else "")
+            raise UserError(f"llama.cpp's convert_hf_to_gguf.py could not convert {path}: {last}{hint}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
