@@ -27,7 +27,8 @@ MODEL_HELP = ("Alias, Hub id, local HF folder, path.gguf, gguf:<alias>, random:<
 LOAD_OPTIONS = {
     "backend": lambda: click.option(
         "--backend", "-b", envvar="BILLION_BACKEND", default="auto", show_default=True,
-        help="mlx, torch, auto (mlx on Apple Silicon, else torch), all, or a comma list [env BILLION_BACKEND]."),
+        help="mlx, torch, auto (mlx on Apple Silicon, else torch), all (both), llama.cpp (the peer, never in all; "
+             "scripts/setup_llamacpp.sh), or a comma list [env BILLION_BACKEND]."),
     "device": lambda: click.option("--device", default=None,
                                    help="MLX: gpu|cpu; torch: cuda|mps|cpu. Default: the best available."),
     "dtype": lambda: click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
