@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 
 import click
@@ -106,6 +107,28 @@ def loaded(engine: str, model: str, **kwargs):
         backend.close()
         del backend
         gc.collect()
+
+
+def print_engine(name: str, info) -> None:
+    """The line each command prints once a model is loaded: what runs, in what precision, where."""
+    console.print(f"[bold]{name}[/]: {info.architecture}, {info.dtype} on {info.device}"
+                  + (f", {info.quantization}" if info.quantization else ""))
+
+
+def versus_first(done: dict):
+    """(first engine, its result, other engine, its result) for each engine after the first: what
+    the agreement of a several-engine run compares."""
+    (first, a), *rest = done.items()
+    for other, b in rest:
+        yield first, a, other, b
+
+
+def write_agreement(task: str, first: str, other: str, model, config: dict, agree: dict, results_dir) -> None:
+    """The `<task>_agreement` record of two engines, and its path on screen."""
+    from billion.results import make_record, write_record
+
+    rec = make_record(f"{task}_agreement", f"{first},{other}", model, config, agree, started=time.time())
+    console.print(f"  record: {write_record(rec, results_dir)}")
 
 
 def loaded_draft(engine: str, draft, **kwargs):

@@ -7,7 +7,8 @@ import time
 import click
 from rich.table import Table
 
-from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
+from billion.commands import (console, engines, fmt, load_kwargs, loaded, model_options, print_engine,
+                              results_option, versus_first, write_agreement)
 
 
 @click.command(name="eval")
@@ -48,8 +49,7 @@ def eval_(model, backend, tasks, include_path, num_fewshot, limit, apply_chat_te
         started = time.time()
         with loaded(name, model, **load_kwargs(opts)) as b:
             info = b.info()
-            console.print(f"[bold]{name}[/]: {info.architecture}, {info.dtype} on {info.device}"
-                          + (f", {info.quantization}" if info.quantization else ""))
+            print_engine(name, info)
             with console.status(f"  {name}: lm-eval {', '.join(cfg.tasks)}..."):
                 per_task = task.run_engine(b, cfg, manager)
         done[name] = per_task
@@ -62,8 +62,7 @@ def eval_(model, backend, tasks, include_path, num_fewshot, limit, apply_chat_te
 
     _print_table(model, done)
     if len(done) > 1:
-        (first, a), *rest = done.items()
-        for other, b in rest:
+        for first, a, other, b in versus_first(done):
             for t in a:
                 if t not in b:
                     continue
@@ -72,9 +71,8 @@ def eval_(model, backend, tasks, include_path, num_fewshot, limit, apply_chat_te
                 console.print(f"[bold]{t}: {first} vs {other}[/]: same answer on "
                               f"{'-' if share is None else f'{share:.1%}'} of {agree['samples_compared']} samples; "
                               f"largest log-likelihood difference {fmt(agree['max_abs_loglik_diff'])}")
-                rec = make_record("eval_agreement", f"{first},{other}", model,
-                                  {**task.config_dict(cfg), "task": t}, agree, started=time.time())
-                console.print(f"  record: {write_record(rec, results_dir)}")
+                write_agreement("eval", first, other, model, {**task.config_dict(cfg), "task": t}, agree,
+                                results_dir)
 
 
 def _print_table(model: str, done: dict) -> None:

@@ -8,7 +8,8 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from billion.humaneval import REFUSAL, HumanEvalConfig
-from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
+from billion.commands import (console, engines, fmt, load_kwargs, loaded, model_options, print_engine,
+                              results_option, versus_first, write_agreement)
 
 
 @click.command()
@@ -46,7 +47,7 @@ def humaneval(model, backend, limit, max_tokens, timeout_s, confirm_run_unsafe_c
         started = time.time()
         with loaded(name, model, **load_kwargs(opts)) as b:
             info = b.info()
-            console.print(f"[bold]{name}[/]: {info.architecture}, {info.dtype} on {info.device}")
+            print_engine(name, info)
             identity = {"model": model, "backend": name, **load_kwargs(opts), "device_used": info.device,
                         "max_tokens": max_tokens, "timeout_s": timeout_s}
             checkpoint = task.Checkpoint(results_dir, identity)
@@ -81,14 +82,11 @@ def humaneval(model, backend, limit, max_tokens, timeout_s, confirm_run_unsafe_c
         checkpoint.remove()
 
     if len(done) > 1:
-        (first, a), *rest = done.items()
-        for other, b in rest:
+        for first, a, other, b in versus_first(done):
             agree = task.agreement(a, b)
             console.print(f"[bold]{first} vs {other}[/]: same completion on "
                           f"{fmt(agree.get('same_completion_share'), 3)}, same outcome on "
                           f"{fmt(agree.get('same_outcome_share'), 3)} of {agree['problems_compared']} problems")
-            rec = make_record("humaneval_agreement", f"{first},{other}", model, task.config_dict(cfg), agree,
-                              started=time.time())
-            console.print(f"  record: {write_record(rec, results_dir)}")
+            write_agreement("humaneval", first, other, model, task.config_dict(cfg), agree, results_dir)
     if interrupted:
         raise KeyboardInterrupt

@@ -8,7 +8,8 @@ import click
 from rich.table import Table
 
 from billion.commands import (console, engines, evaluate_mmlu, fmt, load_kwargs, loaded, mmlu_options, model_options,
-                              prepare_mmlu, results_option, write_mmlu_record)
+                              prepare_mmlu, print_engine, results_option, versus_first, write_agreement,
+                              write_mmlu_record)
 
 
 @click.command()
@@ -27,7 +28,6 @@ def mmlu(model, backend, shots, method, subjects, limit, data, batch_size, max_t
     rerunning the same command resumes.
     """
     from billion import mmlu as task
-    from billion.results import make_record, write_record
 
     subject_data, cfg = prepare_mmlu(shots, method, subjects, limit, data, batch_size, max_tokens)
     names = engines(backend)
@@ -36,8 +36,7 @@ def mmlu(model, backend, shots, method, subjects, limit, data, batch_size, max_t
         started = time.time()
         with loaded(name, model, **load_kwargs(opts)) as b:
             info = b.info()
-            console.print(f"[bold]{name}[/]: {info.architecture}, {info.dtype} on {info.device}"
-                          + (f", {info.quantization}" if info.quantization else ""))
+            print_engine(name, info)
             result = evaluate_mmlu(b, model, subject_data, cfg, results_dir, opts, resume)
         done[name] = (result, write_mmlu_record(name, model, cfg, result, info, opts, results_dir, started))
         if result.interrupted:
@@ -46,16 +45,13 @@ def mmlu(model, backend, shots, method, subjects, limit, data, batch_size, max_t
 
     print_table(model, cfg, {n: m for n, (_, m) in done.items()})
     if len(done) > 1:
-        (first, (ra, _)), *rest = done.items()
-        for other, (rb, _) in rest:
+        for first, (ra, _), other, (rb, _) in versus_first(done):
             agree = task.agreement(ra, rb)
             share = agree.get("same_answer_share")
             console.print(f"[bold]{first} vs {other}[/]: same answer on "
                           f"{'-' if share is None else f'{share:.1%}'} of {agree['questions_compared']} "
                           f"questions; largest log-likelihood difference {fmt(agree.get('max_abs_loglik_diff'))}")
-            rec = make_record("mmlu_agreement", f"{first},{other}", model, task.config_dict(cfg), agree,
-                              started=time.time())
-            console.print(f"  record: {write_record(rec, results_dir)}")
+            write_agreement("mmlu", first, other, model, task.config_dict(cfg), agree, results_dir)
     if interrupted:
         raise KeyboardInterrupt
 

@@ -8,7 +8,8 @@ import click
 from rich.table import Table
 
 from billion.perplexity import PerplexityConfig
-from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
+from billion.commands import (console, engines, fmt, load_kwargs, loaded, model_options, print_engine,
+                              results_option, versus_first, write_agreement)
 
 
 @click.command()
@@ -42,7 +43,7 @@ def perplexity(model, backend, text_file, ctx, stride, results_dir, **opts):
         started = time.time()
         with loaded(name, model, **load_kwargs(opts)) as b:
             info = b.info()
-            console.print(f"[bold]{name}[/]: {info.architecture}, {info.dtype} on {info.device}")
+            print_engine(name, info)
             with console.status(f"  {name}: scoring {label}...") as status:
                 result = task.measure(b, text, cfg, lambda i, n: status.update(f"  {name}: window {i}/{n}"))
         metrics = result.metrics()
@@ -64,14 +65,12 @@ def perplexity(model, backend, text_file, ctx, stride, results_dir, **opts):
                       fmt(m["perplexity"], 3))
     console.print(table)
     if len(done) > 1 and not interrupted:
-        (first, a), *rest = done.items()
-        for other, b in rest:
+        for first, a, other, b in versus_first(done):
             agree = task.agreement(a, b)
             console.print(f"[bold]{first} vs {other}[/]: largest per-token log-probability difference "
                           f"{fmt(agree.get('max_abs_token_logprob_diff'))}, ln PPL difference "
                           f"{fmt(agree.get('ln_ppl_diff'))} over {agree['tokens_compared']} tokens")
-            rec = make_record("perplexity_agreement", f"{first},{other}", model,
-                              {**task.config_dict(cfg), "text": label}, agree, started=time.time())
-            console.print(f"  record: {write_record(rec, results_dir)}")
+            write_agreement("perplexity", first, other, model, {**task.config_dict(cfg), "text": label}, agree,
+                            results_dir)
     if interrupted:
         raise KeyboardInterrupt
