@@ -110,6 +110,11 @@ def reset_peak_rss() -> bool:
 _measured_bandwidth: float | None = None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def measured_read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 10) -> float:
     """Host memory read bandwidth: 1 GiB read on every core at once, by the fastest of a few
     read kernels, best of `repeats`.
@@ -121,7 +126,7 @@ def measured_read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 10) -> float
     """
     global _measured_bandwidth
     if _measured_bandwidth is None:
-        workers = os.cpu_count() or 1
+        workers = usable_cores()
         data = np.ones(size_mb * 2**20 // 4, dtype=np.float32)
         parts = [p[: len(p) // 2 * 2] for p in np.array_split(data, workers)]
         kernels = (lambda p: np.dot(p[: len(p) // 2], p[len(p) // 2:]), np.max, np.sum)

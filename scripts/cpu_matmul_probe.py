@@ -25,7 +25,6 @@ import statistics
 import time
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from backends.llamacpp_engine import convert
 from backends.types import GenerationConfig
 from billion import bench
 from billion.compare import parity
@@ -35,13 +36,12 @@ PAIRS = {
     "int8": (("torch", "float32", "int8"), ("llama.cpp", "float32", "int8")),
     "int4": (("torch", "float32", "int4"), ("llama.cpp", "float32", "int4")),
 }
-PEER_NAMES = {("float32", None): "F32", ("float16", None): "F16", ("float32", "int8"): "Q8_0",
-              ("float32", "int4"): "Q4_0"}
 
 
 def label(engine: str, dtype: str, quantize: str | None) -> str:
-    if engine == "llama.cpp":
-        return f"llama.cpp {PEER_NAMES[(dtype, quantize)]}"
+    if engine == "llama.cpp":  # the GGUF type the peer's conversion makes (backends/llamacpp_engine/convert.py)
+        kind = convert.QUANT_TYPES[quantize][0] if quantize else convert.FLOAT_TYPES[dtype].upper()
+        return f"llama.cpp {kind}"
     return f"{engine} {quantize or dtype}"
 
 

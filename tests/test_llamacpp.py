@@ -9,7 +9,6 @@ synthetic folders' home-made tokenizer, hence the real model.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,6 @@ def peer(real_folder):
     tools = Path(USER_CACHE) / f"llama.cpp-{llama_cpp.__version__}"
     if not (tools / "convert_hf_to_gguf.py").is_file():
         pytest.skip(f"llama.cpp's converter is not in {tools} (bash scripts/setup_llamacpp.sh)")
-    os.environ["BILLION_LLAMA_CPP"] = str(tools)
     loaded = {}
 
     def get(dtype="float32", quantize=None):
@@ -44,7 +42,9 @@ def peer(real_folder):
             loaded[dtype, quantize] = backends.get("llama.cpp").load(real_folder, dtype=dtype, quantize=quantize)
         return loaded[dtype, quantize]
 
-    yield get
+    with pytest.MonkeyPatch.context() as env:  # the tests' private BILLION_HOME has no converter
+        env.setenv("BILLION_LLAMA_CPP", str(tools))
+        yield get
     for b in loaded.values():
         b.close()
 

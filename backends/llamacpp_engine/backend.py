@@ -34,7 +34,15 @@ def threads() -> int:
     """OMP_NUM_THREADS when set (what torch follows too), else every core this process may use."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return host.usable_cores()
+
+
+def gguf_tensors(path: Path) -> tuple[dict[str, int], list[str]]:
+    """({tensor name: bytes stored}, the tensor types) of a GGUF file, read from its header."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: int(t.n_bytes) for t in reader.tensors}, sorted({t.tensor_type.name for t in reader.tensors})
 
 
 class LlamaCppSession(KVSession):
@@ -100,7 +108,7 @@ class LlamaCppBackend(Backend):
             quantization = (f"llama.cpp {convert.QUANT_TYPES[quantize][0]} (blocks of 32 weights; "
                             f"--group-size does not apply)")
         backend = cls(model, tokenizer, path, config, device, dtype if not quantize else "float32", quantization)
-        backend.gguf, backend.threads = gguf, n
+        backend.gguf, backend.threads, backend.tensors = gguf, n, gguf_tensors(gguf)
         backend.context_length = n_ctx
         return backend
 
@@ -154,11 +162,7 @@ class LlamaCppBackend(Backend):
         host.reset_peak_rss()
 
     def info(self) -> ModelInfo:
-        import gguf
-
-        reader = gguf.GGUFReader(str(self.gguf))
-        sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-        types = sorted({t.tensor_type.name for t in reader.tensors})
+        sizes, types = self.tensors
         weight_bytes = sum(sizes.values())
         # the input embedding is read one row per token, unless the output head is tied to it
         embed = sizes.get("token_embd.weight", 0) if "output.weight" in sizes else 0

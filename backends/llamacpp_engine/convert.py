@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from backends import host
 from backends.folders import billion_home, hf_folder
 from backends.types import UserError
 
@@ -86,7 +87,7 @@ def _quantize(src: Path, out: Path, ftype: int) -> None:
     tmp = out.with_name(f".{out.name}.part")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    params.nthread = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    params.nthread = host.usable_cores()
     try:
         if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
             raise UserError(f"llama.cpp could not quantize {src.name}")
