@@ -191,6 +191,9 @@ class Backend(ABC):
     """
 
     name: str = "?"
+    # whether load() takes compile=True (a compiled decode step): torch only. MLX decodes with
+    # mlx-lm's own uncompiled generate_step; llama.cpp is compiled C++ already.
+    compiles: bool = False
 
     def __init__(self, model, tokenizer, path: Path, config: dict, device: str, dtype: str,
                  quantization: str | None):

@@ -79,3 +79,5 @@ class ModelInfo:
     # where the weights came from when billion made the folder: a GGUF file (name, sha256, its
     # quantization type) or seeded random weights; None for folders as published
     source: dict | None = None
+    # how decoding is compiled (torch --compile), with the compile time once paid; None: eager
+    compiled: str | None = None

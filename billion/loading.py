@@ -122,10 +122,14 @@ def check_memory(path: Path, dtype: str | None, engine: str, device: str | None)
 
 
 def load(engine: str, model: ResolvedModel | ModelSpec | str, *, device=None, dtype=None,
-         trust_remote_code=False, quantize=None, group_size=64, progress=True) -> Backend:
+         trust_remote_code=False, quantize=None, group_size=64, compile=False, progress=True) -> Backend:
     cls = backends.get(engine)  # fails early, naming the install command
+    if compile and not cls.compiles:
+        raise UserError(f"--compile is a torch engine option; the {engine} engine has no compiled decode step "
+                        f"(use -b torch)")
     path = resolve(model, progress).folder
     if not quantize:
         check_memory(path, dtype, engine, device)
+    extra = {"compile": True} if compile else {}
     return cls.load(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                    quantize=quantize, group_size=group_size)
+                    quantize=quantize, group_size=group_size, **extra)

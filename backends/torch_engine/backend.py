@@ -82,10 +82,12 @@ class TorchSession(KVSession):
 
 class TorchBackend(Backend):
     name = "torch"
+    compiles = True
+    compiled = None  # a CompiledDecode when loaded with compile=True
 
     @classmethod
     def load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
-             quantize=None, group_size=64) -> "TorchBackend":
+             quantize=None, group_size=64, compile=False) -> "TorchBackend":
         device = device or default_device()
         check_device(device)
         dtype = dtype or default_dtype(device)
@@ -110,13 +112,22 @@ class TorchBackend(Backend):
             quantization = quant_folder.folder_description(folder_q if isinstance(folder_q, dict) else folder_q.to_dict())
         if quantize:
             quantization = torch_quant.quantize_model(model, quantize, group_size, device)
-        return cls(model, tokenizer, Path(path), model.config.to_dict(), device, dtype, quantization)
+        backend = cls(model, tokenizer, Path(path), model.config.to_dict(), device, dtype, quantization)
+        if compile:
+            from backends.torch_engine.compiled import CompiledDecode
+
+            backend.compiled = CompiledDecode(model, device, backend.context_length)
+        return backend
 
     @torch.inference_mode()
     def _token_stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
         if gen.seed is not None:
             torch.manual_seed(gen.seed)
-        cache = DynamicCache(config=self.model.config)
+        step = self.compiled
+        if step:
+            cache = step.new_cache(len(prompt_ids) + gen.max_tokens)
+        else:
+            cache = DynamicCache(config=self.model.config)
         inp = torch.tensor([prompt_ids], device=self.device)
         # Prefill computes the output head for the last position only, as generate() does.
         logits = self.model(input_ids=inp, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
@@ -125,7 +136,10 @@ class TorchBackend(Backend):
             yield int(token.item())  # .item() waits for the device: the timestamp is honest
             if n + 1 == gen.max_tokens:
                 break
-            logits = self.model(input_ids=token.view(1, 1), cache=cache, use_cache=True).logits[:, -1, :]
+            if step:
+                logits = step(token.view(1, 1), len(prompt_ids) + n, cache)
+            else:
+                logits = self.model(input_ids=token.view(1, 1), cache=cache, use_cache=True).logits[:, -1, :]
 
     def session(self) -> TorchSession:
         return TorchSession(self)
@@ -170,7 +184,7 @@ class TorchBackend(Backend):
             model_type=config.model_type, parameters=params, dtype=self.dtype, device=self.device,
             weight_bytes=weight_bytes, decode_bytes_per_token=weight_bytes - embed_bytes,
             vocab_size=self.vocab_size, context_length=self.context_length, quantization=self.quantization,
-            source=self.source,
+            source=self.source, compiled=self.compiled.describe() if self.compiled else None,
             versions={"torch": torch.__version__, "transformers": transformers.__version__})
 
     def memory_bandwidth(self) -> tuple[float | None, str]:

@@ -63,7 +63,8 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
                 (loaded_draft(name, pair.draft, **load_kwargs(opts)) if pair else nullcontext()) as d:
             info = b.info()
             console.print(f"[bold]{name}[/]: {info.architecture}, {info.parameters:,} parameters, "
-                          f"{info.dtype} on {info.device}" + (f", {info.quantization}" if info.quantization else ""))
+                          f"{info.dtype} on {info.device}" + (f", {info.quantization}" if info.quantization else "")
+                          + (", compiled decode" if info.compiled else ""))
 
             def progress(kind, i, run):
                 if run:
@@ -88,6 +89,9 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
                 metrics.update(bench_metrics(write_mmlu_record(name, model, mmlu_run[1], scored, info, opts,
                                                                results_dir, started)))
                 result.interrupted = scored.interrupted
+            if info.compiled:  # the compile time is known once the warm-up has paid it
+                info = b.info()
+                console.print(f"  {info.compiled}")
             status = "interrupted" if result.interrupted else "complete"
             config = {**task.config_dict(cfg), **load_kwargs(opts), "draft": draft_name(draft)}
             record = make_record("bench", name, model, config, metrics, started=started, status=status,

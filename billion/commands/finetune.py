@@ -14,7 +14,7 @@ from billion.commands import console, engines, fmt, load_kwargs, loaded, model_o
 
 
 @click.command()
-@model_options
+@model_options(skip=("compile",))
 @click.option("--data", "-d", default=FinetuneConfig.data, show_default=True,
               help="JSONL file ({text} / {prompt,completion} / alpaca / {messages}), a folder with train.jsonl "
                    "(and valid.jsonl, used instead of --val-split), "

@@ -13,7 +13,7 @@ from billion.commands import (console, engines, evaluate_mmlu, fmt, load_kwargs,
 
 
 @click.command()
-@model_options
+@model_options(skip=("compile",))
 @mmlu_options()
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse questions an interrupted run of the same settings already scored.")

@@ -13,7 +13,7 @@ from billion.commands import (console, engines, fmt, load_kwargs, loaded, model_
 
 
 @click.command()
-@model_options
+@model_options(skip=("compile",))
 @click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
               help="Text file to score. Default: billion/data/quality_text.txt.")
 @click.option("--ctx", type=click.IntRange(2), default=PerplexityConfig.ctx, show_default=True,

@@ -13,7 +13,7 @@ from billion.commands import (console, engines, fmt, load_kwargs, mmlu_options, 
 
 
 @click.command()
-@model_options
+@model_options(skip=("compile",))
 @click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
               help="Text to score. Default: a fixed ~700-word text shipped with billion.")
 @click.option("--ctx", type=click.IntRange(4), default=QualityConfig.ctx, show_default=True,

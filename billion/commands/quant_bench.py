@@ -25,7 +25,7 @@ def parse_precisions(text: str) -> list[str]:
 
 
 @click.command("quant-bench")
-@model_options(skip=("quantize",))
+@model_options(skip=("quantize", "compile"))
 @click.option("--precisions", default="full,int8,int4", show_default=True,
               help=f"Comma list of: {FULL}, {', '.join(QUANTIZE_CHOICES)}.")
 @bench_options

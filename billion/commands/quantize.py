@@ -13,7 +13,7 @@ VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. Quantization stores 
 
 
 @click.command()
-@model_options(skip=("quantize",))
+@model_options(skip=("quantize", "compile"))
 @click.option("--bits", type=click.Choice(["4", "8"]), required=True, help="Bits per weight.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write (new or empty).")
 @results_option

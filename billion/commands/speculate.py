@@ -24,7 +24,7 @@ def _ks(ctx, param, value: str) -> tuple[int, ...]:
 
 
 @click.command()
-@model_options(flags=("--target", "-t"), param="target")
+@model_options(flags=("--target", "-t"), param="target", skip=("compile",))
 @click.option("--draft", "-d", default="layers:2", show_default=True,
               help="A smaller model with the SAME vocabulary, layers:N (the target's own first N layers, "
                    "final norm and head), or ngram[:N] (prompt lookup, no model: propose what followed the last "
