@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from importlib import metadata
 
 import numpy as np
@@ -82,3 +83,18 @@ def test_the_converted_folder_has_hub_keys_and_names_its_source(real_folder):
     assert config["billion_source"]["quantization"] == "Q4_1"
     assert real_folder.name.startswith("gguf-SmolLM2-135M-Instruct.Q4_1-")  # keyed by content
     assert config["billion_source"]["sha256"].startswith(real_folder.name.rsplit("-", 1)[1])
+
+
+def test_conversion_bars_off_means_off_and_are_restored_after():
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from backends.folders.gguf_folder import _progress_bars
+
+    hf_logging.disable_progress_bar()  # as the torch engine leaves them
+    with _progress_bars(False):
+        assert gguf_utils.tqdm(range(3)).disable  # the GGUF reader's own tqdm bar too
+    with _progress_bars(True):
+        assert not gguf_utils.tqdm(range(3), file=open(os.devnull, "w")).disable
+        assert hf_logging.is_progress_bar_enabled()
+    assert not hf_logging.is_progress_bar_enabled()

@@ -19,6 +19,7 @@ import hashlib
 import json
 import struct
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 from backends.folders import hf_folder
@@ -99,6 +100,25 @@ def _hub_style(config: dict, architecture: str) -> dict:
     return out
 
 
+@contextmanager
+def _progress_bars(show: bool):
+    """transformers' bars on or off while converting, then as they were. Its GGUF reader draws
+    its tensor bar with plain tqdm, which transformers' own switch does not reach."""
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was, bar = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    gguf_utils.tqdm = partial(bar, disable=not show)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def convert(path: Path, cache_dir: Path, progress: bool = True) -> Path:
     """The HF folder for GGUF file `path`, converted once into `cache_dir`."""
     path = Path(path).expanduser().resolve()
@@ -108,18 +128,14 @@ def convert(path: Path, cache_dir: Path, progress: bool = True) -> Path:
     if (out / "config.json").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    if not progress:
-        hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with _progress_bars(progress):
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except ValueError as e:  # transformers: "GGUF model with architecture X is not supported yet."
         raise UserError(f"{path.name}: transformers' GGUF reader cannot convert architecture "
                         f"{header['architecture']!r} ({str(e).splitlines()[0]})") from None
-    finally:
-        hf_logging.enable_progress_bar()
     config = _hub_style(model.config.to_dict(), type(model).__name__)
     config["billion_source"] = {
         "kind": "gguf", "file": path.name, "path": str(path), "sha256": digest,
