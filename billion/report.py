@@ -26,10 +26,13 @@ def _fmt(v) -> str:
 
 
 def precision(rec: dict) -> str:
-    """dtype, then the quantization scheme (`float32 int4`), or `-`."""
+    """dtype, then the quantization scheme and whether decoding was compiled (`float32 int4`,
+    `bfloat16 compiled`), or `-`."""
     dtype = (rec.get("model_info") or {}).get("dtype") or rec["config"].get("dtype") or "-"
     if rec["config"].get("quantize"):
         dtype = rec["config"]["quantize"] if dtype == "-" else f"{dtype} {rec['config']['quantize']}"
+    if rec["config"].get("compile") and dtype != "-":  # (a peer_bench record's compile: it has such rows)
+        dtype = f"{dtype} compiled"
     return str(dtype)
 
 
@@ -162,6 +165,8 @@ def _bench_chart(fig, ax, chosen: dict) -> str:
     ax.set_ylim(min(tps) / 3, max(tps + [c for _, c in ceilings]) * 3)  # room for the bars, texts and legend
     ax.set_ylabel("decode tok/s (log scale)")
     ax.set_xlabel("precision")
+    for label in ax.get_xticklabels():  # precisions with a scheme and "compiled" are long
+        label.set(rotation=20, ha="right")
     return "Decode tok/s per engine and precision, with the memory-bandwidth ceiling"
 
 

@@ -135,3 +135,12 @@ def test_a_record_holding_a_table_gets_it_rendered(results_dir):
     assert "| engine | decode_tps | decode_vs_peer |" in text
     assert "| torch float32 | 8.5 | 0.31 |" in text and "| llama.cpp F32 | 27.4 | 1 |" in text
     assert f"{path.name}:" in text
+
+
+def test_precision_names_quantization_and_a_compiled_decode():
+    from billion.report import precision
+
+    assert precision({"config": {"dtype": "float32", "quantize": "int4"}}) == "float32 int4"
+    assert precision({"config": {"dtype": "bfloat16", "compile": True}, "model_info": {"dtype": "bfloat16"}}) \
+        == "bfloat16 compiled"
+    assert precision({"config": {"dtype": None, "compile": False}}) == "-"
