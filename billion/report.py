@@ -31,7 +31,10 @@ def precision(rec: dict) -> str:
     dtype = (rec.get("model_info") or {}).get("dtype") or rec["config"].get("dtype") or "-"
     if rec["config"].get("quantize"):
         dtype = rec["config"]["quantize"] if dtype == "-" else f"{dtype} {rec['config']['quantize']}"
-    if rec["config"].get("compile") and dtype != "-":  # (a peer_bench record's compile: it has such rows)
+    info = rec.get("model_info") or {}
+    # what the engine did (a -b all --compile run's MLX record decoded uncompiled), else what was asked
+    compiled = bool(info["compiled"]) if "compiled" in info else rec["config"].get("compile")
+    if compiled and dtype != "-":  # ("-": a peer_bench record, whose rows say it)
         dtype = f"{dtype} compiled"
     return str(dtype)
 

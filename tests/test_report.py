@@ -144,3 +144,5 @@ def test_precision_names_quantization_and_a_compiled_decode():
     assert precision({"config": {"dtype": "bfloat16", "compile": True}, "model_info": {"dtype": "bfloat16"}}) \
         == "bfloat16 compiled"
     assert precision({"config": {"dtype": None, "compile": False}}) == "-"
+    # -b all --compile: MLX's record carries the option but its engine decoded uncompiled
+    assert precision({"config": {"compile": True}, "model_info": {"dtype": "float32", "compiled": None}}) == "float32"
