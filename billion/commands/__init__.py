@@ -43,7 +43,7 @@ LOAD_OPTIONS = {
     "compile": lambda: click.option(
         "--compile", is_flag=True,
         help="torch: decode through a torch.compile'd step on a static KV cache (same tokens as eager). "
-             "The first generation compiles it: about 2 minutes on a 2-core CPU."),
+             "The first generation compiles it: 1-2 minutes on a 2-core CPU."),
 }
 
 
