@@ -89,7 +89,7 @@ def results_option(f):
 
 
 def load_kwargs(opts: dict) -> dict:
-    # compile only where the command offers it (the commands that generate)
+    # compile only where the command offers it (bench, humaneval, eval: plain generation)
     return {k: opts[k] for k in ("device", "dtype", "trust_remote_code", "quantize", "group_size")} | \
         {"compile": bool(opts.get("compile"))}
 

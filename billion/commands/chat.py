@@ -29,7 +29,7 @@ Ctrl-C during a reply stops that reply and keeps what was said in the conversati
 
 
 @click.command()
-@model_options
+@model_options(skip=("compile",))  # a conversation decodes on its prompt-cache session: eager
 @click.option("--prompt", "-p", default=None, help="Answer this one message and exit.")
 @click.option("--system", "-s", default=None, help="System message.")
 @click.option("--max-tokens", "-n", type=click.IntRange(1), default=256, show_default=True,

@@ -28,7 +28,7 @@ def served_name(model: str) -> str:
 
 
 @click.command()
-@model_options
+@model_options(skip=("compile",))  # requests decode on prompt-cache sessions: eager
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but a loopback address exposes the model to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
