@@ -194,6 +194,7 @@ class Backend(ABC):
     # whether load() takes compile=True (a compiled decode step): torch only. MLX decodes with
     # mlx-lm's own uncompiled generate_step; llama.cpp is compiled C++ already.
     compiles: bool = False
+    compiled = None  # the compiled decode step when loaded with compile=True (it compiles per cache length)
 
     def __init__(self, model, tokenizer, path: Path, config: dict, device: str, dtype: str,
                  quantization: str | None):

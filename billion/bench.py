@@ -58,6 +58,13 @@ def time_generation(backend: Backend, prompt: list[int], gen: GenerationConfig, 
     return RunTiming(run.ttft_s, len(prompt) / run.ttft_s, run.decode_tps, run.tokens, run.from_draft)
 
 
+def warmup_config(backend: Backend, gen_tokens: int) -> GenerationConfig:
+    """A short warm-up generation; as long as the timed runs where the decode is compiled, which
+    would otherwise meet a new cache length (and compile again) inside a timed run."""
+    return GenerationConfig(max_tokens=gen_tokens if backend.compiled else min(gen_tokens, 8), temperature=0.0,
+                            ignore_eos=True)
+
+
 def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -71,7 +78,7 @@ def run_bench(backend: Backend, cfg: BenchConfig, *, draft: Backend | NgramDraft
     result = BenchResult(cfg)
     try:
         for i in range(cfg.warmup):
-            time_generation(backend, prompt, GenerationConfig(max_tokens=min(cfg.gen_tokens, 8), ignore_eos=True),
+            time_generation(backend, prompt, warmup_config(backend, cfg.gen_tokens),
                             draft=draft, num_draft=cfg.num_draft)
             if on_run:
                 on_run("warmup", i + 1, None)

@@ -66,11 +66,10 @@ def interleaved(model, members, cfg: bench.BenchConfig, group: int) -> dict:
         b0 = next(iter(loaded.values()))
         prompt = bench.random_prompt(b0.vocab_size, cfg.prompt_tokens, cfg.seed)
         gen = GenerationConfig(max_tokens=cfg.gen_tokens, temperature=0.0, ignore_eos=True)
-        warm = GenerationConfig(max_tokens=min(8, cfg.gen_tokens), temperature=0.0, ignore_eos=True)
         results = {m: bench.BenchResult(cfg) for m in members}
         for m, b in loaded.items():
             t = time.perf_counter()
-            bench.time_generation(b, prompt, warm)
+            bench.time_generation(b, prompt, bench.warmup_config(b, cfg.gen_tokens))
             print(f"  warm-up {label(m)}: {time.perf_counter() - t:.1f} s")
             b.reset_peak_memory()
         for i in range(cfg.runs):

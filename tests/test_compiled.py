@@ -52,6 +52,14 @@ def test_cache_length_rounds_up_to_powers_of_two_within_context(tiny_folder, mon
     assert [step.cache_length(n) for n in (1, 256, 257, 600, 1000)] == [256, 256, 512, 1000, 1000]
 
 
+def test_bench_warms_a_compiled_decode_up_at_the_timed_length(tiny_folder, tiny_model, monkeypatch):
+    # a shorter warm-up could land in a smaller cache and leave the compile to the first timed run
+    from billion.bench import warmup_config
+
+    b = compiled_backend(tiny_folder("tinyllama"), monkeypatch, "eager")
+    assert warmup_config(b, 300).max_tokens == 300 and warmup_config(tiny_model("torch"), 300).max_tokens == 8
+
+
 def test_compile_on_an_engine_without_it_is_a_clear_error(tiny_folder):
     from billion.loading import load
 

@@ -83,7 +83,6 @@ class TorchSession(KVSession):
 class TorchBackend(Backend):
     name = "torch"
     compiles = True
-    compiled = None  # a CompiledDecode when loaded with compile=True
 
     @classmethod
     def load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
