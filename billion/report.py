@@ -28,10 +28,10 @@ def _fmt(v) -> str:
 def precision(rec: dict) -> str:
     """dtype, then the quantization scheme and whether decoding was compiled (`float32 int4`,
     `bfloat16 compiled`), or `-`."""
-    dtype = (rec.get("model_info") or {}).get("dtype") or rec["config"].get("dtype") or "-"
+    info = rec.get("model_info") or {}
+    dtype = info.get("dtype") or rec["config"].get("dtype") or "-"
     if rec["config"].get("quantize"):
         dtype = rec["config"]["quantize"] if dtype == "-" else f"{dtype} {rec['config']['quantize']}"
-    info = rec.get("model_info") or {}
     # what the engine did (a -b all --compile run's MLX record decoded uncompiled), else what was asked
     compiled = bool(info["compiled"]) if "compiled" in info else rec["config"].get("compile")
     if compiled and dtype != "-":  # ("-": a peer_bench record, whose rows say it)

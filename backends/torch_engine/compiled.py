@@ -30,9 +30,10 @@ class CompiledDecode:
     def __init__(self, model, device: str, context_length: int):
         self.model = model
         self.cuda = device.startswith("cuda")
+        self.cuda_graphs = self.cuda and COMPILER == "inductor"
         self.context_length = context_length
         self.step = torch.compile(self._step, backend=COMPILER, fullgraph=True, dynamic=False,
-                                  mode="reduce-overhead" if self.cuda and COMPILER == "inductor" else None)
+                                  mode="reduce-overhead" if self.cuda_graphs else None)
         self.compile_seconds: dict[int, float] = {}  # cache length -> what its first step took
 
     def _step(self, token: torch.Tensor, position: torch.Tensor, cache: StaticCache) -> torch.Tensor:
@@ -67,8 +68,8 @@ class CompiledDecode:
         return logits
 
     def describe(self) -> str:
-        how = f"torch.compile ({COMPILER}{', CUDA graphs' if self.cuda and COMPILER == 'inductor' else ''}) " \
-              f"decode step on a static KV cache"
+        graphs = ", CUDA graphs" if self.cuda_graphs else ""
+        how = f"torch.compile ({COMPILER}{graphs}) decode step on a static KV cache"
         if not self.compile_seconds:
             return how + ", compiled at the first generation"
         return how + ", compiled in " + ", ".join(f"{s:.1f} s (cache {n})" for n, s in

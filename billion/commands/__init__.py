@@ -119,10 +119,13 @@ def loaded(engine: str, model: str, **kwargs):
         gc.collect()
 
 
-def print_engine(name: str, info) -> None:
-    """The line each command prints once a model is loaded: what runs, in what precision, where."""
-    console.print(f"[bold]{name}[/]: {info.architecture}, {info.dtype} on {info.device}"
-                  + (f", {info.quantization}" if info.quantization else "") + (", compiled decode" if info.compiled else ""))
+def print_engine(name: str, info, parameters: bool = False) -> None:
+    """The line each command prints once a model is loaded: what runs (with its parameter count if
+    asked), in what precision, where."""
+    count = f" {info.parameters:,} parameters," if parameters else ""
+    console.print(f"[bold]{name}[/]: {info.architecture},{count} {info.dtype} on {info.device}"
+                  + (f", {info.quantization}" if info.quantization else "")
+                  + (", compiled decode" if info.compiled else ""))
 
 
 def versus_first(done: dict):

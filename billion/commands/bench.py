@@ -9,7 +9,7 @@ from rich.table import Table
 
 from billion.bench import BenchConfig
 from billion.commands import (bench_options, console, engines, evaluate_mmlu, fmt, load_kwargs, loaded,
-                              loaded_draft, mmlu_options, model_options, prepare_mmlu, results_option,
+                              loaded_draft, mmlu_options, model_options, prepare_mmlu, print_engine, results_option,
                               write_mmlu_record)
 
 
@@ -62,9 +62,7 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
         with loaded(name, model, **load_kwargs(opts)) as b, \
                 (loaded_draft(name, pair.draft, **load_kwargs(opts)) if pair else nullcontext()) as d:
             info = b.info()
-            console.print(f"[bold]{name}[/]: {info.architecture}, {info.parameters:,} parameters, "
-                          f"{info.dtype} on {info.device}" + (f", {info.quantization}" if info.quantization else "")
-                          + (", compiled decode" if info.compiled else ""))
+            print_engine(name, info, parameters=True)
 
             def progress(kind, i, run):
                 if run:
