@@ -1,7 +1,7 @@
 """LoRA training, the engine-free part: config, examples, batch plan, metrics.
 
 Both engines train from the same `Example`s (token ids and a loss mask made
-once by billion/data.py), in the same order (`plan_steps`), with the same
+once by billion/tasks/finetune_data.py), in the same order (`plan_steps`), with the same
 initial LoRA A matrices (`initial_lora_a`), the same optimiser (AdamW without
 weight decay, bias-corrected, linear decay to zero, gradient-norm clipping)
 and the same loss (cross-entropy summed over every masked token of an

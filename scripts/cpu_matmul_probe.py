@@ -28,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from billion.results import make_record, write_record
+from billion.records.store import make_record, write_record
 
 
 def timed(mats, call, repeats: int) -> float:

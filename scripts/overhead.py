@@ -19,9 +19,9 @@ import statistics
 import time
 
 from backends.types import GenerationConfig
-from billion.bench import random_prompt
+from billion.tasks.bench import random_prompt
 from billion.loading import load
-from billion.results import make_record, write_record
+from billion.records.store import make_record, write_record
 import backends
 
 

@@ -3,7 +3,7 @@
 For each pair -- torch float32 / llama.cpp F32, torch bfloat16 / llama.cpp F16, torch int8 /
 llama.cpp Q8_0, torch int4 / llama.cpp Q4_0 (llama.cpp's files converted from the same folder by
 its own convert_hf_to_gguf.py and quantizer, see backends/llamacpp_engine/convert.py) -- both
-engines are loaded at once and timed exactly as `billion bench` times an engine (billion.bench:
+engines are loaded at once and timed exactly as `billion bench` times an engine (billion.tasks.bench:
 the same seeded random prompt, EOS ignored, greedy, one warm-up), alternating run by run so that
 whatever the machine does meanwhile falls on both. Medians of --runs. With --mlx, MLX float32
 joins the float32 pair (slow on MLX's CPU build). With --compile, torch with `--compile` (a
@@ -27,10 +27,10 @@ from typing import NamedTuple
 
 from backends.llamacpp_engine import convert
 from backends.types import GenerationConfig
-from billion import bench
-from billion.compare import parity
+from billion.tasks import bench
+from billion.tasks.compare import parity
 from billion.loading import load, resolve
-from billion.results import make_record, write_record
+from billion.records.store import make_record, write_record
 
 class Member(NamedTuple):
     engine: str

@@ -26,9 +26,9 @@ import time
 
 import backends
 from backends.types import GenerationConfig
-from billion.chat import Chat
+from billion.tasks.chat import Chat
 from billion.loading import load, resolve
-from billion.results import make_record, write_record
+from billion.records.store import make_record, write_record
 
 WORDS = ("the of and to in is was for on that with as by at from it his an were are which this be or has had "
          "not but one first new after also their its two have they who been other all time more into most "

@@ -31,7 +31,7 @@ except ImportError:  # openai 3 depends on httpx's successor, httpx2 (the same A
     import httpx2 as httpx
 import numpy as np
 
-from billion.results import make_record, write_record
+from billion.records.store import make_record, write_record
 
 
 def check_loopback(url: str) -> None:

@@ -1,6 +1,6 @@
 """Overhead of `billion serve` against `billion chat` in-process, side by side in one run.
 
-Loads the model here (the direct path: billion.chat.Chat, what `billion chat` runs) and starts
+Loads the model here (the direct path: billion.tasks.chat.Chat, what `billion chat` runs) and starts
 `billion serve` on the same model and engine in a subprocess on a free loopback port. Then, for
 --reps rounds, asks each of --questions once directly and once through the server with the
 official `openai` client (streamed chat completion), alternating, one request at a time: the two
@@ -35,9 +35,9 @@ from openai import OpenAI
 
 import backends
 from backends.types import GenerationConfig
-from billion.chat import Chat
+from billion.tasks.chat import Chat
 from billion.loading import load, resolve
-from billion.results import make_record, write_record
+from billion.records.store import make_record, write_record
 
 QUESTIONS = ["What is the capital of France?", "Name a large river in Africa.", "What do bees make?",
              "How many legs does a spider have?", "What colour is the sky on a clear day?"]

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import backends
 from billion.cli import cli
-from billion.results import read_records, validate
+from billion.records.store import read_records, validate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def test_bench_all_engines_writes_records_and_parity(results_dir):
 
 
 def test_ctrl_c_keeps_a_partial_record(results_dir, monkeypatch):
-    import billion.bench as bench
+    import billion.tasks.bench as bench
 
     real, calls = bench.time_generation, []
 
@@ -197,7 +197,7 @@ class _StubEngine:
 
 @pytest.mark.parametrize("bandwidth,fraction", [(20.0, 0.5), (5.0, None)])
 def test_bench_arithmetic_and_a_ceiling_that_holds(bandwidth, fraction):
-    from billion.bench import BenchConfig, BenchResult, RunTiming, summarise
+    from billion.tasks.bench import BenchConfig, BenchResult, RunTiming, summarise
 
     runs = [RunTiming(ttft_s=t, prefill_tps=p, decode_tps=d, tokens=[1, 2])
             for t, p, d in ((0.2, 100.0, 9.0), (0.1, 300.0, 10.0), (0.3, 200.0, 11.0))]

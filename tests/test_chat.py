@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from backends.base import Backend
 from backends.types import GenerationConfig
-from billion.chat import Chat, StopText, transcript
+from billion.tasks.chat import Chat, StopText, transcript
 from billion.cli import cli
 from billion.commands.chat import stream_to
 from tests.conftest import ENGINES

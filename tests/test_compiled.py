@@ -54,7 +54,7 @@ def test_cache_length_rounds_up_to_powers_of_two_within_context(tiny_folder, mon
 
 def test_bench_warms_a_compiled_decode_up_at_the_timed_length(tiny_folder, tiny_model, monkeypatch):
     # a shorter warm-up could land in a smaller cache and leave the compile to the first timed run
-    from billion.bench import warmup_config
+    from billion.tasks.bench import warmup_config
 
     b = compiled_backend(tiny_folder("tinyllama"), monkeypatch, "eager")
     assert warmup_config(b, 300).max_tokens == 300 and warmup_config(tiny_model("torch"), 300).max_tokens == 8

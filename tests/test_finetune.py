@@ -18,7 +18,7 @@ import backends
 from backends.folders import adapters
 from backends.types import UserError
 from backends.training import TrainConfig, plan_steps
-from billion import data
+from billion.tasks import finetune_data
 from tests.conftest import ENGINES
 
 FAMILIES = ["tinyllama", "pythia-1b"]  # Llama (q_proj, v_proj) and GPT-NeoX (fused query_key_value)
@@ -79,7 +79,7 @@ def test_each_shape_tokenizes_with_its_mask(tiny_model, tmp_path):
 
 
 def test_a_data_folder_with_valid_jsonl_gives_the_validation_set(tiny_model, tmp_path):
-    from billion.finetune import FinetuneConfig, prepare
+    from billion.tasks.finetune import FinetuneConfig, prepare
 
     write_jsonl(tmp_path / "train.jsonl", [{"text": f"line {i}"} for i in range(8)])
     write_jsonl(tmp_path / "valid.jsonl", [{"text": "held out"}, {"text": "also held out"}])

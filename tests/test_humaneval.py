@@ -9,9 +9,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from billion import humaneval as he
+from billion.tasks import humaneval as he
 from billion.cli import cli
-from billion.results import read_records
+from billion.records.store import read_records
 
 PROBLEM = he.Problem("Test/0", 'def add(a, b):\n    """Add two numbers."""\n',
                      "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from backends.types import UserError
-from billion import mmlu, mmlu_data
+from billion.tasks import mmlu, mmlu_data
 from billion.cli import cli
-from billion.results import read_records
+from billion.records.store import read_records
 from tests import mmlu_fixture
 from tests.conftest import ENGINES
 

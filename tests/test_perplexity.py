@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from backends.base import log_softmax
-from billion import perplexity as ppl
+from billion.tasks import perplexity as ppl
 from billion.cli import cli
-from billion.eval import rolling_windows
-from billion.results import read_records
+from billion.tasks.eval import rolling_windows
+from billion.records.store import read_records
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
         "Many hands make light work, and every cloud has a silver lining. ") * 2

@@ -8,7 +8,7 @@ import pytest
 
 from backends.base import PromptCache, session_tokens
 from backends.types import GenerationConfig
-from billion.chat import Chat
+from billion.tasks.chat import Chat
 from tests.conftest import ENGINES
 
 MESSAGES = ["Why is the sky blue?", "And the sea?", "Tell me about clouds.", "Thanks!"]

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from backends.types import GenerationConfig, UserError
-from billion import quality
+from billion.tasks import quality
 from billion.cli import cli
 from billion.loading import load
 from tests.conftest import ENGINES
@@ -174,7 +174,7 @@ QLORA_SCHEME = {"mlx": "int8", "torch": "int8"}
 
 def _qlora(engine, tiny_folder, tmp_path, scheme):
     from backends.training import TrainConfig
-    from billion import data
+    from billion.tasks import finetune_data
 
     b = _load(engine, tiny_folder, scheme)
     examples, _ = data.encode(b, data.read_rows("sample")[:12], 256, data.use_chat(b, None))
@@ -185,7 +185,7 @@ def _qlora(engine, tiny_folder, tmp_path, scheme):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_qlora_lowers_the_loss_and_fuses_into_the_quantized_base(tiny_folder, tmp_path, engine):
-    from billion.quantized_fuse import CHECK_FILE, fuse_quantized
+    from billion.tasks.quantized_fuse import CHECK_FILE, fuse_quantized
 
     b, result = _qlora(engine, tiny_folder, tmp_path, QLORA_SCHEME[engine])
     assert result.steps_done == 5 and result.final_val_loss < result.initial_val_loss - 0.05
@@ -203,7 +203,7 @@ def test_qlora_lowers_the_loss_and_fuses_into_the_quantized_base(tiny_folder, tm
 def test_fuse_that_would_drop_the_adapter_is_refused(tiny_folder, tmp_path):
     from mlx_lm.tuner.lora import LoRALinear
 
-    from billion.quantized_fuse import fuse_quantized
+    from billion.tasks.quantized_fuse import fuse_quantized
 
     b, _ = _qlora("mlx", tiny_folder, tmp_path, "int4")
     for _, m in b.model.named_modules():  # an adapter far smaller than a 4-bit step
@@ -217,7 +217,7 @@ def test_fuse_that_would_drop_the_adapter_is_refused(tiny_folder, tmp_path):
 def test_int4_fuse_can_keep_the_fused_layers_in_full_precision(tiny_folder, tmp_path):
     import mlx.core as mx
 
-    from billion.quantized_fuse import fuse_quantized
+    from billion.tasks.quantized_fuse import fuse_quantized
 
     b, _ = _qlora("mlx", tiny_folder, tmp_path, "int4")
     check = fuse_quantized(b, tmp_path / "fused", requantize=False)
@@ -254,7 +254,7 @@ def test_quality_reports_the_mmlu_difference_when_data_is_present(tiny_folder, t
 def test_adapter_fuse_into_a_quantized_folder(tiny_folder, tmp_path, engine):
     # an adapter trained on the full-precision model, fused into a quantized folder of it
     from backends.training import TrainConfig
-    from billion import data
+    from billion.tasks import finetune_data
 
     b = _load(engine, tiny_folder)
     examples, _ = data.encode(b, data.read_rows("sample")[:12], 256, data.use_chat(b, None))

@@ -15,9 +15,9 @@ import pytest
 from backends.base import log_softmax
 from backends.types import GenerationConfig
 from backends.training import TrainConfig
-from billion import data
-from billion.compare import kl_per_position
-from billion.quality import default_text
+from billion.tasks import finetune_data
+from billion.tasks.compare import kl_per_position
+from billion.tasks.quality import default_text
 from tests.conftest import ENGINES
 
 POSITIONS = 128  # float32 parity

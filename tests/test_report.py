@@ -8,7 +8,7 @@ import time
 from click.testing import CliRunner
 
 from billion.cli import cli
-from billion.results import make_record, write_record
+from billion.records.store import make_record, write_record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GGUF = "gguf:smollm2-135m"
@@ -100,8 +100,8 @@ def test_no_chart_without_its_records(results_dir):
 
 def test_newest_complete_record_per_series(results_dir):
     """Of several records for one series the newest complete one is drawn; an interrupted one draws nothing."""
-    from billion.report import CHARTS, _groups
-    from billion.results import read_records
+    from billion.records.report import CHARTS, _groups
+    from billion.records.store import read_records
 
     now = time.time()
     _bench(results_dir, "mlx", decode_tps=5.0, started=now - 60)
@@ -138,7 +138,7 @@ def test_a_record_holding_a_table_gets_it_rendered(results_dir):
 
 
 def test_precision_names_quantization_and_a_compiled_decode():
-    from billion.report import precision
+    from billion.records.report import precision
 
     assert precision({"config": {"dtype": "float32", "quantize": "int4"}}) == "float32 int4"
     assert precision({"config": {"dtype": "bfloat16", "compile": True}, "model_info": {"dtype": "bfloat16"}}) \

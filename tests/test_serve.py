@@ -52,7 +52,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    from billion.serve import create_app
+    from billion.server.app import create_app
 
     srv = Server(create_app({f"tiny@{e}": tiny_model(e) for e in ENGINES}))
     yield srv

@@ -38,7 +38,7 @@ def pair(billion_home):
     """(target folder, layers:1 draft folder, damped target folder, unrelated same-tokenizer folder)."""
     from backends.folders.synthetic import build_folder
     from billion.models import card_for
-    from billion.speculative import prepare_pair
+    from billion.tasks.speculate import prepare_pair
 
     plain = prepare_pair("tiny:tinyllama", "layers:1")
     damped = prepare_pair("tiny:tinyllama", "layers:1", damp=0.1)
@@ -169,9 +169,9 @@ def test_acceptance_rule_reproduces_the_target_exactly():
 
 
 def test_mismatched_vocabularies_are_refused_before_loading(tiny_folder):
-    from billion.speculative import prepare_pair
+    from billion.tasks.speculate import prepare_pair
 
-    from billion.speculative import check_vocabularies
+    from billion.tasks.speculate import check_vocabularies
     from billion.models import parse_spec
 
     # the folders' own check: token strings compared id by id
@@ -194,7 +194,7 @@ def test_mismatched_vocabularies_are_refused_before_loading(tiny_folder):
 
 def test_compatible_pairs_come_from_the_registry():
     from billion.models import parse_spec
-    from billion.speculative import compatible_pairs
+    from billion.tasks.speculate import compatible_pairs
 
     assert "llama-3.2-1b" in compatible_pairs(parse_spec("meta-llama/Llama-3.1-8B-Instruct"))
     assert "tinyllama" in compatible_pairs(parse_spec("meta-llama/Llama-2-7b-chat-hf"))
@@ -223,7 +223,7 @@ def test_damping_makes_a_shallow_draft_agree(model, engine):
 
 
 def test_theory():
-    from billion.speculative import expected_tokens, leviathan_alpha, measured_prediction, predicted_speedup
+    from billion.tasks.speculate import expected_tokens, leviathan_alpha, measured_prediction, predicted_speedup
 
     assert expected_tokens(0.0, 4) == 1 and expected_tokens(1.0, 4) == 5
     assert expected_tokens(0.5, 1) == pytest.approx(1.5)
@@ -348,7 +348,7 @@ def test_ngram_draft_sampled_tokens_follow_the_targets_distribution():
 
 def test_cli_speculate_with_prompt_lookup(tiny_folder, tmp_path):
     from billion.cli import cli
-    from billion.speculative import prepare_pair
+    from billion.tasks.speculate import prepare_pair
 
     pair = prepare_pair("tiny:tinyllama", "ngram:2")
     assert pair.draft == NgramDraft(2) and pair.draft_label == "ngram:2"
@@ -397,7 +397,7 @@ def test_cli_bench_and_chat_with_prompt_lookup(tiny_folder, tmp_path):
 
 
 def test_best_k_is_chosen_among_lossless_k_only():
-    from billion.speculative import best_k
+    from billion.tasks.speculate import best_k
 
     per_k = {1: {"speedup": 1.2, "greedy_same_as_target": True},
              2: {"speedup": 1.9, "greedy_same_as_target": False},  # faster, but not the target's output

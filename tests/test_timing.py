@@ -7,7 +7,7 @@ import math
 import pytest
 
 from backends.types import Chunk, GenerationConfig
-from billion.timing import TimedStream, decode_rate
+from billion.tasks.timing import TimedStream, decode_rate
 
 
 def chunks(times, last_reason=None, draft=()):

@@ -66,7 +66,7 @@ def model_options(f=None, *, flags=("--model", "-m"), param="model", skip=()):
 
 def bench_options(f):
     """The timed-run options of bench and quant-bench, with BenchConfig's defaults."""
-    from billion.bench import BenchConfig
+    from billion.tasks.bench import BenchConfig
 
     options = [
         click.option("--prompt-tokens", "-p", type=click.IntRange(1), default=BenchConfig.prompt_tokens,
@@ -138,7 +138,7 @@ def versus_first(done: dict):
 
 def write_agreement(task: str, first: str, other: str, model, config: dict, agree: dict, results_dir) -> None:
     """The `<task>_agreement` record of two engines, and its path on screen."""
-    from billion.results import make_record, write_record
+    from billion.records.store import make_record, write_record
 
     rec = make_record(f"{task}_agreement", f"{first},{other}", model, config, agree, started=time.time())
     console.print(f"  record: {write_record(rec, results_dir)}")
@@ -171,7 +171,7 @@ def fmt(value, digits: int = 2) -> str:
 def mmlu_options(prefix: str = ""):
     """The MMLU options of `billion mmlu`; `billion bench` reuses them as --mmlu-shots etc.
     (parameters mmlu_shots, ...). Defaults are the task config's (MMLUConfig)."""
-    from billion.mmlu import MMLUConfig
+    from billion.tasks.mmlu import MMLUConfig
 
     def opt(name, *short, **kw):
         param = (prefix + name).replace("-", "_")
@@ -208,8 +208,8 @@ def mmlu_options(prefix: str = ""):
 
 def prepare_mmlu(shots, method, subjects, limit, data, batch_size, max_tokens):
     """(subject data, MMLUConfig): loads the questions before any model, so missing data fails fast."""
-    from billion import mmlu_data
-    from billion.mmlu import MMLUConfig
+    from billion.tasks import mmlu_data
+    from billion.tasks.mmlu import MMLUConfig
 
     available = mmlu_data.local_subjects(data) if data else None
     names = mmlu_data.parse_subjects(subjects, available)
@@ -222,7 +222,7 @@ def prepare_mmlu(shots, method, subjects, limit, data, batch_size, max_tokens):
 
 def evaluate_mmlu(backend, model: str, subjects, cfg, results_dir, opts: dict, resume: bool = True):
     """Run MMLU on one loaded engine with a progress bar and a checkpoint; returns the MMLUResult."""
-    from billion import mmlu
+    from billion.tasks import mmlu
 
     identity = {"model": model, "backend": backend.name, **load_kwargs(opts), "device_used": backend.info().device,
                 **mmlu.config_dict(cfg)}
@@ -254,8 +254,8 @@ def evaluate_mmlu(backend, model: str, subjects, cfg, results_dir, opts: dict, r
 
 def write_mmlu_record(engine: str, model: str, cfg, result, info, opts: dict, results_dir, started: float) -> dict:
     """The run's record (per-subject accuracy and the predicted letters included); returns its metrics."""
-    from billion import mmlu as task
-    from billion.results import make_record, write_record
+    from billion.tasks import mmlu as task
+    from billion.records.store import make_record, write_record
 
     metrics = task.summarise(result, list(cfg.subjects))
     record = make_record("mmlu", engine, model, {**task.config_dict(cfg), **load_kwargs(opts)},

@@ -44,7 +44,7 @@ def adapter_fuse(model, adapter, dest, keep_fused_layers_full):
     base = model_folder(model)
     config = hf_folder.read_config(base)
     if "quantization" in config or "quantization_config" in config:
-        from billion.quantized_fuse import fuse_folder
+        from billion.tasks.quantized_fuse import fuse_folder
 
         engine = "mlx" if "quantization" in config else "torch"  # mlx-lm's key / transformers' key
         with console.status(f"fusing into the quantized base on {engine} (dequantize, fuse, re-quantize, check)..."):

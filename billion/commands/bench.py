@@ -7,7 +7,7 @@ import time
 import click
 from rich.table import Table
 
-from billion.bench import BenchConfig
+from billion.tasks.bench import BenchConfig
 from billion.commands import (bench_options, console, engines, evaluate_mmlu, fmt, load_kwargs, loaded,
                               loaded_draft, mmlu_options, model_options, prepare_mmlu, print_engine, results_option,
                               write_mmlu_record)
@@ -39,11 +39,11 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
     """
     from contextlib import nullcontext
 
-    from billion import bench as task
-    from billion.compare import parity as parity_check, ratios
-    from billion.results import make_record, write_record
+    from billion.tasks import bench as task
+    from billion.tasks.compare import parity as parity_check, ratios
+    from billion.records.store import make_record, write_record
     from billion.loading import resolve
-    from billion.speculative import draft_name, prepare_pair
+    from billion.tasks.speculate import draft_name, prepare_pair
 
     cfg = task.BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs, warmup=warmup, seed=seed,
                            num_draft=num_draft)
@@ -81,7 +81,7 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
                     except KeyboardInterrupt:
                         result.interrupted = True
             if mmlu_run and not result.interrupted:
-                from billion.mmlu import bench_metrics
+                from billion.tasks.mmlu import bench_metrics
 
                 scored = evaluate_mmlu(b, str(model), *mmlu_run, results_dir, opts)
                 metrics.update(bench_metrics(write_mmlu_record(name, model, mmlu_run[1], scored, info, opts,

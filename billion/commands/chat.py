@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from backends.types import UserError
-from billion.chat import FALLBACK_TEMPLATE
+from billion.tasks.chat import FALLBACK_TEMPLATE
 from billion.commands import (console, engines, fmt, load_kwargs, loaded, loaded_draft, model_options,
                               results_option)
 
@@ -75,7 +75,7 @@ def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, t
     session its statistics (not the conversation).
     """
     from backends.types import GenerationConfig
-    from billion.speculative import prepare_pair
+    from billion.tasks.speculate import prepare_pair
 
     if as_json and prompt is None:
         raise UserError("--json needs --prompt")
@@ -116,7 +116,7 @@ class Setup:
     prompt_cache: bool = True
 
     def new_chat(self, engine: str, backend, stack: ExitStack, drafts: dict):
-        from billion.chat import Chat
+        from billion.tasks.chat import Chat
 
         draft = None
         if self.draft:
@@ -127,7 +127,7 @@ class Setup:
 
     def record(self, engine: str, spec: str, chat, started: float, mode: str, metrics: dict, status: str,
                extra: dict) -> tuple[dict, Path]:
-        from billion.results import make_record, write_record
+        from billion.records.store import make_record, write_record
 
         rec = make_record("chat", engine, spec, {**self.config, "mode": mode, "template": chat.template},
                           metrics, started=started, status=status,

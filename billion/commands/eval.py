@@ -35,8 +35,8 @@ def eval_(model, backend, tasks, include_path, num_fewshot, limit, apply_chat_te
     --backend all, the share of samples on which the engines agree and their largest
     log-likelihood difference.
     """
-    from billion import eval as task
-    from billion.results import make_record, write_record
+    from billion.tasks import eval as task
+    from billion.records.store import make_record, write_record
 
     task.require_lm_eval()
     cfg = task.EvalConfig(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), include_path=include_path,

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from backends.training import TrainConfig
-from billion.finetune import FinetuneConfig
+from billion.tasks.finetune import FinetuneConfig
 from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
 
 
@@ -66,8 +66,8 @@ def finetune(model, backend, data, lora_rank, alpha, dropout, targets, epochs, s
     (torch) or mlx.launch (MLX) it trains data-parallel.
     """
     from backends.training import TrainConfig
-    from billion import finetune as task
-    from billion.results import _slug, make_record, write_record
+    from billion.tasks import finetune as task
+    from billion.records.store import _slug, make_record, write_record
 
     tcfg = TrainConfig(rank=lora_rank, alpha=alpha, dropout=dropout,
                        targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else (),

@@ -7,7 +7,7 @@ import time
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from billion.humaneval import REFUSAL, HumanEvalConfig
+from billion.tasks.humaneval import REFUSAL, HumanEvalConfig
 from billion.commands import (console, engines, fmt, load_kwargs, loaded, model_options, print_engine,
                               results_option, versus_first, write_agreement)
 
@@ -36,8 +36,8 @@ def humaneval(model, backend, limit, max_tokens, timeout_s, confirm_run_unsafe_c
     """
     if not confirm_run_unsafe_code:
         raise click.ClickException(REFUSAL)
-    from billion import humaneval as task
-    from billion.results import make_record, write_record
+    from billion.tasks import humaneval as task
+    from billion.records.store import make_record, write_record
 
     problems = task.load_problems()
     cfg = HumanEvalConfig(limit=limit, max_tokens=max_tokens, timeout_s=timeout_s)

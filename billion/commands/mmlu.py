@@ -27,7 +27,7 @@ def mmlu(model, backend, shots, method, subjects, limit, data, batch_size, max_t
     questions where they chose the same answer is reported. Ctrl-C keeps what was scored;
     rerunning the same command resumes.
     """
-    from billion import mmlu as task
+    from billion.tasks import mmlu as task
 
     subject_data, cfg = prepare_mmlu(shots, method, subjects, limit, data, batch_size, max_tokens)
     names = engines(backend)

@@ -7,7 +7,7 @@ import time
 import click
 from rich.table import Table
 
-from billion.perplexity import PerplexityConfig
+from billion.tasks.perplexity import PerplexityConfig
 from billion.commands import (console, engines, fmt, load_kwargs, loaded, model_options, print_engine,
                               results_option, versus_first, write_agreement)
 
@@ -32,9 +32,9 @@ def perplexity(model, backend, text_file, ctx, stride, results_dir, **opts):
     once. With --backend all: the largest per-token log-probability difference between
     engines. Ctrl-C keeps the windows scored.
     """
-    from billion import perplexity as task
-    from billion.quality import read_text
-    from billion.results import make_record, write_record
+    from billion.tasks import perplexity as task
+    from billion.tasks.quality import read_text
+    from billion.records.store import make_record, write_record
 
     text, label = read_text(text_file)
     cfg = PerplexityConfig(ctx=ctx, stride=stride)

@@ -7,7 +7,7 @@ import time
 import click
 from rich.table import Table
 
-from billion.quality import QualityConfig
+from billion.tasks.quality import QualityConfig
 from billion.commands import (console, engines, fmt, load_kwargs, mmlu_options, model_options, prepare_mmlu,
                               results_option)
 
@@ -32,9 +32,9 @@ def quality(model, backend, text_file, ctx, chunks, mmlu, results_dir, **opts):
     engine, position by position over a fixed text. With --mmlu, the MMLU accuracy of each
     model too (see `billion mmlu` for its options, here prefixed --mmlu-).
     """
-    from billion import quality as task
+    from billion.tasks import quality as task
     from billion.loading import load
-    from billion.results import make_record, write_record
+    from billion.records.store import make_record, write_record
 
     mmlu_opts = {k[len("mmlu_"):]: opts.pop(k) for k in list(opts) if k.startswith("mmlu_")}
     schemes = [opts["quantize"]] if opts["quantize"] else ["int8", "int4"]
@@ -42,7 +42,7 @@ def quality(model, backend, text_file, ctx, chunks, mmlu, results_dir, **opts):
     cfg = task.QualityConfig(ctx=ctx, chunks=chunks)
     evaluate, mmlu_cfg = None, None
     if mmlu:
-        from billion import mmlu as mmlu_task
+        from billion.tasks import mmlu as mmlu_task
 
         subjects, mmlu_cfg = prepare_mmlu(**mmlu_opts)
 
@@ -83,7 +83,7 @@ def quality(model, backend, text_file, ctx, chunks, mmlu, results_dir, **opts):
 
 
 def _mmlu_difference(full, quant, cfg) -> dict:
-    from billion import mmlu as mmlu_task
+    from billion.tasks import mmlu as mmlu_task
 
     a = mmlu_task.summarise(full, list(cfg.subjects))
     b = mmlu_task.summarise(quant, list(cfg.subjects))

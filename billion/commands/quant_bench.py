@@ -39,9 +39,9 @@ def quant_bench(model, backend, precisions, device, dtype, group_size, trust_rem
     the bytes a decode step reads at that precision. Ratios are against the engine's own
     full precision. One `bench` record per engine and precision.
     """
-    from billion import bench as task
-    from billion.compare import ratios
-    from billion.results import make_record, write_record
+    from billion.tasks import bench as task
+    from billion.tasks.compare import ratios
+    from billion.records.store import make_record, write_record
 
     picked = parse_precisions(precisions)
     cfg = task.BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs, warmup=warmup, seed=seed)

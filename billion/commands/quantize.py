@@ -28,7 +28,7 @@ def quantize(model, backend, bits, group_size, out, device, dtype, trust_remote_
     """
     from backends.types import UserError
     from billion.loading import load
-    from billion.results import make_record, write_record
+    from billion.records.store import make_record, write_record
 
     names = engines(backend)
     if len(names) != 1:

@@ -19,8 +19,8 @@ from billion.commands import console
 @click.option("--task", default=None, help="Only records of this task (bench, parity, mmlu, ...).")
 def report(paths, markdown_out, draw_charts, task):
     """Show the records under PATHS (default: results/) as one table per task."""
-    from billion.report import CHARTS_DIR, charts, markdown, rows
-    from billion.results import read_records
+    from billion.records.report import CHARTS_DIR, charts, markdown, rows
+    from billion.records.store import read_records
 
     records = read_records(paths or ["results"])
     if task:

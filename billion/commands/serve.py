@@ -1,4 +1,4 @@
-"""`billion serve`: an OpenAI-compatible HTTP server on one engine or several (billion/serve.py)."""
+"""`billion serve`: an OpenAI-compatible HTTP server on one engine or several (billion/server/app.py)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def serve(model, backend, host, port, log_level, **opts):
     try:
         import uvicorn
 
-        from billion.serve import create_app
+        from billion.server.app import create_app
     except ImportError as e:
         raise UserError(f"billion serve needs fastapi and uvicorn ({e.name} is missing): "
                         f"pip install fastapi uvicorn") from None

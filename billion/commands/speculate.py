@@ -8,7 +8,7 @@ from dataclasses import asdict
 import click
 from rich.table import Table
 
-from billion.speculative import SpeculateConfig
+from billion.tasks.speculate import SpeculateConfig
 from billion.commands import (QUANTIZE_CHOICES, console, engines, fmt, loaded, loaded_draft, model_options,
                               results_option)
 
@@ -65,8 +65,8 @@ def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmu
     the measured time of its lookups, and rounds that found no match count as plain target steps.
     """
     from backends.speculation import NgramDraft
-    from billion import speculative as task
-    from billion.results import make_record, write_record
+    from billion.tasks import speculate as task
+    from billion.records.store import make_record, write_record
 
     cfg = task.SpeculateConfig(ks=ks, gen_tokens=gen_tokens, runs=runs, warmup=warmup, temperature=temperature,
                                top_p=top_p, seed=seed, prompt=prompt or task.DEFAULT_PROMPT)

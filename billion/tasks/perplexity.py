@@ -1,7 +1,7 @@
 """Perplexity of a text, windowed as lm-evaluation-harness's rolling log-likelihood.
 
 The text is tokenized without special tokens and cut into windows of at most `ctx` tokens
-(lm-eval's `get_rolling_token_windows` + `make_disjoint_window`, billion.eval.rolling_windows):
+(lm-eval's `get_rolling_token_windows` + `make_disjoint_window`, billion.tasks.eval.rolling_windows):
 
 - the first window scores its tokens conditioned on the prefix token (BOS, else EOS) and the
   tokens before each;
@@ -12,7 +12,7 @@ Every token is scored exactly once. stride = ctx (the default) is lm-eval's
 `loglikelihood_rolling` exactly (disjoint windows, context_len=1); a smaller stride gives each
 scored token more context (Hugging Face's "perplexity of fixed-length models" sliding window).
 It is not llama-perplexity's windowing (which scores only each window's second half; see
-billion/quality.py). Perplexity = exp(-sum log p / tokens scored).
+billion/tasks/quality.py). Perplexity = exp(-sum log p / tokens scored).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 
 from backends.base import Backend, log_softmax
 from backends.types import UserError
-from billion.eval import rolling_windows
+from billion.tasks.eval import rolling_windows
 
 WINDOWING = ("lm-eval rolling log-likelihood (get_rolling_token_windows + make_disjoint_window): "
              "first window after the BOS/EOS prefix, then `stride` new tokens per window with ctx - stride "

@@ -41,7 +41,7 @@ from typing import Callable, Iterable
 
 from backends.base import Backend, score_batched
 from backends.types import GenerationConfig, UserError
-from billion.mmlu_data import LETTERS, Question, Subject
+from billion.tasks.mmlu_data import LETTERS, Question, Subject
 
 METHODS = ("loglik", "generate")
 MAX_SHOTS = 5  # the dev split holds 5 questions per subject

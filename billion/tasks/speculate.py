@@ -40,7 +40,7 @@ from pathlib import Path
 from backends.base import Backend
 from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft, NgramProposer, SpeculationStats
-from billion.timing import TimedStream
+from billion.tasks.timing import TimedStream
 from billion.loading import ResolvedModel, billion_home, model_folder
 from billion.models import MODELS, ModelSpec, parse_spec
 

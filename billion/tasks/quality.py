@@ -26,7 +26,7 @@ import numpy as np
 
 from backends.base import Backend, log_softmax
 from backends.types import UserError
-from billion.compare import kl_per_position
+from billion.tasks.compare import kl_per_position
 
 
 @dataclass(frozen=True)

@@ -287,7 +287,7 @@ def _save(chart: Chart, chosen: dict, path: Path) -> str:
 
 def charts(records: list[dict], md_dir: Path) -> dict[str, list[tuple[str, str]]]:
     """Draw every chart the records allow as md_dir/charts/*.png; task -> [(title, link relative to md_dir)]."""
-    from billion.results import _slug
+    from billion.records.store import _slug
 
     out: dict[str, list[tuple[str, str]]] = {}
     for chart in CHARTS:

@@ -1,6 +1,6 @@
 """LoRA fine-tuning on either engine from the same data and config.
 
-The data is tokenized once (billion/data.py) and every engine trains on those
+The data is tokenized once (billion/tasks/finetune_data.py) and every engine trains on those
 examples in the same order (backends/training.py), so their step losses can
 be compared. Each engine writes its adapter in its own format under
 <out>/<engine>/ (mlx-lm: adapters.safetensors; PEFT: adapter_model.safetensors),
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from backends.types import GenerationConfig, UserError
 from backends.training import StepMetrics, TrainConfig, TrainResult, default_targets, steps_for_epochs
-from billion import data
+from billion.tasks import finetune_data
 
 DEFAULT_PROMPTS = ("What is the capital of France?", "Give the opposite of 'hot'.",
                    "Explain what a prime number is in one sentence.")
@@ -135,7 +135,7 @@ def run(backend, model_spec: str, cfg: FinetuneConfig, prepared: Prepared, on_st
         after = answers(backend, cfg.prompts, prepared.chat, cfg.answer_tokens)
     fused = None
     if main and cfg.fuse and not result.interrupted and backend.quantization:
-        from billion.quantized_fuse import fuse_quantized
+        from billion.tasks.quantized_fuse import fuse_quantized
 
         phase("fusing into the quantized base (dequantize, fuse, re-quantize, check)")
         fused = folder.parent / f"{folder.name}-fused"

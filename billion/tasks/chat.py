@@ -28,7 +28,7 @@ from typing import Iterator
 from backends.base import Backend, PromptCache, StopText  # noqa: F401  (StopText: the one stop-string helper)
 from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft
-from billion.timing import TimedStream
+from billion.tasks.timing import TimedStream
 
 FALLBACK_TEMPLATE = 'no chat template (a base model): using a plain transcript "User: …\\nAssistant:"'
 # A base model continues the transcript past its answer with the user's next

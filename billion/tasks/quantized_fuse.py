@@ -28,7 +28,7 @@ CHECK_FILE = "fuse_check.json"
 
 
 def check_ids(backend: Backend) -> list[int]:
-    from billion.quality import default_text
+    from billion.tasks.quality import default_text
 
     return backend.tokenize(default_text())[: min(CHECK_TOKENS, backend.context_length)]
 

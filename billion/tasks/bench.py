@@ -16,7 +16,7 @@ import numpy as np
 from backends.base import Backend
 from backends.speculation import NgramDraft
 from backends.types import GenerationConfig
-from billion.timing import TimedStream
+from billion.tasks.timing import TimedStream
 
 GB = 1e9
 

@@ -4,7 +4,7 @@ Engine-agnostic: `create_app({model_id: Backend})` takes backends already loaded
 billion/commands/serve.py, loads them; tests pass tiny models). Routes:
 
 - POST /v1/chat/completions: `messages` rendered with the model's chat template (base models:
-  the plain "User: …\\nAssistant:" transcript of billion/chat.py, which also stops there);
+  the plain "User: …\\nAssistant:" transcript of billion/tasks/chat.py, which also stops there);
 - POST /v1/completions: a raw text `prompt` (one string, or a list of one string or of token ids);
 - GET /v1/models, GET /health.
 
@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import Backend, PromptCache
 from backends.types import Chunk, GenerationConfig, UserError
-from billion.chat import FALLBACK_STOPS, render
+from billion.tasks.chat import FALLBACK_STOPS, render
 
 # ---------------------------------------------------------------- errors
 

@@ -28,7 +28,7 @@ import numpy as np
 from backends.types import UserError
 from backends.training import Example
 
-SAMPLE = Path(__file__).parent / "data" / "sample_instructions.jsonl"
+SAMPLE = Path(__file__).parent.parent / "data" / "sample_instructions.jsonl"
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
           "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")

@@ -1,0 +1,1 @@
+"""`billion serve`: an OpenAI-compatible HTTP server over loaded engines."""
