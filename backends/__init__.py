@@ -72,7 +72,7 @@ def get(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def resolve(choice: str) -> list[str]:
+def engine_names(choice: str) -> list[str]:
     """'mlx' | 'torch' | 'auto' | 'all' | 'mlx,torch' -> engine names to run, in order."""
     choice = (choice or "auto").strip().lower()
     if choice == "auto":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 import backends
@@ -11,6 +12,7 @@ from backends.base import Backend
 from backends.types import UserError
 from backends import host
 from backends.folders import billion_home, hf_folder
+from backends.folders.digests import folder_digest
 from billion.models import ModelSpec, parse_spec
 
 # What a Hub download fetches: safetensors weights only (pickle weights can run code).
@@ -23,9 +25,8 @@ def synthetic_path(spec: ModelSpec) -> Path:
     return billion_home() / "models" / f"{spec.kind}-{spec.card.alias}-v1"
 
 
-def model_folder(spec: ModelSpec | str, progress: bool = True) -> Path:
+def model_folder(spec: ModelSpec, progress: bool = True) -> Path:
     """The local HF-format folder for a spec: built, downloaded, or as given."""
-    spec = parse_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "folder":
         hf_folder.read_config(spec.path)
         return spec.path
@@ -43,7 +44,7 @@ def model_folder(spec: ModelSpec | str, progress: bool = True) -> Path:
 @dataclass(frozen=True)
 class ResolvedModel:
     """A model spec turned, once, at the command's edge, into its local folder: what every later
-    step (pairing a draft, loading on each engine, records) is given instead of the text."""
+    step (pairing a draft, loading on each engine, records, checkpoints) is given instead of the text."""
 
     spec: ModelSpec
     folder: Path
@@ -51,34 +52,38 @@ class ResolvedModel:
     def __str__(self) -> str:
         return self.spec.text
 
+    @property
+    def card(self):
+        """The registry's card (alias, licence, family), or None for a folder or Hub id it does not know."""
+        return self.spec.card
 
-def resolve(model: "ResolvedModel | ModelSpec | str", progress: bool = True) -> ResolvedModel:
-    """Parse the spec and find, build, convert or download its folder (once; a ResolvedModel passes)."""
-    if isinstance(model, ResolvedModel):
-        return model
-    spec = parse_spec(model) if isinstance(model, str) else model
+    @cached_property
+    def source(self) -> dict | None:
+        """Where the weights came from, as records say it: a GGUF file and its quantization type,
+        seeded random weights, or None (a folder as published, a Hub snapshot)."""
+        return hf_folder.provenance(self.folder)
+
+    @cached_property
+    def digest(self) -> str:
+        """A hash of the folder's content (config, weights, tokenizer), each file hashed once per
+        size and modification time: what a checkpoint's identity uses, so a changed folder never
+        resumes an old run."""
+        return folder_digest(self.folder)
+
+
+def resolve(text: str, progress: bool = True) -> ResolvedModel:
+    """Parse the spec and find, build, convert or download its folder: once per command."""
+    return resolve_spec(parse_spec(text), progress)
+
+
+def resolve_spec(spec: ModelSpec, progress: bool = True) -> ResolvedModel:
+    """An already parsed spec's folder (a command that checks two specs against each other first)."""
     return ResolvedModel(spec, model_folder(spec, progress))
 
 
-def weights_source(spec: "ResolvedModel | ModelSpec | str") -> dict | None:
-    """What a record says the weights are: a GGUF file with its quantization type, seeded random
-    weights, or None (a folder as published, a Hub id). From the folder when resolved, else from
-    the spec alone (no conversion, no download)."""
-    if isinstance(spec, ResolvedModel):
-        return hf_folder.provenance(spec.folder)
-    try:
-        spec = parse_spec(spec) if isinstance(spec, str) else spec
-    except UserError:
-        return None
-    if spec.kind == "gguf":
-        from backends.folders.gguf_folder import read_header
-
-        header = read_header(spec.path)
-        return {"kind": "gguf", "file": spec.path.name, "quantization": header["quantization"],
-                "note": f"{header['quantization']} GGUF weights, dequantized: not the original weights"}
-    if spec.kind in ("random", "tiny"):
-        return {"kind": spec.kind, "note": "seeded random weights: speed and memory only, not quality"}
-    return None
+def derived(folder: Path, label: str) -> ResolvedModel:
+    """A folder billion built from another (a layers:N draft, a damped target) as a model of its own."""
+    return ResolvedModel(ModelSpec(label, "folder", None, path=folder), folder)
 
 
 def download(spec: ModelSpec, progress: bool = True) -> Path:
@@ -121,15 +126,44 @@ def check_memory(path: Path, dtype: str | None, engine: str, device: str | None)
                         f"to the {engine} engine; try --dtype bfloat16 or --quantize int8")
 
 
-def load(engine: str, model: ResolvedModel | ModelSpec | str, *, device=None, dtype=None,
-         trust_remote_code=False, quantize=None, group_size=64, compile=False, progress=True) -> Backend:
+def load(engine: str, model: ResolvedModel, options: "LoadOptions | None" = None) -> Backend:
+    """Load a resolved model on one engine, after checking its weights fit in memory."""
+    options = options or LoadOptions()
     cls = backends.get(engine)  # fails early, naming the install command
-    if compile and not cls.compiles:
-        raise UserError(f"--compile is a torch engine option; the {engine} engine has no compiled decode step "
-                        f"(use -b torch)")
-    path = resolve(model, progress).folder
-    if not quantize:
-        check_memory(path, dtype, engine, device)
-    extra = {"compile": True} if compile else {}
-    return cls.load(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                    quantize=quantize, group_size=group_size, **extra)
+    if not options.quantize:
+        check_memory(model.folder, options.dtype, engine, options.device)
+    return cls.load(model.folder, **options.engine_kwargs())
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How every model-loading command loads a model (its --device, --dtype, --quantize, ... options)."""
+
+    device: str | None = None
+    dtype: str | None = None
+    quantize: str | None = None
+    group_size: int = 64
+    trust_remote_code: bool = False
+    compile: bool = False  # torch only: a torch.compile'd decode step
+
+    @classmethod
+    def from_options(cls, opts: dict) -> "LoadOptions":
+        """From a command's keyword options (the ones it does not take keep their defaults)."""
+        return cls(**{f.name: opts[f.name] for f in fields(cls) if opts.get(f.name) is not None})
+
+    def for_engine(self, engine: str) -> "tuple[LoadOptions, str | None]":
+        """The options as `engine` takes them, and why one was dropped: --compile is a torch option,
+        so in a several-engine run the other engines decode as usual (the one place this is decided)."""
+        if self.compile and not backends.get(engine).compiles:
+            return replace(self, compile=False), f"--compile is a torch option: {engine} decodes as usual"
+        return self, None
+
+    def engine_kwargs(self) -> dict:
+        kw = asdict(self)
+        if not kw["compile"]:
+            kw.pop("compile")  # engines that cannot compile take no such argument
+        return kw
+
+    def record(self) -> dict:
+        """What records' config says of the loading."""
+        return asdict(self)

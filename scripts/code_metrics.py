@@ -59,10 +59,10 @@ def main(root: Path) -> None:
     print(f"parse_spec call sites: {len(parse_spec_calls)}: {', '.join(parse_spec_calls)}")
     funcs.sort(reverse=True)
     over = [f for f in funcs if f[0] > 60]
-    print(f"largest functions: " + "; ".join(f"{n} lines {where}" for n, where in funcs[:3]))
+    print("largest functions: " + "; ".join(f"{n} lines {where}" for n, where in funcs[:3]))
     print(f"functions over 60 lines: {len(over)}")
     modules.sort(reverse=True)
-    print(f"largest modules: " + "; ".join(f"{n} lines {where}" for n, where in modules[:3]))
+    print("largest modules: " + "; ".join(f"{n} lines {where}" for n, where in modules[:3]))
     readme = root / "README.md"
     print(f"README.md: {len(readme.read_text().splitlines())} lines")
 

@@ -31,9 +31,9 @@ def billion_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_folder(billion_home):
     """alias -> folder of the tiny model of that family (built once)."""
-    from billion.loading import model_folder
+    from billion.loading import resolve
 
-    return lambda alias="tinyllama": model_folder(f"tiny:{alias}", progress=False)
+    return lambda alias="tinyllama": resolve(f"tiny:{alias}", progress=False).folder
 
 
 _loaded: dict = {}

@@ -61,7 +61,7 @@ def test_bench_warms_a_compiled_decode_up_at_the_timed_length(tiny_folder, tiny_
 
 
 def test_compile_on_an_engine_without_it_is_a_clear_error(tiny_folder):
-    from billion.loading import load
+    from billion.loading import LoadOptions, load, resolve
 
     with pytest.raises(UserError, match="--compile is a torch engine option"):
-        load("mlx", tiny_folder("tinyllama"), compile=True)
+        load("mlx", resolve(str(tiny_folder("tinyllama"))), LoadOptions(compile=True))

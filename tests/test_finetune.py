@@ -18,7 +18,7 @@ import backends
 from backends.folders import adapters
 from backends.types import UserError
 from backends.training import TrainConfig, plan_steps
-from billion.tasks import finetune_data
+from billion.tasks import finetune_data as data
 from tests.conftest import ENGINES
 
 FAMILIES = ["tinyllama", "pythia-1b"]  # Llama (q_proj, v_proj) and GPT-NeoX (fused query_key_value)

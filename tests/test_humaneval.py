@@ -102,5 +102,5 @@ def test_tiny_model_run_both_engines_resumes_after_ctrl_c(results_dir, monkeypat
     assert json.dumps(done["torch"]["config"]["stop_sequences"]) == json.dumps(list(he.STOP_SEQUENCES))
 
 
-def _with_runner(run_fn, runner):
-    return lambda *args, **kwargs: run_fn(*args, **kwargs, runner=runner)
+def _with_runner(run_fn, execute):
+    return lambda *args, **kwargs: run_fn(*args, **kwargs, execute=execute)

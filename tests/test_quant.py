@@ -12,7 +12,13 @@ from click.testing import CliRunner
 from backends.types import GenerationConfig, UserError
 from billion.tasks import quality
 from billion.cli import cli
-from billion.loading import load
+from billion.loading import LoadOptions, resolve
+from billion.loading import load as load_model
+
+
+def load(engine, folder, progress=False, **options):
+    """A folder resolved, then loaded with these options."""
+    return load_model(engine, resolve(str(folder), progress=progress), LoadOptions(**options))
 from tests.conftest import ENGINES
 
 PROMPT = "Why is the sky blue? Sunlight scatters off"
@@ -174,7 +180,7 @@ QLORA_SCHEME = {"mlx": "int8", "torch": "int8"}
 
 def _qlora(engine, tiny_folder, tmp_path, scheme):
     from backends.training import TrainConfig
-    from billion.tasks import finetune_data
+    from billion.tasks import finetune_data as data
 
     b = _load(engine, tiny_folder, scheme)
     examples, _ = data.encode(b, data.read_rows("sample")[:12], 256, data.use_chat(b, None))
@@ -254,7 +260,7 @@ def test_quality_reports_the_mmlu_difference_when_data_is_present(tiny_folder, t
 def test_adapter_fuse_into_a_quantized_folder(tiny_folder, tmp_path, engine):
     # an adapter trained on the full-precision model, fused into a quantized folder of it
     from backends.training import TrainConfig
-    from billion.tasks import finetune_data
+    from billion.tasks import finetune_data as data
 
     b = _load(engine, tiny_folder)
     examples, _ = data.encode(b, data.read_rows("sample")[:12], 256, data.use_chat(b, None))

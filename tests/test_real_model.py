@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends.base import log_softmax
+from backends.scoring import log_softmax
 from backends.types import GenerationConfig
 from backends.training import TrainConfig
-from billion.tasks import finetune_data
+from billion.tasks import finetune_data as data
 from billion.tasks.compare import kl_per_position
 from billion.tasks.quality import default_text
 from tests.conftest import ENGINES

@@ -44,7 +44,7 @@ def pair(billion_home):
     damped = prepare_pair("tiny:tinyllama", "layers:1", damp=0.1)
     card = card_for("tinyllama")
     other = build_folder(billion_home / "models" / "tiny-tinyllama-seed1", card.config, card.family, tiny=True, seed=1)
-    return plain.target, plain.draft, damped.target, other
+    return plain.target.folder, plain.draft.folder, damped.target.folder, other
 
 
 _models: dict = {}

@@ -15,7 +15,6 @@ loads it names them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections import Counter
@@ -23,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from backends.folders import hf_folder
+from backends.folders.digests import file_digest
 from backends.types import UserError
 
 GGUF_MAGIC = b"GGUF"
@@ -31,14 +31,6 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
               11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
               17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
 INSTALL_GGUF = "pip install gguf"
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_header(path: Path) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from billion.commands import console
+from billion.ui import console
 
 
 @click.command()
@@ -39,16 +39,17 @@ def adapter_fuse(model, adapter, dest, keep_fused_layers_full):
     """Merge a LoRA adapter (either format) into its base model: an HF-format folder both engines load."""
     from backends.folders import hf_folder
     from backends.folders.adapters import fuse
-    from billion.loading import model_folder
+    from billion.loading import resolve
 
-    base = model_folder(model)
+    model = resolve(model)
+    base = model.folder
     config = hf_folder.read_config(base)
     if "quantization" in config or "quantization_config" in config:
         from billion.tasks.quantized_fuse import fuse_folder
 
         engine = "mlx" if "quantization" in config else "torch"  # mlx-lm's key / transformers' key
         with console.status(f"fusing into the quantized base on {engine} (dequantize, fuse, re-quantize, check)..."):
-            check = fuse_folder(engine, base, adapter, dest, requantize=not keep_fused_layers_full)
+            check = fuse_folder(engine, model, adapter, dest, requantize=not keep_fused_layers_full)
         console.print(f"fused model: {dest} ({check['fuse']}; the fused logits keep "
                       f"{check['adapter_effect_kept']:.0%} of the adapter's effect)")
         return

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 from rich.table import Table
 
+from billion.options import bench_options, engines, load_options, mmlu_options, model_options, results_option
 from billion.tasks.bench import BenchConfig
-from billion.commands import (bench_options, console, engines, evaluate_mmlu, fmt, load_kwargs, loaded,
-                              loaded_draft, mmlu_options, model_options, prepare_mmlu, print_engine, results_option,
-                              write_mmlu_record)
+from billion.ui import console, fmt
 
 
 @click.command()
@@ -37,92 +34,106 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
     --backend all, engines run one after the other on the same weights and a parity
     check compares their next-token distributions teacher-forced on the same tokens.
     """
-    from contextlib import nullcontext
-
-    from billion.tasks import bench as task
-    from billion.tasks.compare import parity as parity_check, ratios
-    from billion.records.store import make_record, write_record
+    from billion.evaluation import mmlu_options_of, prepare_mmlu
     from billion.loading import resolve
+    from billion.runner import Runner
+    from billion.tasks import bench as task
     from billion.tasks.speculate import draft_name, prepare_pair
 
     cfg = task.BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs, warmup=warmup, seed=seed,
                            num_draft=num_draft)
-    model = resolve(model)  # once: every step below gets the folder, not the text
-    pair = None
-    if draft:  # the vocabulary check runs before any model loads
-        pair = prepare_pair(model, draft)
+    pair = prepare_pair(model, draft) if draft else None  # the vocabulary check runs before any model loads
+    model = pair.target if pair else resolve(model)
     names = engines(backend)
-    mmlu_run = None
-    if with_mmlu:  # the questions load before any model: missing data fails fast
-        mmlu_run = prepare_mmlu(**{k[len("mmlu_"):]: v for k, v in opts.items() if k.startswith("mmlu_")})
-    done, parity_data, parity_seq = {}, {}, None
-    interrupted = False
-    for name in names:
-        started = time.time()
-        with loaded(name, model, **load_kwargs(opts)) as b, \
-                (loaded_draft(name, pair.draft, **load_kwargs(opts)) if pair else nullcontext()) as d:
-            info = b.info()
-            print_engine(name, info, parameters=True)
+    mmlu_opts = mmlu_options_of(opts)
+    mmlu_run = prepare_mmlu(**mmlu_opts) if with_mmlu else None  # missing data fails before any model loads
+    done, parity_data = {}, {}
+    with Runner("bench", model, load_options(opts), cfg, results_dir) as runner:
+        for run in runner.engines(names, parameters=True):
+            with runner.draft(run.name, pair) as d:
+                result = task.BenchResult(cfg)
+                with runner.until_interrupted(run):
+                    task.run_bench(run.backend, cfg, draft=d, on_run=_progress(runs, warmup), result=result)
+                metrics = task.summarise(run.backend, result)
+                if parity and len(names) > 1 and result.runs and not run.interrupted:
+                    parity_data[run.name] = _parity_logits(runner, run, cfg, result, parity_data)
+                if mmlu_run and not run.interrupted:
+                    metrics.update(_with_mmlu(runner, run, *mmlu_run))
+                if run.info.compiled:  # the compile time is known once the warm-up has paid it
+                    run.info = run.backend.info()
+                    console.print(f"  {run.info.compiled}")
+                runner.record(run, metrics, config={"draft": draft_name(draft)},
+                              extra={"runs": [r.__dict__ for r in result.runs]})
+                done[run.name] = metrics
+        _print_table(model, done)
+        _print_ratios(done)
+        _print_parity(runner, cfg, parity_data)
 
-            def progress(kind, i, run):
-                if run:
-                    console.print(f"  run {i}/{runs}: TTFT {run.ttft_s:.3f} s, decode {run.decode_tps:.2f} tok/s")
-                else:
-                    console.print(f"  warm-up {i}/{warmup} done")
 
-            result = task.run_bench(b, cfg, draft=d, on_run=progress)
-            metrics = dict(result.metrics)
-            if parity and len(names) > 1 and result.runs and not result.interrupted:
-                if parity_seq is None:  # every engine is scored on the first engine's tokens
-                    parity_seq = task.random_prompt(b.vocab_size, prompt_tokens, seed) + result.runs[0].tokens
-                with console.status(f"parity: {name} logits on {len(parity_seq)} tokens..."):
-                    try:
-                        parity_data[name] = (b.logits(parity_seq), result.runs[0].tokens)
-                    except KeyboardInterrupt:
-                        result.interrupted = True
-            if mmlu_run and not result.interrupted:
-                from billion.tasks.mmlu import bench_metrics
+def _progress(runs: int, warmup: int):
+    def progress(kind, i, run):
+        if run:
+            console.print(f"  run {i}/{runs}: TTFT {run.ttft_s:.3f} s, decode {run.decode_tps:.2f} tok/s")
+        else:
+            console.print(f"  warm-up {i}/{warmup} done")
 
-                scored = evaluate_mmlu(b, str(model), *mmlu_run, results_dir, opts)
-                metrics.update(bench_metrics(write_mmlu_record(name, model, mmlu_run[1], scored, info, opts,
-                                                               results_dir, started)))
-                result.interrupted = scored.interrupted
-            if info.compiled:  # the compile time is known once the warm-up has paid it
-                info = b.info()
-                console.print(f"  {info.compiled}")
-            status = "interrupted" if result.interrupted else "complete"
-            config = {**task.config_dict(cfg), **load_kwargs(opts), "draft": draft_name(draft)}
-            record = make_record("bench", name, model, config, metrics, started=started, status=status,
-                                 extra={"model_info": info.__dict__, "runs": [r.__dict__ for r in result.runs]})
-            path = write_record(record, results_dir)
-            console.print(f"  record: {path}")
-            done[name] = metrics
-            if result.interrupted:
-                interrupted = True
-                break
+    return progress
 
-    _print_table(model, done)
-    if len(done) > 1:
-        first, *others = list(done)
-        for other in others:
-            r = ratios(done[first], done[other])
-            console.print(f"ratios {other}/{first}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
-        if done[first].get("memory_source") != done[others[0]].get("memory_source"):
-            console.print("peak memory: different counters per engine, shown side by side, not divided")
-    if len(parity_data) > 1:
-        (a_name, (la, ta)), *rest = parity_data.items()
-        for b_name, (lb, tb) in rest:
-            p = parity_check(la, lb, ta, tb)
-            console.print(f"[bold]parity {a_name} vs {b_name}[/] ({p['positions']} positions, teacher-forced): "
-                          f"top-1 agreement {p['top1_agreement']:.1%}, max |Δlogit| {p['max_abs_logit_diff']:.2e}, "
-                          f"mean KL {p['mean_kl']:.2e}, max KL {p['max_kl']:.2e}, first greedy divergence: "
-                          f"{p['first_greedy_divergence'] if p['first_greedy_divergence'] is not None else 'none'}"
-                          f" in {p['greedy_tokens_compared']} tokens")
-            rec = make_record("parity", f"{a_name},{b_name}", model, {**task.config_dict(cfg), **load_kwargs(opts)},
-                              p, started=time.time())
-            console.print(f"  record: {write_record(rec, results_dir)}")
-    if interrupted:
-        raise KeyboardInterrupt
+
+def _parity_logits(runner, run, cfg, result, parity_data: dict):
+    """The engine's logits on the parity sequence: the first engine's prompt and greedy tokens, so
+    every engine is scored teacher-forced on the same tokens."""
+    from billion.tasks import bench as task
+
+    if parity_data:
+        seq = next(iter(parity_data.values()))[2]
+    else:
+        seq = task.random_prompt(run.backend.vocab_size, cfg.prompt_tokens, cfg.seed) + result.runs[0].tokens
+    with console.status(f"parity: {run.name} logits on {len(seq)} tokens..."), runner.until_interrupted(run):
+        return run.backend.logits(seq), result.runs[0].tokens, seq
+    return None
+
+
+def _with_mmlu(runner, run, subjects, mmlu_cfg) -> dict:
+    """bench --mmlu: MMLU scored on the loaded engine, its own record, its accuracy for the table."""
+    from billion.evaluation import evaluate_mmlu, mmlu_record_parts
+    from billion.tasks.mmlu import bench_metrics
+
+    scored = evaluate_mmlu(runner, run, subjects, mmlu_cfg)
+    metrics, extra = mmlu_record_parts(scored, mmlu_cfg)
+    runner.record(run, {k: v for k, v in metrics.items() if k != "per_subject"}, extra=extra, task="mmlu",
+                  settings=mmlu_cfg)
+    return bench_metrics(metrics)
+
+
+def _print_ratios(done: dict) -> None:
+    from billion.tasks.compare import ratios
+
+    if len(done) < 2:
+        return
+    first, *others = list(done)
+    for other in others:
+        r = ratios(done[first], done[other])
+        console.print(f"ratios {other}/{first}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
+    if done[first].get("memory_source") != done[others[0]].get("memory_source"):
+        console.print("peak memory: different counters per engine, shown side by side, not divided")
+
+
+def _print_parity(runner, cfg, parity_data: dict) -> None:
+    from billion.tasks.compare import parity as parity_check
+
+    parity_data = {k: v for k, v in parity_data.items() if v is not None}
+    if len(parity_data) < 2:
+        return
+    (a_name, (la, ta, _)), *rest = parity_data.items()
+    for b_name, (lb, tb, _) in rest:
+        p = parity_check(la, lb, ta, tb)
+        divergence = p["first_greedy_divergence"]
+        console.print(f"[bold]parity {a_name} vs {b_name}[/] ({p['positions']} positions, teacher-forced): "
+                      f"top-1 agreement {p['top1_agreement']:.1%}, max |Δlogit| {p['max_abs_logit_diff']:.2e}, "
+                      f"mean KL {p['mean_kl']:.2e}, max KL {p['max_kl']:.2e}, first greedy divergence: "
+                      f"{divergence if divergence is not None else 'none'} in {p['greedy_tokens_compared']} tokens")
+        runner.agreement(a_name, b_name, p, task="parity", config=runner.options.record())
 
 
 def _print_table(model: str, done: dict) -> None:

@@ -15,9 +15,9 @@ from rich.table import Table
 from rich.text import Text
 
 from backends.types import UserError
+from billion.options import engines, load_options, model_options, results_option
 from billion.tasks.chat import FALLBACK_TEMPLATE
-from billion.commands import (console, engines, fmt, load_kwargs, loaded, loaded_draft, model_options,
-                              results_option)
+from billion.ui import console, fmt
 
 HELP = """\
 /clear          forget the conversation (the system message stays)
@@ -75,68 +75,67 @@ def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, t
     session its statistics (not the conversation).
     """
     from backends.types import GenerationConfig
+    from billion.loading import resolve
+    from billion.runner import Runner
     from billion.tasks.speculate import prepare_pair
 
     if as_json and prompt is None:
         raise UserError("--json needs --prompt")
-    models = [model] + [m.strip() for spec in compare_models for m in spec.split(",") if m.strip()]
-    targets = [(name, spec) for spec in dict.fromkeys(models) for name in engines(backend)]
+    if draft and compare_models:
+        raise UserError("--draft drafts for --model; it cannot be combined with --compare")
+    specs = dict.fromkeys([model] + [m.strip() for spec in compare_models for m in spec.split(",") if m.strip()])
+    pair = prepare_pair(model, draft) if draft else None  # as bench: vocabularies checked before any model loads
+    models = [pair.target] if pair else [resolve(spec) for spec in specs]  # each resolved once
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, top_k=top_k,
                            min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(stops))
-    if draft:  # as bench does: layers:N built, vocabularies checked, before any model loads
-        if compare_models:
-            raise UserError("--draft drafts for --model; it cannot be combined with --compare")
-        pair = prepare_pair(model, draft)
-        draft, draft_label = pair.draft, pair.draft_label
     config = {"system": system, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
               "seed": seed, "top_k": top_k, "min_p": min_p, "repetition_penalty": repetition_penalty,
               "stop": list(stops), "prompt_cache": not no_prompt_cache,
-              "draft": draft_label if draft else None, "num_draft": num_draft if draft else None,
-              **load_kwargs(opts)}
-    setup = Setup(targets, gen, system, draft, num_draft, load_kwargs(opts), config, results_dir,
+              "draft": pair.draft_label if pair else None, "num_draft": num_draft if pair else None}
+    runners = [Runner("chat", m, load_options(opts), config, results_dir) for m in models]
+    setup = Setup([(name, r) for r in runners for name in engines(backend)], gen, system, pair, num_draft,
                   not no_prompt_cache)
-    if prompt is not None:
-        answer_once(setup, prompt, as_json)
-    else:
-        interactive(setup)
+    with ExitStack() as stack:
+        for r in runners:  # each exits 130 at the end if one of its replies was interrupted
+            stack.enter_context(r)
+        if prompt is not None:
+            answer_once(setup, prompt, as_json)
+        else:
+            interactive(setup)
 
 
 @dataclass
 class Setup:
     """What every model in the conversation shares."""
 
-    targets: list[tuple[str, str]]  # (engine, model spec)
+    targets: list[tuple[str, object]]  # (engine, the Runner of a model)
     gen: object  # GenerationConfig
     system: str | None
-    draft: object  # a draft model's spec, an NgramDraft, or None
+    pair: object  # the model and its draft (speculate.Pair), or None
     num_draft: int
-    load_opts: dict
-    config: dict  # for the records
-    results_dir: str
     prompt_cache: bool = True
 
-    def new_chat(self, engine: str, backend, stack: ExitStack, drafts: dict):
+    def new_chat(self, runner, engine: str, backend, stack: ExitStack, drafts: dict):
         from billion.tasks.chat import Chat
 
         draft = None
-        if self.draft:
+        if self.pair:
             if engine not in drafts:
-                drafts[engine] = stack.enter_context(loaded_draft(engine, self.draft, **self.load_opts))
+                drafts[engine] = stack.enter_context(runner.draft(engine, self.pair))
             draft = drafts[engine]
         return Chat(backend, self.gen, self.system, draft, self.num_draft, prompt_cache=self.prompt_cache)
 
-    def record(self, engine: str, spec: str, chat, started: float, mode: str, metrics: dict, status: str,
-               extra: dict) -> tuple[dict, Path]:
-        from billion.records.store import make_record, write_record
+    def record(self, runner, engine: str, chat, started: float, mode: str, metrics: dict, interrupted: bool,
+               extra: dict) -> dict:
+        from billion.runner import EngineRun
 
-        rec = make_record("chat", engine, spec, {**self.config, "mode": mode, "template": chat.template},
-                          metrics, started=started, status=status,
-                          extra={"model_info": chat.backend.info().__dict__, **extra})
-        return rec, write_record(rec, self.results_dir)
+        run = EngineRun(engine, chat.backend, chat.backend.info(), started, interrupted)
+        return runner.record(run, metrics, config={"mode": mode, "template": chat.template}, extra=extra)
 
 
-def label(engine: str, spec: str) -> str:
+def label(engine: str, model) -> str:
     """How a model and engine are named on screen: a local folder by its name."""
+    spec = str(model)
     path = Path(spec).expanduser()
     return f"{path.name if path.is_dir() else spec} ({engine})"
 
@@ -208,27 +207,24 @@ def answer_once(setup: Setup, prompt: str, as_json: bool) -> None:
     out = Console(stderr=True, highlight=False) if as_json else console
     single = len(setup.targets) == 1
     replies, records = {}, []
-    interrupted = False
-    for engine, spec in setup.targets:
+    for engine, runner in setup.targets:
+        runner.out = out  # with --json, stdout carries the records only
         started = time.time()
         with ExitStack() as stack:
-            backend = stack.enter_context(loaded(engine, spec, **setup.load_opts))
-            chat = setup.new_chat(engine, backend, stack, {})
-            name = label(engine, spec)
+            backend = stack.enter_context(runner.loaded(engine))
+            chat = setup.new_chat(runner, engine, backend, stack, {})
+            name = label(engine, runner.model)
             if not backend.has_chat_template:
                 out.print(f"{name}: {FALLBACK_TEMPLATE}", style="yellow", markup=False, soft_wrap=True)
             reply = run_reply(chat, prompt, out, show_text=single and not as_json, name=name)
-            interrupted = reply.stats.stop == "interrupted"
+            runner.interrupted = reply.stats.stop == "interrupted"  # Ctrl-C ended the reply: exit 130 after
             out.print(stats_line(reply.stats) if single else f"{name}: {stats_line(reply.stats)}", style="dim",
                       markup=False, soft_wrap=True)
-            rec, path = setup.record(engine, spec, chat, started, "prompt", reply.stats.as_metrics(),
-                                     "interrupted" if interrupted else "complete",
-                                     {"messages": chat.messages(), "reply": reply.text,
-                                      "reply_token_ids": reply.token_ids})
-            out.print(f"record: {path}", style="dim", soft_wrap=True, markup=False)
+            records.append(setup.record(runner, engine, chat, started, "prompt", reply.stats.as_metrics(),
+                                        runner.interrupted, {"messages": chat.messages(), "reply": reply.text,
+                                                             "reply_token_ids": reply.token_ids}))
             replies[name] = reply
-            records.append(rec)
-        if interrupted:
+        if runner.interrupted:
             break
     if not single:
         out.print(compare_table(replies))
@@ -236,32 +232,30 @@ def answer_once(setup: Setup, prompt: str, as_json: bool) -> None:
     if as_json:
         for rec in records:
             click.echo(json.dumps(rec, default=str))
-    if interrupted:
-        raise KeyboardInterrupt
 
 
 def interactive(setup: Setup) -> None:
     """The chat loop: every model and engine loaded at once, each with its own history."""
-    chats, started = {}, time.time()
+    chats, runners, started = {}, {}, time.time()
     with ExitStack() as stack:
         drafts: dict = {}
-        for engine, spec in setup.targets:
-            backend = stack.enter_context(loaded(engine, spec, **setup.load_opts))
-            chats[(engine, spec)] = setup.new_chat(engine, backend, stack, drafts)
+        for engine, runner in setup.targets:
+            backend = stack.enter_context(runner.loaded(engine))
+            key = (engine, str(runner.model))
+            chats[key], runners[key] = setup.new_chat(runner, engine, backend, stack, drafts), runner
         names = {key: label(*key) for key in chats}
         for key, c in chats.items():
             template = "chat template" if c.backend.has_chat_template else FALLBACK_TEMPLATE
             console.print(f"{names[key]}: {template}; context {c.backend.context_length} tokens"
-                          + (f"; draft {setup.draft}" if c.draft else ""), markup=False, soft_wrap=True)
+                          + (f"; draft {setup.pair.draft_label}" if c.draft else ""), markup=False, soft_wrap=True)
         console.print("[dim]/help for commands, /quit or Ctrl-D to leave[/]")
         try:
             loop(chats, names)
         finally:
             for (engine, spec), c in chats.items():
                 if c.replies:
-                    _, path = setup.record(engine, spec, c, started, "interactive", c.summary(), "complete",
-                                           {"replies": [r.as_metrics() for r in c.replies]})
-                    console.print(f"record: {path}", style="dim", soft_wrap=True, markup=False)
+                    setup.record(runners[(engine, spec)], engine, c, started, "interactive", c.summary(), False,
+                                 {"replies": [r.as_metrics() for r in c.replies]})
 
 
 def read_line() -> str | None:

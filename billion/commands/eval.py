@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 from rich.table import Table
 
-from billion.commands import (console, engines, fmt, load_kwargs, loaded, model_options, print_engine,
-                              results_option, versus_first, write_agreement)
+from billion.options import engines, load_options, model_options, results_option
+from billion.ui import console, fmt
 
 
 @click.command(name="eval")
@@ -35,8 +33,9 @@ def eval_(model, backend, tasks, include_path, num_fewshot, limit, apply_chat_te
     --backend all, the share of samples on which the engines agree and their largest
     log-likelihood difference.
     """
+    from billion.loading import resolve
+    from billion.runner import Runner, versus_first
     from billion.tasks import eval as task
-    from billion.records.store import make_record, write_record
 
     task.require_lm_eval()
     cfg = task.EvalConfig(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), include_path=include_path,
@@ -45,34 +44,24 @@ def eval_(model, backend, tasks, include_path, num_fewshot, limit, apply_chat_te
     with console.status("indexing lm-eval tasks..."):
         manager = task.task_manager(cfg.include_path, cfg.tasks)
     done: dict[str, dict] = {}
-    for name in engines(backend):
-        started = time.time()
-        with loaded(name, model, **load_kwargs(opts)) as b:
-            info = b.info()
-            print_engine(name, info)
-            with console.status(f"  {name}: lm-eval {', '.join(cfg.tasks)}..."):
-                per_task = task.run_engine(b, cfg, manager)
-        done[name] = per_task
-        for t, out in per_task.items():
-            record = make_record("eval", name, model, {**task.config_dict(cfg), "task": t, **load_kwargs(opts),
-                                                       "lm_eval": task.lm_eval_version()},
-                                 out["metrics"], started=started,
-                                 extra={"samples": out["samples"], "model_info": info.__dict__})
-            console.print(f"  record: {write_record(record, results_dir)}")
-
-    _print_table(model, done)
-    if len(done) > 1:
-        for first, a, other, b in versus_first(done):
-            for t in a:
-                if t not in b:
-                    continue
+    with Runner("eval", resolve(model), load_options(opts), cfg, results_dir) as runner:
+        for run in runner.engines(engines(backend)):
+            per_task = {}
+            with console.status(f"  {run.name}: lm-eval {', '.join(cfg.tasks)}..."), runner.until_interrupted(run):
+                per_task = task.run_engine(run.backend, cfg, manager)
+            for t, out in per_task.items() or {None: {"metrics": {}, "samples": []}}.items():
+                runner.record(run, out["metrics"], config={"task": t, "lm_eval": task.lm_eval_version()},
+                              extra={"samples": out["samples"]})
+            done[run.name] = per_task
+        _print_table(model, done)
+        for first, a, other, b in versus_first(done) if len(done) > 1 else ():
+            for t in a.keys() & b.keys():
                 agree = task.agreement(a[t]["samples"], b[t]["samples"])
                 share = agree["same_answer_share"]
                 console.print(f"[bold]{t}: {first} vs {other}[/]: same answer on "
                               f"{'-' if share is None else f'{share:.1%}'} of {agree['samples_compared']} samples; "
                               f"largest log-likelihood difference {fmt(agree['max_abs_loglik_diff'])}")
-                write_agreement("eval", first, other, model, {**task.config_dict(cfg), "task": t}, agree,
-                                results_dir)
+                runner.agreement(first, other, agree, config={"task": t})
 
 
 def _print_table(model: str, done: dict) -> None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from backends.training import TrainConfig
+from billion.options import engines, load_options, model_options, results_option
 from billion.tasks.finetune import FinetuneConfig
-from billion.commands import console, engines, fmt, load_kwargs, loaded, model_options, results_option
+from billion.ui import console, fmt
 
 
 @click.command()
@@ -65,9 +64,10 @@ def finetune(model, backend, data, lora_rank, alpha, dropout, targets, epochs, s
     the last checkpoint; --resume continues from it. Under torchrun / accelerate launch
     (torch) or mlx.launch (MLX) it trains data-parallel.
     """
-    from backends.training import TrainConfig
+    from billion.loading import resolve
+    from billion.records.store import _slug
+    from billion.runner import Runner
     from billion.tasks import finetune as task
-    from billion.records.store import _slug, make_record, write_record
 
     tcfg = TrainConfig(rank=lora_rank, alpha=alpha, dropout=dropout,
                        targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else (),
@@ -78,37 +78,34 @@ def finetune(model, backend, data, lora_rank, alpha, dropout, targets, epochs, s
                               out_dir=out_dir or f"adapters/{_slug(model)}", resume=resume, fuse=fuse, train=tcfg)
     main = task.is_main_process()
     say = console.print if main else (lambda *a, **k: None)
-    names = engines(backend)
     prepared, runs = None, {}
-    for name in names:
-        started = time.time()
-        with loaded(name, model, **load_kwargs(opts)) as b:
+    with Runner("finetune", resolve(model), load_options(opts), cfg, results_dir) as runner:
+        for run in runner.engines(engines(backend), parameters=True):
             if prepared is None:  # tokenized once: every engine trains on these ids and masks
-                prepared = task.prepare(b, cfg)
-                t = prepared.train_config
-                say(f"data: {len(prepared.train)} train / {len(prepared.val)} validation examples from {data}"
-                    f"{' (chat template)' if prepared.chat else ''}"
-                    + (f", {prepared.dropped} dropped (no target within --max-seq-len)" if prepared.dropped else "")
-                    + f"; {t.steps} steps of {t.batch_size} x {t.grad_accum} examples")
-            info = b.info()
-            say(f"[bold]{name}[/]: {info.architecture}, {info.parameters / 1e6:.1f}M parameters, {info.dtype} on "
-                f"{info.device}" + (f", {info.quantization}" if info.quantization else ""))
-            run = _train_with_progress(task, b, model, cfg, prepared, main)
-            status = "interrupted" if run.result.interrupted else "complete"
-            m = task.metrics(run)
+                prepared = task.prepare(run.backend, cfg)
+                say(_data_line(prepared, data))
+            trained = _train_with_progress(task, run.backend, runner.model, cfg, prepared, main)
+            if trained.result.interrupted:  # the trainer stopped at Ctrl-C, keeping its last checkpoint
+                runner.stop(run)
             if main:
-                record = make_record("finetune", name, model, {**task.config_dict(cfg, prepared), **load_kwargs(opts)},
-                                     m, started=started, status=status,
-                                     extra={**task.record_extra(run, prepared, cfg), "model_info": info.__dict__})
-                say(f"  adapter: {run.adapter_dir}" + (f"; fused model: {run.fused_dir}" if run.fused_dir else ""))
-                say(f"  record: {write_record(record, results_dir)}")
-                _answers_table(name, cfg.prompts, run)
-            runs[name] = run
-            if run.result.interrupted:
-                say(f"interrupted after step {run.result.steps_done}; continue with --resume")
-                raise KeyboardInterrupt
-    if main:
-        _summary(model, runs, task)
+                runner.record(run, task.metrics(trained), settings=task.config_dict(cfg, prepared),
+                              extra=task.record_extra(trained, prepared, cfg))
+                say(f"  adapter: {trained.adapter_dir}"
+                    + (f"; fused model: {trained.fused_dir}" if trained.fused_dir else ""))
+                _answers_table(run.name, cfg.prompts, trained)
+            runs[run.name] = trained
+            if run.interrupted:
+                say(f"interrupted after step {trained.result.steps_done}; continue with --resume")
+        if main and not runner.interrupted:
+            _summary(model, runs, task)
+
+
+def _data_line(prepared, data) -> str:
+    t = prepared.train_config
+    return (f"data: {len(prepared.train)} train / {len(prepared.val)} validation examples from {data}"
+            f"{' (chat template)' if prepared.chat else ''}"
+            + (f", {prepared.dropped} dropped (no target within --max-seq-len)" if prepared.dropped else "")
+            + f"; {t.steps} steps of {t.batch_size} x {t.grad_accum} examples")
 
 
 def _train_with_progress(task, backend, model, cfg, prepared, main):
@@ -131,7 +128,7 @@ def _train_with_progress(task, backend, model, cfg, prepared, main):
                 bar = progress.add_task(backend.name, total=prepared.train_config.steps, metrics="")
             progress.update(bar, description=f"{backend.name}: {text}")
 
-        return task.run(backend, model, cfg, prepared, on_step=on_step, on_phase=on_phase)
+        return task.run(backend, str(model), cfg, prepared, on_step=on_step, on_phase=on_phase)
 
 
 def _answers_table(name, prompts, run) -> None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from billion.options import engines, load_options, model_options, results_option
 from billion.tasks.humaneval import REFUSAL, HumanEvalConfig
-from billion.commands import (console, engines, fmt, load_kwargs, loaded, model_options, print_engine,
-                              results_option, versus_first, write_agreement)
+from billion.ui import console, fmt, progress_bar
 
 
 @click.command()
@@ -36,57 +33,53 @@ def humaneval(model, backend, limit, max_tokens, timeout_s, confirm_run_unsafe_c
     """
     if not confirm_run_unsafe_code:
         raise click.ClickException(REFUSAL)
+    from billion.loading import resolve
+    from billion.runner import Runner, versus_first
     from billion.tasks import humaneval as task
-    from billion.records.store import make_record, write_record
 
     problems = task.load_problems()
     cfg = HumanEvalConfig(limit=limit, max_tokens=max_tokens, timeout_s=timeout_s)
-    total = len(problems[:limit])
-    done, interrupted = {}, False
-    for name in engines(backend):
-        started = time.time()
-        with loaded(name, model, **load_kwargs(opts)) as b:
-            info = b.info()
-            print_engine(name, info)
-            identity = {"model": model, "backend": name, **load_kwargs(opts), "device_used": info.device,
-                        "max_tokens": max_tokens, "timeout_s": timeout_s}
-            checkpoint = task.Checkpoint(results_dir, identity)
-            if not resume:
-                checkpoint.remove()
-            with Progress(TextColumn(f"  {name} HumanEval"), BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), console=console, transient=True) as bar:
-                progress = bar.add_task("humaneval", total=total)
-                previous = checkpoint.load()
-                bar.advance(progress, len([k for k in previous if k in {p.task_id for p in problems[:limit]}]))
-
-                def solved(s):
-                    checkpoint.append(s)
-                    bar.advance(progress, 1)
-
-                result = task.run(b, problems, cfg, done=previous, on_solved=solved)
-        resumed = len(result.solved) - result.new
-        if resumed:
-            console.print(f"  resumed {resumed} problems already solved ({checkpoint.path})")
-        metrics = task.summarise(result)
-        record = make_record("humaneval", name, model, {**task.config_dict(cfg), **load_kwargs(opts)}, metrics,
-                             started=started, status="interrupted" if result.interrupted else "complete",
-                             extra={"samples": [s.__dict__ for s in result.solved.values()],
-                                    "model_info": info.__dict__})
-        console.print(f"  {name}: pass@1 {fmt(metrics['pass_at_1'], 3)} ({metrics['passed']}/{metrics['problems']})")
-        console.print(f"  record: {write_record(record, results_dir)}")
-        done[name] = result
-        if result.interrupted:
-            console.print(f"  interrupted: {len(result.solved)}/{total} solved; rerun the same command to resume")
-            interrupted = True
-            break
-        checkpoint.remove()
-
-    if len(done) > 1:
-        for first, a, other, b in versus_first(done):
+    done = {}
+    with Runner("humaneval", resolve(model), load_options(opts), cfg, results_dir) as runner:
+        for run in runner.engines(engines(backend)):
+            result = _solve(runner, run, problems, cfg, resume)
+            metrics = task.summarise(result)
+            console.print(f"  {run.name}: pass@1 {fmt(metrics['pass_at_1'], 3)} "
+                          f"({metrics['passed']}/{metrics['problems']})")
+            runner.record(run, metrics, extra={"samples": [s.__dict__ for s in result.solved.values()]})
+            done[run.name] = result
+        for first, a, other, b in versus_first(done) if len(done) > 1 else ():
             agree = task.agreement(a, b)
             console.print(f"[bold]{first} vs {other}[/]: same completion on "
                           f"{fmt(agree.get('same_completion_share'), 3)}, same outcome on "
                           f"{fmt(agree.get('same_outcome_share'), 3)} of {agree['problems_compared']} problems")
-            write_agreement("humaneval", first, other, model, task.config_dict(cfg), agree, results_dir)
-    if interrupted:
-        raise KeyboardInterrupt
+            runner.agreement(first, other, agree)
+
+
+def _solve(runner, run, problems, cfg, resume: bool):
+    """The problems on one engine with a progress bar, resumed from (and kept in) the checkpoint."""
+    from billion.tasks import humaneval as task
+
+    identity = {"max_tokens": cfg.max_tokens, "timeout_s": cfg.timeout_s}
+    checkpoint = runner.checkpoint(run, identity, resume, decode=lambda d: task.Solved(**d))
+    total = len(problems[:cfg.limit])
+    result = task.HumanEvalResult(cfg)
+    with progress_bar(f"  {run.name} HumanEval") as bar:
+        progress = bar.add_task("humaneval", total=total)
+        previous = checkpoint.load()
+        bar.advance(progress, len({s.task_id for s in previous} & {p.task_id for p in problems[:cfg.limit]}))
+
+        def solved(s):
+            checkpoint.append([s])
+            bar.advance(progress, 1)
+
+        with runner.until_interrupted(run):
+            task.run(run.backend, problems, cfg, done=previous, on_solved=solved, result=result)
+    resumed = len(result.solved) - result.new
+    if resumed:
+        console.print(f"  resumed {resumed} problems already solved ({checkpoint.path})")
+    if run.interrupted:
+        console.print(f"  interrupted: {len(result.solved)}/{total} solved; rerun the same command to resume")
+    else:
+        checkpoint.remove()
+    return result

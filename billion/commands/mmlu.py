@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 from rich.table import Table
 
-from billion.commands import (console, engines, evaluate_mmlu, fmt, load_kwargs, loaded, mmlu_options, model_options,
-                              prepare_mmlu, print_engine, results_option, versus_first, write_agreement,
-                              write_mmlu_record)
+from billion.options import engines, load_options, mmlu_options, model_options, results_option
+from billion.ui import console, fmt
 
 
 @click.command()
@@ -27,33 +24,27 @@ def mmlu(model, backend, shots, method, subjects, limit, data, batch_size, max_t
     questions where they chose the same answer is reported. Ctrl-C keeps what was scored;
     rerunning the same command resumes.
     """
+    from billion.evaluation import evaluate_mmlu, mmlu_record_parts, prepare_mmlu
+    from billion.loading import resolve
+    from billion.runner import Runner, versus_first
     from billion.tasks import mmlu as task
 
     subject_data, cfg = prepare_mmlu(shots, method, subjects, limit, data, batch_size, max_tokens)
-    names = engines(backend)
-    done, interrupted = {}, False
-    for name in names:
-        started = time.time()
-        with loaded(name, model, **load_kwargs(opts)) as b:
-            info = b.info()
-            print_engine(name, info)
-            result = evaluate_mmlu(b, model, subject_data, cfg, results_dir, opts, resume)
-        done[name] = (result, write_mmlu_record(name, model, cfg, result, info, opts, results_dir, started))
-        if result.interrupted:
-            interrupted = True
-            break
-
-    print_table(model, cfg, {n: m for n, (_, m) in done.items()})
-    if len(done) > 1:
-        for first, (ra, _), other, (rb, _) in versus_first(done):
+    done = {}
+    with Runner("mmlu", resolve(model), load_options(opts), cfg, results_dir) as runner:
+        for run in runner.engines(engines(backend)):
+            result = evaluate_mmlu(runner, run, subject_data, cfg, resume)
+            metrics, extra = mmlu_record_parts(result, cfg)
+            runner.record(run, {k: v for k, v in metrics.items() if k != "per_subject"}, extra=extra)
+            done[run.name] = (result, metrics)
+        print_table(model, cfg, {n: m for n, (_, m) in done.items()})
+        for first, (ra, _), other, (rb, _) in versus_first(done) if len(done) > 1 else ():
             agree = task.agreement(ra, rb)
             share = agree.get("same_answer_share")
             console.print(f"[bold]{first} vs {other}[/]: same answer on "
                           f"{'-' if share is None else f'{share:.1%}'} of {agree['questions_compared']} "
                           f"questions; largest log-likelihood difference {fmt(agree.get('max_abs_loglik_diff'))}")
-            write_agreement("mmlu", first, other, model, task.config_dict(cfg), agree, results_dir)
-    if interrupted:
-        raise KeyboardInterrupt
+            runner.agreement(first, other, agree)
 
 
 def _acc(m: dict | None) -> str:

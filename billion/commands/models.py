@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from billion.commands import console
+from billion.ui import console
 
 
 @click.command()

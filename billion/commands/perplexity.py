@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 from rich.table import Table
 
+from billion.options import engines, load_options, model_options, results_option
 from billion.tasks.perplexity import PerplexityConfig
-from billion.commands import (console, engines, fmt, load_kwargs, loaded, model_options, print_engine,
-                              results_option, versus_first, write_agreement)
+from billion.ui import console, fmt
 
 
 @click.command()
@@ -32,30 +30,32 @@ def perplexity(model, backend, text_file, ctx, stride, results_dir, **opts):
     once. With --backend all: the largest per-token log-probability difference between
     engines. Ctrl-C keeps the windows scored.
     """
+    from billion.loading import resolve
+    from billion.runner import Runner, versus_first
     from billion.tasks import perplexity as task
     from billion.tasks.quality import read_text
-    from billion.records.store import make_record, write_record
 
     text, label = read_text(text_file)
     cfg = PerplexityConfig(ctx=ctx, stride=stride)
-    done, interrupted = {}, False
-    for name in engines(backend):
-        started = time.time()
-        with loaded(name, model, **load_kwargs(opts)) as b:
-            info = b.info()
-            print_engine(name, info)
-            with console.status(f"  {name}: scoring {label}...") as status:
-                result = task.measure(b, text, cfg, lambda i, n: status.update(f"  {name}: window {i}/{n}"))
-        metrics = result.metrics()
-        record = make_record("perplexity", name, model, {**task.config_dict(cfg), **load_kwargs(opts), "text": label},
-                             metrics, started=started, status="interrupted" if result.interrupted else "complete",
-                             extra={"model_info": info.__dict__})
-        console.print(f"  record: {write_record(record, results_dir)}")
-        done[name] = result
-        if result.interrupted:
-            interrupted = True
-            break
+    done = {}
+    with Runner("perplexity", resolve(model), load_options(opts), cfg, results_dir) as runner:
+        for run in runner.engines(engines(backend)):
+            result = task.PerplexityResult()
+            with console.status(f"  {run.name}: scoring {label}...") as status, runner.until_interrupted(run):
+                task.measure(run.backend, text, cfg, lambda i, n: status.update(f"  {run.name}: window {i}/{n}"),
+                             result=result)
+            runner.record(run, result.metrics(), config={"text": label})
+            done[run.name] = result
+        _print_table(model, label, ctx, stride, done)
+        for first, a, other, b in versus_first(done) if len(done) > 1 and not runner.interrupted else ():
+            agree = task.agreement(a, b)
+            console.print(f"[bold]{first} vs {other}[/]: largest per-token log-probability difference "
+                          f"{fmt(agree.get('max_abs_token_logprob_diff'))}, ln PPL difference "
+                          f"{fmt(agree.get('ln_ppl_diff'))} over {agree['tokens_compared']} tokens")
+            runner.agreement(first, other, agree, config={"text": label})
 
+
+def _print_table(model, label, ctx, stride, done: dict) -> None:
     table = Table(title=f"perplexity {model}: {label}, ctx {ctx}, stride {stride or ctx} (lm-eval rolling windows)")
     for col in ("engine", "tokens scored", "windows", "NLL / token", "perplexity"):
         table.add_column(col, justify="left" if col == "engine" else "right")
@@ -64,13 +64,3 @@ def perplexity(model, backend, text_file, ctx, stride, results_dir, **opts):
         table.add_row(name, str(m["tokens_scored"]), str(m["windows"]), fmt(m["nll_per_token"], 4),
                       fmt(m["perplexity"], 3))
     console.print(table)
-    if len(done) > 1 and not interrupted:
-        for first, a, other, b in versus_first(done):
-            agree = task.agreement(a, b)
-            console.print(f"[bold]{first} vs {other}[/]: largest per-token log-probability difference "
-                          f"{fmt(agree.get('max_abs_token_logprob_diff'))}, ln PPL difference "
-                          f"{fmt(agree.get('ln_ppl_diff'))} over {agree['tokens_compared']} tokens")
-            write_agreement("perplexity", first, other, model, {**task.config_dict(cfg), "text": label}, agree,
-                            results_dir)
-    if interrupted:
-        raise KeyboardInterrupt

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import click
 from rich.table import Table
 
+from billion.options import engines, load_options, mmlu_options, model_options, results_option
 from billion.tasks.quality import QualityConfig
-from billion.commands import (console, engines, fmt, load_kwargs, mmlu_options, model_options, prepare_mmlu,
-                              results_option)
+from billion.ui import console, fmt
 
 
 @click.command()
@@ -32,54 +33,54 @@ def quality(model, backend, text_file, ctx, chunks, mmlu, results_dir, **opts):
     engine, position by position over a fixed text. With --mmlu, the MMLU accuracy of each
     model too (see `billion mmlu` for its options, here prefixed --mmlu-).
     """
+    from billion.evaluation import mmlu_options_of
+    from billion.loading import resolve
+    from billion.runner import EngineRun, Runner
     from billion.tasks import quality as task
-    from billion.loading import load
-    from billion.records.store import make_record, write_record
 
-    mmlu_opts = {k[len("mmlu_"):]: opts.pop(k) for k in list(opts) if k.startswith("mmlu_")}
-    schemes = [opts["quantize"]] if opts["quantize"] else ["int8", "int4"]
+    mmlu_opts = mmlu_options_of(opts)
+    options = load_options(opts)
+    schemes = [options.quantize] if options.quantize else ["int8", "int4"]
     text, text_label = task.read_text(text_file)
     cfg = task.QualityConfig(ctx=ctx, chunks=chunks)
-    evaluate, mmlu_cfg = None, None
-    if mmlu:
-        from billion.tasks import mmlu as mmlu_task
+    evaluate, mmlu_cfg = (_mmlu_evaluation(mmlu_opts) if mmlu else (None, None))
+    rows = []
+    with Runner("quality", resolve(model), options, cfg, results_dir) as runner:
+        for name in engines(backend):
+            run = EngineRun(name, None, None, time.time())  # it loads one model per precision itself
 
-        subjects, mmlu_cfg = prepare_mmlu(**mmlu_opts)
+            def load_one(scheme):  # measure() closes each model before the next loads
+                return runner.load(name, options=replace(options, quantize=scheme),
+                                   label=f"{model} ({scheme or 'full precision'})")
 
-        def evaluate(b):
-            with console.status(f"MMLU on {b.name} ({b.quantization or 'full precision'})..."):
-                return mmlu_task.run_mmlu(b, subjects, mmlu_cfg)
+            result = task.QualityResult({})
+            with runner.until_interrupted(run):
+                task.measure(load_one, schemes, text, cfg, evaluate=evaluate, result=result,
+                             on_step=lambda scheme, i, n: console.print(f"  {name} {scheme}: window {i}/{n}"))
+            for scheme, metrics in result.metrics.items():
+                metrics = dict(metrics)
+                if mmlu_cfg and scheme in result.evaluated and "full" in result.evaluated:
+                    metrics.update(_mmlu_difference(result.evaluated["full"], result.evaluated[scheme], mmlu_cfg))
+                runner.record(run, metrics, config={"quantize": scheme, "text": text_label,
+                                                    **({"mmlu": mmlu_opts} if mmlu_cfg else {})})
+                rows.append((name, scheme, metrics))
+            if run.interrupted:
+                break
+        _print_table(model, rows)
 
-    rows, interrupted = [], False
-    for name in engines(backend):
-        started = time.time()
 
-        def load_one(scheme):
-            kw = dict(load_kwargs(opts), quantize=scheme)
-            with console.status(f"loading {model} on {name} ({scheme or 'full precision'})..."):
-                return load(name, model, **kw)
+def _mmlu_evaluation(mmlu_opts: dict):
+    """(evaluate(backend), MMLUConfig): MMLU on every model quality loads, questions loaded first."""
+    from billion.evaluation import prepare_mmlu
+    from billion.tasks import mmlu as mmlu_task
 
-        def progress(scheme, i, n):
-            console.print(f"  {name} {scheme}: window {i}/{n}")
+    subjects, mmlu_cfg = prepare_mmlu(**mmlu_opts)
 
-        result = task.measure(load_one, schemes, text, cfg, evaluate=evaluate, on_step=progress)
-        for scheme, metrics in result.metrics.items():
-            metrics = dict(metrics)
-            if mmlu_cfg and scheme in result.evaluated and "full" in result.evaluated:
-                metrics.update(_mmlu_difference(result.evaluated["full"], result.evaluated[scheme], mmlu_cfg))
-            config = {**task.config_dict(cfg), **load_kwargs(opts), "quantize": scheme, "text": text_label}
-            if mmlu_cfg:
-                config["mmlu"] = {k: v for k, v in mmlu_opts.items()}
-            record = make_record("quality", name, model, config, metrics, started=started,
-                                 status="interrupted" if result.interrupted else "complete")
-            console.print(f"  record: {write_record(record, results_dir)}")
-            rows.append((name, scheme, metrics))
-        if result.interrupted:
-            interrupted = True
-            break
-    _print_table(model, rows)
-    if interrupted:
-        raise KeyboardInterrupt
+    def evaluate(b):
+        with console.status(f"MMLU on {b.name} ({b.quantization or 'full precision'})..."):
+            return mmlu_task.run_mmlu(b, subjects, mmlu_cfg)
+
+    return evaluate, mmlu_cfg
 
 
 def _mmlu_difference(full, quant, cfg) -> dict:

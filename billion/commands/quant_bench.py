@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
+from dataclasses import replace
 
 import click
 from rich.table import Table
 
-from billion.commands import (QUANTIZE_CHOICES, bench_options, console, engines, fmt, loaded, model_options,
-                              results_option)
+from billion.options import QUANTIZE_CHOICES, bench_options, engines, load_options, model_options, results_option
+from billion.ui import console, fmt
 
 FULL = "full"
 
@@ -39,44 +39,43 @@ def quant_bench(model, backend, precisions, device, dtype, group_size, trust_rem
     the bytes a decode step reads at that precision. Ratios are against the engine's own
     full precision. One `bench` record per engine and precision.
     """
+    from billion.loading import resolve
+    from billion.runner import Runner
     from billion.tasks import bench as task
     from billion.tasks.compare import ratios
-    from billion.records.store import make_record, write_record
 
     picked = parse_precisions(precisions)
     cfg = task.BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs, warmup=warmup, seed=seed)
+    options = load_options(dict(device=device, dtype=dtype, group_size=group_size,
+                                trust_remote_code=trust_remote_code))
     done: dict[tuple[str, str], dict] = {}
-    interrupted = False
-    for name in engines(backend):
-        for precision in picked:
-            quantize = None if precision == FULL else precision
-            kw = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize,
-                      group_size=group_size)
-            started = time.time()
-            with loaded(name, model, **kw) as b:
-                info = b.info()
-                console.print(f"[bold]{name} {precision}[/]: {info.quantization or info.dtype}, "
-                              f"weights {info.weight_bytes / 1e9:.3f} GB")
-
-                def progress(kind, i, run):
-                    if run:
-                        console.print(f"  run {i}/{runs}: TTFT {run.ttft_s:.3f} s, decode {run.decode_tps:.2f} tok/s")
-
-                result = task.run_bench(b, cfg, on_run=progress)
-                status = "interrupted" if result.interrupted else "complete"
-                record = make_record("bench", name, model, {**task.config_dict(cfg), **kw}, result.metrics,
-                                     started=started, status=status,
-                                     extra={"model_info": info.__dict__, "runs": [r.__dict__ for r in result.runs]})
-                console.print(f"  record: {write_record(record, results_dir)}")
-                done[(name, precision)] = result.metrics
-            if result.interrupted:
-                interrupted = True
+    with Runner("bench", resolve(model), options, cfg, results_dir) as runner:
+        for name in engines(backend):
+            for precision in picked:
+                quantize = None if precision == FULL else precision
+                for run in runner.engines([name], options=replace(options, quantize=quantize),
+                                          label=f"{name} {precision}"):
+                    console.print(f"  weights {run.info.weight_bytes / 1e9:.3f} GB")
+                    result = task.BenchResult(cfg)
+                    with runner.until_interrupted(run):
+                        task.run_bench(run.backend, cfg, on_run=_progress(runs), result=result)
+                    metrics = task.summarise(run.backend, result)
+                    runner.record(run, metrics, config={"quantize": quantize},
+                                  extra={"runs": [r.__dict__ for r in result.runs]})
+                    done[(name, precision)] = metrics
+                if runner.interrupted:
+                    break
+            if runner.interrupted:
                 break
-        if interrupted:
-            break
-    _print_table(model, done, ratios)
-    if interrupted:
-        raise KeyboardInterrupt
+        _print_table(model, done, ratios)
+
+
+def _progress(runs: int):
+    def progress(kind, i, run):
+        if run:
+            console.print(f"  run {i}/{runs}: TTFT {run.ttft_s:.3f} s, decode {run.decode_tps:.2f} tok/s")
+
+    return progress
 
 
 def _print_table(model: str, done: dict, ratios) -> None:

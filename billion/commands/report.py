@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from billion.commands import console
+from billion.ui import console
 
 
 @click.command()

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from backends.types import UserError
-from billion.commands import console, engines, load_kwargs, loaded, model_options
+from billion.options import engines, load_options, model_options
+from billion.ui import console
 
 
 def is_loopback(host: str) -> bool:
@@ -52,7 +53,11 @@ def serve(model, backend, host, port, log_level, **opts):
         raise UserError(f"billion serve needs fastapi and uvicorn ({e.name} is missing): "
                         f"pip install fastapi uvicorn") from None
 
+    from billion.loading import resolve
+    from billion.runner import Runner
+
     names = engines(backend)
+    runner = Runner("serve", resolve(model), load_options(opts))  # loads and closes; the server writes no records
     if not is_loopback(host):
         console.print(f"warning: listening on {host}, not a loopback address: anyone who can reach this machine "
                       f"can use the model (there is no authentication)", style="yellow", markup=False)
@@ -60,7 +65,7 @@ def serve(model, backend, host, port, log_level, **opts):
     with ExitStack() as stack:
         served = {}
         for engine in names:
-            served[f"{name}@{engine}"] = stack.enter_context(loaded(engine, model, **load_kwargs(opts)))
+            served[f"{name}@{engine}"] = stack.enter_context(runner.loaded(engine))
         if len(names) == 1:
             served[name] = served[f"{name}@{names[0]}"]
         app = create_app(served, name="billion")

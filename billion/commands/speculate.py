@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import click
 from rich.table import Table
 
+from billion.options import QUANTIZE_CHOICES, engines, load_options, model_options, results_option
 from billion.tasks.speculate import SpeculateConfig
-from billion.commands import (QUANTIZE_CHOICES, console, engines, fmt, loaded, loaded_draft, model_options,
-                              results_option)
+from billion.ui import console, fmt
 
 
 def _ks(ctx, param, value: str) -> tuple[int, ...]:
@@ -65,8 +64,8 @@ def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmu
     the measured time of its lookups, and rounds that found no match count as plain target steps.
     """
     from backends.speculation import NgramDraft
+    from billion.runner import Runner
     from billion.tasks import speculate as task
-    from billion.records.store import make_record, write_record
 
     cfg = task.SpeculateConfig(ks=ks, gen_tokens=gen_tokens, runs=runs, warmup=warmup, temperature=temperature,
                                top_p=top_p, seed=seed, prompt=prompt or task.DEFAULT_PROMPT)
@@ -74,48 +73,41 @@ def speculate(target, draft, backend, device, dtype, ks, gen_tokens, runs, warmu
     with console.status("checking the pair (building derived folders if needed)..."):
         pair = task.prepare_pair(target, draft, damp)
     console.print(f"target: {pair.target_label}\ndraft:  {pair.draft_label}")
-    kw = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    options = load_options(dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize,
+                                group_size=group_size))
     lookup = isinstance(pair.draft, NgramDraft)
+    config = {"target": target, "draft": task.draft_name(draft), "damp": damp, "draft_quantize": draft_quantize,
+              "target_label": pair.target_label, "draft_label": pair.draft_label}
     done = {}
-    for name in names:
-        started = time.time()
-        with loaded(name, str(pair.target), **kw, quantize=quantize, group_size=group_size) as t, \
-                loaded_draft(name, pair.draft, **kw, quantize=draft_quantize, group_size=group_size) as d:
-            ti = t.info()
-            di = {"prompt_lookup": asdict(d)} if lookup else d.info().__dict__
-            console.print(f"[bold]{name}[/]: target {ti.parameters / 1e9:.2f}B parameters, "
-                          + (f"draft {d} (prompt lookup, no model)" if lookup else
-                             f"draft {di['parameters'] / 1e9:.2f}B") + f", {ti.dtype} on {ti.device}")
+    with Runner("speculate", pair.target, options, cfg, results_dir) as runner:
+        for run in runner.engines(names, label=pair.target_label):
+            with runner.draft(run.name, pair, options=replace(options, quantize=draft_quantize)) as d:
+                draft_info = {"prompt_lookup": asdict(d)} if lookup else d.info().__dict__
+                console.print("  draft: " + (f"{d} (prompt lookup, no model)" if lookup else
+                                              f"{draft_info['parameters'] / 1e9:.2f}B parameters"))
+                result = task.SpeculateResult(cfg)
+                with console.status(f"{run.name}: measuring..."), runner.until_interrupted(run):
+                    task.measure(run.backend, d, cfg, on_step=_progress(runs, warmup, lookup), result=result)
+                metrics = task.summarise(result)
+                runner.record(run, metrics, config=config, extra={
+                    "target_info": run.info.__dict__, "draft_info": draft_info,
+                    "runs": {"target_tps": result.target_tps, "draft_tps": result.draft_tps,
+                             "lookup_s": result.lookup_s, "speculative_tps": result.spec_tps,
+                             "greedy_same_as_target": result.same_as_target}})
+                done[run.name] = metrics
+        _print_table(pair, done)
 
-            def progress(kind, i, result):
-                if kind == "warmup":
-                    console.print(f"  warm-up {i}/{warmup} done")
-                    return
-                spec = ", ".join(f"k={k} {fmt(v[-1])}" for k, v in result.spec_tps.items())
-                alone = (f"lookup {fmt(result.lookup_s[-1] * 1e6)} us" if lookup else
-                         f"draft {fmt(result.draft_tps[-1])}")
-                console.print(f"  run {i}/{runs}: target {fmt(result.target_tps[-1])} tok/s, {alone}, "
-                              f"speculative {spec}")
 
-            with console.status(f"{name}: measuring..."):
-                result = task.measure(t, d, cfg, on_step=progress)
-            config = {**task.config_dict(cfg), "target": target, "draft": task.draft_name(draft), "damp": damp,
-                      **kw, "quantize": quantize, "draft_quantize": draft_quantize, "group_size": group_size,
-                      "target_label": pair.target_label, "draft_label": pair.draft_label}
-            record = make_record(
-                "speculate", name, target, config, result.metrics, started=started,
-                status="interrupted" if result.interrupted else "complete",
-                extra={"target_info": ti.__dict__, "draft_info": di,
-                       "runs": {"target_tps": result.target_tps, "draft_tps": result.draft_tps,
-                                "lookup_s": result.lookup_s,
-                                "speculative_tps": result.spec_tps, "greedy_same_as_target": result.same_as_target}})
-            console.print(f"  record: {write_record(record, results_dir)}")
-            done[name] = result.metrics
-            if result.interrupted:
-                break
-    _print_table(pair, done)
-    if any(m.get("runs_completed", 0) < runs for m in done.values()):
-        raise KeyboardInterrupt
+def _progress(runs: int, warmup: int, lookup: bool):
+    def progress(kind, i, result):
+        if kind == "warmup":
+            console.print(f"  warm-up {i}/{warmup} done")
+            return
+        spec = ", ".join(f"k={k} {fmt(v[-1])}" for k, v in result.spec_tps.items())
+        alone = f"lookup {fmt(result.lookup_s[-1] * 1e6)} us" if lookup else f"draft {fmt(result.draft_tps[-1])}"
+        console.print(f"  run {i}/{runs}: target {fmt(result.target_tps[-1])} tok/s, {alone}, speculative {spec}")
+
+    return progress
 
 
 def _print_table(pair, done: dict) -> None:

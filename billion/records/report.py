@@ -87,12 +87,19 @@ def rows(records: list[dict]) -> dict[str, tuple[list[str], list[list[str]]]]:
     return out
 
 
+# The page is rendered, so what the figures mean is written by hand elsewhere and linked
+# (relative to results/README.md, where the page is kept).
+NOTES = ("What these figures can and cannot tell you, and which machine measured them, is written by hand "
+         "in [docs/measurements.md](../docs/measurements.md).")
+
+
 def markdown(records: list[dict], title: str = "Measured records",
              charts: dict[str, list[tuple[str, str]]] | None = None) -> str:
     """The tables as Markdown; `charts` (task -> [(title, relative link)]) are embedded under their task."""
     lines = [f"# {title}", "",
              "Rendered by `billion report` from the JSON records in this folder; every figure was "
-             "measured by this repository's code on the machine named in each record's `environment`.", ""]
+             "measured by this repository's code on the machine named in each record's `environment`.", "",
+             NOTES, ""]
     chips = sorted({(r["environment"].get("chip"), r["environment"].get("os")) for r in records})
     lines += ["Machines: " + "; ".join(f"{c} ({o})" for c, o in chips), ""]
     for task, (header, body) in rows(records).items():

@@ -63,12 +63,13 @@ def environment() -> dict:
 
 
 def make_record(task: str, backend: str, model: str, config: dict, metrics: dict, *,
-                started: float, status: str = "complete", extra: dict | None = None) -> dict:
-    from billion.loading import weights_source
-
+                started: float, status: str = "complete", extra: dict | None = None,
+                source: dict | None = None) -> dict:
+    """A record of `model` (its spec as typed); `source` is where its weights came from
+    (ResolvedModel.source: a GGUF file and its quantization type, seeded random weights, or None)."""
     record = {
-        "schema": SCHEMA_VERSION, "task": task, "backend": backend, "model": str(model),  # a spec or a ResolvedModel
-        "model_source": weights_source(model),
+        "schema": SCHEMA_VERSION, "task": task, "backend": backend, "model": str(model),
+        "model_source": source,
         "config": config, "metrics": metrics, "environment": environment(),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(time.time() - started, 3), "status": status,

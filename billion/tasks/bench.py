@@ -9,7 +9,7 @@ prefill plus the first sample, decode covers the tokens after it.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -44,7 +44,6 @@ class RunTiming:
 class BenchResult:
     config: BenchConfig
     runs: list[RunTiming] = field(default_factory=list)
-    interrupted: bool = False
     metrics: dict = field(default_factory=dict)
 
 
@@ -70,26 +69,24 @@ def _spread(values: list[float]) -> dict:
 
 
 def run_bench(backend: Backend, cfg: BenchConfig, *, draft: Backend | NgramDraft | None = None,
-              on_run=None) -> BenchResult:
-    """Warm up, then time cfg.runs generations. Ctrl-C keeps the runs already timed."""
+              on_run=None, result: BenchResult | None = None) -> BenchResult:
+    """Warm up, then time cfg.runs generations, each appended to the result as it finishes (so a
+    caller that passes `result` keeps the runs already timed if Ctrl-C stops it); the metrics
+    are summarise()'s."""
     backend.check_fits(cfg.prompt_tokens, cfg.gen_tokens)
     prompt = random_prompt(backend.vocab_size, cfg.prompt_tokens, cfg.seed)
     gen = GenerationConfig(max_tokens=cfg.gen_tokens, temperature=0.0, ignore_eos=True)
-    result = BenchResult(cfg)
-    try:
-        for i in range(cfg.warmup):
-            time_generation(backend, prompt, warmup_config(backend, cfg.gen_tokens),
-                            draft=draft, num_draft=cfg.num_draft)
-            if on_run:
-                on_run("warmup", i + 1, None)
-        backend.reset_peak_memory()
-        for i in range(cfg.runs):
-            run = time_generation(backend, prompt, gen, draft=draft, num_draft=cfg.num_draft)
-            result.runs.append(run)
-            if on_run:
-                on_run("run", i + 1, run)
-    except KeyboardInterrupt:
-        result.interrupted = True
+    result = result or BenchResult(cfg)
+    for i in range(cfg.warmup):
+        time_generation(backend, prompt, warmup_config(backend, cfg.gen_tokens), draft=draft, num_draft=cfg.num_draft)
+        if on_run:
+            on_run("warmup", i + 1, None)
+    backend.reset_peak_memory()
+    for i in range(cfg.runs):
+        run = time_generation(backend, prompt, gen, draft=draft, num_draft=cfg.num_draft)
+        result.runs.append(run)
+        if on_run:
+            on_run("run", i + 1, run)
     result.metrics = summarise(backend, result)
     return result
 
@@ -128,7 +125,3 @@ def summarise(backend: Backend, result: BenchResult) -> dict:
         if drafted:
             metrics["tokens_from_draft_share"] = drafted / sum(len(r.tokens) for r in result.runs)
     return metrics
-
-
-def config_dict(cfg: BenchConfig) -> dict:
-    return asdict(cfg)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from backends.types import GenerationConfig, UserError
 from backends.training import StepMetrics, TrainConfig, TrainResult, default_targets, steps_for_epochs
-from billion.tasks import finetune_data
+from billion.tasks import finetune_data as data
 
 DEFAULT_PROMPTS = ("What is the capital of France?", "Give the opposite of 'hot'.",
                    "Explain what a prime number is in one sentence.")

@@ -24,7 +24,6 @@ it is why the command runs only with --confirm-run-unsafe-code.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import signal
@@ -32,9 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from backends.types import GenerationConfig, UserError
 
@@ -66,6 +65,8 @@ class HumanEvalConfig:
     limit: int | None = None  # the first N problems
     max_tokens: int = 512  # tokens generated per completion at most
     timeout_s: float = 10.0  # wall-clock limit per program
+    stop_sequences: tuple[str, ...] = STOP_SEQUENCES  # said in every record
+    decoding: str = "greedy"
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,6 @@ class HumanEvalResult:
     solved: dict = field(default_factory=dict)  # task_id -> Solved, resumed ones included
     new: int = 0
     seconds: float = 0.0
-    interrupted: bool = False
 
 
 # ---------------------------------------------------------------- the problems
@@ -220,28 +220,27 @@ def _kill(proc: subprocess.Popen) -> None:
 # ---------------------------------------------------------------- the run
 
 
-def run(backend, problems: list[Problem], cfg: HumanEvalConfig, *, done: dict | None = None,
-        on_solved: Callable[[Solved], None] | None = None, runner=run_program) -> HumanEvalResult:
-    """Complete and test every problem (the first cfg.limit) not already in `done`; Ctrl-C stops
-    between problems and keeps what was solved."""
+def run(backend, problems: list[Problem], cfg: HumanEvalConfig, *, done: Iterable[Solved] = (),
+        on_solved: Callable[[Solved], None] | None = None, execute=run_program,
+        result: HumanEvalResult | None = None) -> HumanEvalResult:
+    """Complete and test every problem (the first cfg.limit) not already `done`, each into the
+    result as it is solved (a caller that passes `result` keeps them if Ctrl-C stops the run)."""
     problems = problems[: cfg.limit]
     wanted = {p.task_id for p in problems}
-    result = HumanEvalResult(cfg, {k: v for k, v in (done or {}).items() if k in wanted})
-    try:
-        for p in problems:
-            if p.task_id in result.solved:
-                continue
-            t0 = time.perf_counter()
-            completion, n = complete(backend, p.prompt, cfg.max_tokens)
-            passed, outcome = runner(program(p, completion), cfg.timeout_s)
-            s = Solved(p.task_id, completion, passed, outcome, n)
-            result.seconds += time.perf_counter() - t0
-            result.new += 1
-            result.solved[p.task_id] = s
-            if on_solved:
-                on_solved(s)
-    except KeyboardInterrupt:
-        result.interrupted = True
+    result = result or HumanEvalResult(cfg)
+    result.solved.update((s.task_id, s) for s in done if s.task_id in wanted)
+    for p in problems:
+        if p.task_id in result.solved:
+            continue
+        t0 = time.perf_counter()
+        completion, n = complete(backend, p.prompt, cfg.max_tokens)
+        passed, outcome = execute(program(p, completion), cfg.timeout_s)
+        s = Solved(p.task_id, completion, passed, outcome, n)
+        result.seconds += time.perf_counter() - t0
+        result.new += 1
+        result.solved[p.task_id] = s
+        if on_solved:
+            on_solved(s)
     return result
 
 
@@ -262,34 +261,3 @@ def agreement(a: HumanEvalResult, b: HumanEvalResult) -> dict:
         out["same_completion_share"] = sum(a.solved[k].completion == b.solved[k].completion for k in common) / len(common)
         out["same_outcome_share"] = sum(a.solved[k].passed == b.solved[k].passed for k in common) / len(common)
     return out
-
-
-def config_dict(cfg: HumanEvalConfig) -> dict:
-    return {**asdict(cfg), "stop_sequences": list(STOP_SEQUENCES), "decoding": "greedy"}
-
-
-class Checkpoint:
-    """Solved problems appended as JSON lines, so an interrupted run resumes where it stopped."""
-
-    def __init__(self, folder: Path, identity: dict):
-        digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        self.path = Path(folder) / ".partial" / f"humaneval-{digest}.jsonl"
-
-    def load(self) -> dict:
-        done = {}
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    s = Solved(**json.loads(line))
-                except (json.JSONDecodeError, TypeError):  # a line cut short by the interruption
-                    continue
-                done[s.task_id] = s
-        return done
-
-    def append(self, s: Solved) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(asdict(s)) + "\n")
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)

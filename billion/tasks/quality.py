@@ -17,14 +17,15 @@ under each model, and the mean change in the probability of the true next token.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from backends.base import Backend, log_softmax
+from backends.base import Backend
+from backends.scoring import log_softmax
 from backends.types import UserError
 from billion.tasks.compare import kl_per_position
 
@@ -117,20 +118,21 @@ def compare(base: Scored, quant: Scored) -> dict:
 class QualityResult:
     metrics: dict  # scheme -> compare() metrics, for the schemes compared
     evaluated: dict = field(default_factory=dict)  # "full" / scheme -> what `evaluate` returned
-    interrupted: bool = False
 
 
 def measure(load: Callable[[str | None], Backend], schemes: list[str], text: str, cfg: QualityConfig, *,
             evaluate: Callable[[Backend], object] | None = None,
-            on_step: Callable[[str, int, int], None] | None = None) -> QualityResult:
+            on_step: Callable[[str, int, int], None] | None = None,
+            result: QualityResult | None = None) -> QualityResult:
     """Score the text in full precision, then with each scheme.
 
     `load(scheme)` loads the model (scheme None: full precision); each model is
     closed before the next loads, so only one is in memory at a time.
-    `evaluate(backend)` (e.g. an MMLU run) also runs on every model. Ctrl-C keeps
-    the schemes already compared.
+    `evaluate(backend)` (e.g. an MMLU run) also runs on every model. Each scheme's
+    comparison goes into the result when done (a caller that passes `result` keeps
+    them if Ctrl-C stops the run).
     """
-    result = QualityResult({})
+    result = result or QualityResult({})
 
     def scored(scheme: str | None) -> Scored:
         backend = load(scheme)
@@ -143,14 +145,7 @@ def measure(load: Callable[[str | None], Backend], schemes: list[str], text: str
         finally:
             backend.close()
 
-    try:
-        base = scored(None)
-        for scheme in schemes:
-            result.metrics[scheme] = compare(base, scored(scheme))
-    except KeyboardInterrupt:
-        result.interrupted = True
+    base = scored(None)
+    for scheme in schemes:
+        result.metrics[scheme] = compare(base, scored(scheme))
     return result
-
-
-def config_dict(cfg: QualityConfig) -> dict:
-    return asdict(cfg)

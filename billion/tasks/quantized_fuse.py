@@ -70,7 +70,7 @@ def fuse_quantized(backend: Backend, out: Path, requantize: bool = True) -> dict
     return check
 
 
-def fuse_folder(engine: str, base: Path, adapter: Path, out: Path, requantize: bool = True) -> dict:
+def fuse_folder(engine: str, base, adapter: Path, out: Path, requantize: bool = True) -> dict:
     """`billion adapter-fuse` on a quantized model folder (e.g. an mlx-lm 4-bit
     conversion): load it in its engine, put the adapter on (converted to that
     engine's format if needed), then fuse_quantized."""
@@ -80,7 +80,7 @@ def fuse_folder(engine: str, base: Path, adapter: Path, out: Path, requantize: b
     from billion.loading import load
 
     want = "mlx" if engine == "mlx" else "peft"
-    backend = load(engine, str(base), progress=False)
+    backend = load(engine, base)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if detect(adapter) != want:

@@ -34,14 +34,14 @@ import math
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends.base import Backend
 from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft, NgramProposer, SpeculationStats
 from billion.tasks.timing import TimedStream
-from billion.loading import ResolvedModel, billion_home, model_folder
+from billion.loading import ResolvedModel, billion_home, derived, resolve_spec
 from billion.models import MODELS, ModelSpec, parse_spec
 
 LAYER_DRAFT = re.compile(r"^layers:(\d+)$")
@@ -54,8 +54,8 @@ DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 
 @dataclass(frozen=True)
 class Pair:
-    target: Path
-    draft: Path | NgramDraft  # a draft model's folder, or prompt lookup (no model, no folder)
+    target: ResolvedModel
+    draft: ResolvedModel | NgramDraft  # a draft model, or prompt lookup (no model, no folder)
     target_label: str
     draft_label: str
 
@@ -130,48 +130,46 @@ def check_vocabularies(target: ModelSpec, draft_folder: Path, target_folder: Pat
                         f"{by_id_d.get(i)!r} vs {by_id_t.get(i)!r}); {compatible_pairs(target)}")
 
 
-def prepare_pair(target: "str | ResolvedModel", draft: str, damp: float | None = None) -> Pair:
-    """The target's and draft's folders, checked to share a vocabulary before either is loaded.
+def prepare_pair(target: str, draft: str, damp: float | None = None) -> Pair:
+    """The target and the draft resolved, checked to share a vocabulary before either is loaded:
+    the edge where a two-model command turns both specs into models, each once.
 
     `draft` is a model spec, `layers:N` (the target's first N layers, final
     norm and head) or `ngram[:N]` (prompt lookup: no draft model, no folder).
     `damp` (synthetic targets with a layers:N draft only) scales the output
     projections of the layers the draft lacks, in a copy of the target: see
     backends/folders/draft_folder.py for why, and say so with the results.
+    The registry's own knowledge refuses a mismatched pair before anything is built or downloaded.
     """
     from backends.folders.draft_folder import write_damped_target, write_layer_draft
 
-    resolved = target if isinstance(target, ResolvedModel) else None
-    target, target_spec = str(target), resolved.spec if resolved else parse_spec(target)
-    layers = LAYER_DRAFT.match(draft)
+    target_spec = parse_spec(target)
+    layers, ngram = LAYER_DRAFT.match(draft), ngram_draft(draft)
     if damp is not None:
         if target_spec.kind not in ("random", "tiny") or not layers:
             raise UserError("--damp is for random: (or tiny:) targets with a layers:N draft only (it rewrites "
                             "weights; on a real model it would change the model)")
         if not 0 < damp < 1:
             raise UserError(f"--damp must be between 0 and 1 (got {damp})")
-    ngram = ngram_draft(draft)
     if ngram:  # it proposes the target's own tokens: nothing to build or check
-        return Pair(resolved.folder if resolved else model_folder(target_spec), ngram, target, str(ngram))
-    if not layers:
-        draft_spec = parse_spec(draft)
-        reason = known_mismatch(target_spec, draft_spec)
-        if reason:
-            raise UserError(f"{draft} cannot draft for {target}: {reason}; {compatible_pairs(target_spec)}")
-    target_folder = resolved.folder if resolved else model_folder(target_spec)
+        return Pair(resolve_spec(target_spec), ngram, target, str(ngram))
+    draft_spec = None if layers else parse_spec(draft)
+    if draft_spec and (reason := known_mismatch(target_spec, draft_spec)):
+        raise UserError(f"{draft} cannot draft for {target}: {reason}; {compatible_pairs(target_spec)}")
+    model = resolve_spec(target_spec)
     if layers:
         n = int(layers.group(1))
-        draft_folder = write_layer_draft(target_folder, _derived_path(target_folder, f"layers{n}"), n)
         draft_label = f"{target} first {n} layers"
+        draft_model = derived(write_layer_draft(model.folder, _derived_path(model.folder, f"layers{n}"), n),
+                              draft_label)
     else:
-        draft_folder, draft_label = model_folder(draft_spec), draft
-    check_vocabularies(target_spec, draft_folder, target_folder, draft_label)
-    target_label = target
-    if damp is not None:
-        target_folder = write_damped_target(target_folder, _derived_path(target_folder, f"damped{n}-x{damp:g}"),
-                                            n, damp)
-        target_label = f"{target} (layers >= {n} damped x{damp:g})"
-    return Pair(target_folder, draft_folder, target_label, draft_label)
+        draft_model, draft_label = resolve_spec(draft_spec), draft
+    check_vocabularies(target_spec, draft_model.folder, model.folder, draft_label)
+    if damp is None:
+        return Pair(model, draft_model, target, draft_label)
+    damped = write_damped_target(model.folder, _derived_path(model.folder, f"damped{n}-x{damp:g}"), n, damp)
+    # records name the model as typed; the label says it was damped
+    return Pair(derived(damped, target), draft_model, f"{target} (layers >= {n} damped x{damp:g})", draft_label)
 
 
 # ---------------------------------------------------------------- theory
@@ -230,7 +228,6 @@ class SpeculateResult:
     stats: dict[int, SpeculationStats] = field(default_factory=dict)
     same_as_target: dict[int, list[bool]] = field(default_factory=dict)  # greedy: output == target's
     verify_cost: dict[int, float] = field(default_factory=dict)
-    interrupted: bool = False
     metrics: dict = field(default_factory=dict)
 
 
@@ -277,13 +274,16 @@ def lookup_seconds(target: Backend, draft: NgramDraft, tokens: list[int], first:
     return statistics.fmean(times)
 
 
-def measure(target: Backend, draft: Backend | NgramDraft, cfg: SpeculateConfig, on_step=None) -> SpeculateResult:
+def measure(target: Backend, draft: Backend | NgramDraft, cfg: SpeculateConfig, on_step=None,
+            result: SpeculateResult | None = None) -> SpeculateResult:
     """Interleaved runs: target alone, draft alone (or, for prompt lookup, its lookups on the target's
-    tokens), then speculative for each k; Ctrl-C keeps what ran."""
+    tokens), then speculative for each k, each into the result as it ends (a caller that passes
+    `result` keeps what ran if Ctrl-C stops it); the metrics are summarise()'s."""
     lookup = isinstance(draft, NgramDraft)
     prompt = chat_prompt(target, cfg.prompt)
     target.check_fits(len(prompt), cfg.gen_tokens)
-    result = SpeculateResult(cfg, prompt_tokens=len(prompt))
+    result = result or SpeculateResult(cfg)
+    result.prompt_tokens = len(prompt)
     result.stats = {k: SpeculationStats() for k in cfg.ks}
 
     def gen(seed: int, tokens: int = cfg.gen_tokens) -> GenerationConfig:
@@ -291,33 +291,30 @@ def measure(target: Backend, draft: Backend | NgramDraft, cfg: SpeculateConfig, 
         return GenerationConfig(max_tokens=tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
                                 ignore_eos=True)
 
-    try:
-        short = gen(cfg.seed, min(8, cfg.gen_tokens))
-        for i in range(cfg.warmup):
-            for k in (None, *cfg.ks):
-                timed_decode(target, prompt, short, draft=draft if k else None, num_draft=k or 1)
-            if not lookup:
-                timed_decode(draft, prompt, short)
-            if on_step:
-                on_step("warmup", i + 1, None)
-        for run in range(cfg.runs):
-            g = gen(cfg.seed + run)
-            tps, reference = timed_decode(target, prompt, g)
-            result.target_tps.append(tps)
-            if lookup:  # the longest k: the search costs the same for any k, the one-hot q grows with it
-                result.lookup_s.append(lookup_seconds(target, draft, prompt + reference, len(prompt), max(cfg.ks)))
-            else:
-                result.draft_tps.append(timed_decode(draft, prompt, g)[0])
-            for k in cfg.ks:
-                tps, tokens = timed_decode(target, prompt, g, draft=draft, num_draft=k, stats=result.stats[k])
-                result.spec_tps.setdefault(k, []).append(tps)
-                result.same_as_target.setdefault(k, []).append(tokens == reference)
-            if on_step:
-                on_step("run", run + 1, result)
+    short = gen(cfg.seed, min(8, cfg.gen_tokens))
+    for i in range(cfg.warmup):
+        for k in (None, *cfg.ks):
+            timed_decode(target, prompt, short, draft=draft if k else None, num_draft=k or 1)
+        if not lookup:
+            timed_decode(draft, prompt, short)
+        if on_step:
+            on_step("warmup", i + 1, None)
+    for run in range(cfg.runs):
+        g = gen(cfg.seed + run)
+        tps, reference = timed_decode(target, prompt, g)
+        result.target_tps.append(tps)
+        if lookup:  # the longest k: the search costs the same for any k, the one-hot q grows with it
+            result.lookup_s.append(lookup_seconds(target, draft, prompt + reference, len(prompt), max(cfg.ks)))
+        else:
+            result.draft_tps.append(timed_decode(draft, prompt, g)[0])
         for k in cfg.ks:
-            result.verify_cost[k] = measure_verify_cost(target, prompt, k, max(cfg.runs, 1))
-    except KeyboardInterrupt:
-        result.interrupted = True
+            tps, tokens = timed_decode(target, prompt, g, draft=draft, num_draft=k, stats=result.stats[k])
+            result.spec_tps.setdefault(k, []).append(tps)
+            result.same_as_target.setdefault(k, []).append(tokens == reference)
+        if on_step:
+            on_step("run", run + 1, result)
+    for k in cfg.ks:
+        result.verify_cost[k] = measure_verify_cost(target, prompt, k, max(cfg.runs, 1))
     result.metrics = summarise(result)
     return result
 
@@ -375,7 +372,3 @@ def best_k(per_k: dict) -> int | None:
     differed is a fault, however fast); None when no k did."""
     lossless = [k for k, m in per_k.items() if m["greedy_same_as_target"] is not False]
     return max(lossless, key=lambda k: per_k[k]["speedup"]) if lossless else None
-
-
-def config_dict(cfg: SpeculateConfig) -> dict:
-    return asdict(cfg)
