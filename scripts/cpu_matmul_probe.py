@@ -24,11 +24,15 @@ import argparse
 import statistics
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from billion.records.store import make_record, write_record
+
+if TYPE_CHECKING:
+    from billion.loading import ResolvedModel
 
 
 def timed(mats, call, repeats: int) -> float:
@@ -81,14 +85,14 @@ def _linear(w: torch.Tensor) -> nn.Linear:
     return layer
 
 
-def profile_decode(spec: str, steps: int = 16) -> list[dict]:
+def profile_decode(model: "ResolvedModel", steps: int = 16) -> list[dict]:
     """Self CPU time per operator over `steps` greedy decode steps after a 128-token prompt."""
     from torch.profiler import ProfilerActivity, profile
 
     from backends.types import GenerationConfig
-    from billion.loading import load
+    from billion.loading import LoadOptions, load
 
-    backend = load("torch", spec, dtype="float32")
+    backend = load("torch", model, LoadOptions(dtype="float32"))
     try:
         prompt = list(range(1000, 1128))
         gen = GenerationConfig(max_tokens=steps, temperature=0.0, ignore_eos=True)
@@ -114,6 +118,11 @@ def main() -> None:
     args = ap.parse_args()
 
     started = time.time()
+    model = None
+    if args.profile_model:
+        from billion.loading import resolve
+
+        model = resolve(args.profile_model)  # once, before the timings: a download or conversion fails early
     torch.manual_seed(0)
     weights = [torch.randn(args.out, args.inp) for _ in range(args.layers)]
     all_threads = torch.get_num_threads()
@@ -132,13 +141,13 @@ def main() -> None:
         print(f"  {name:38s} " + "  ".join(f"{t} thr {row[f'gbs_{t}_threads']:5.1f} GB/s ({row[f'ms_{t}_threads']:6.2f} ms)"
                                            for t in sorted({1, all_threads})))
     metrics = {"rows": rows, "threads": all_threads}
-    if args.profile_model:
-        metrics["decode_profile"] = profile_decode(args.profile_model)
+    if model is not None:
+        metrics["decode_profile"] = profile_decode(model)
         print(f"torch decode of {args.profile_model} (prompt 128 tokens, 16 steps, float32), self CPU time:")
         for op in metrics["decode_profile"]:
             print(f"  {op['op']:55s} {op['share']:6.1%}  {op['calls']:6d} calls  {op['avg_us']:8.1f} us")
-    record = make_record("cpu_matmul_probe", "torch", args.profile_model or "synthetic", vars(args), metrics,
-                         started=started)
+    record = make_record("cpu_matmul_probe", "torch", str(model) if model else "synthetic", vars(args), metrics,
+                         started=started, source=model.source if model else None)
     print(f"record: {write_record(record, args.results_dir)}")
 
 

@@ -36,12 +36,14 @@ from pathlib import Path
 import backends
 from backends.training import TrainConfig, default_targets, plan_steps, step_tokens
 from billion.tasks import finetune_data
-from billion.loading import load
+from billion.loading import LoadOptions, load, resolve
 from billion.records.store import make_record, write_record
+
+CPU_FLOAT32 = LoadOptions(device="cpu", dtype="float32")
 
 
 def billion_run(engine, model, examples, cfg, out):
-    b = load(engine, model, device="cpu", dtype="float32", progress=False)
+    b = load(engine, model, CPU_FLOAT32)
     t = time.perf_counter()
     b.lora_train(examples, [], cfg, out)
     return time.perf_counter() - t
@@ -53,7 +55,7 @@ def mlx_direct(model, examples, cfg, out):
     from mlx_lm.tuner.trainer import TrainingArgs, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    b = load("mlx", model, device="cpu", dtype="float32", progress=False)
+    b = load("mlx", model, CPU_FLOAT32)
     t = time.perf_counter()
     mx.random.seed(cfg.seed)
     b.model.freeze()
@@ -82,7 +84,7 @@ def trl_direct(model, examples, cfg, out):
     from transformers import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
-    b = load("torch", model, device="cpu", dtype="float32", progress=False)
+    b = load("torch", model, CPU_FLOAT32)
     t = time.perf_counter()
     warnings.simplefilter("ignore", FutureWarning)
     targets = list(cfg.targets or default_targets(b.model.config.model_type))
@@ -116,9 +118,11 @@ def main():
     p.add_argument("--results-dir", default="results")
     a = p.parse_args()
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum)
-    names = backends.resolve(a.backend)
-    tok = load(names[0], a.model, device="cpu", dtype="float32", progress=False)
-    examples, _ = data.encode(tok, data.read_rows(a.data), cfg.max_seq_len, data.use_chat(tok, None))
+    names = backends.engine_names(a.backend)
+    model = resolve(a.model, progress=False)
+    tok = load(names[0], model, CPU_FLOAT32)
+    examples, _ = finetune_data.encode(tok, finetune_data.read_rows(a.data), cfg.max_seq_len,
+                                       finetune_data.use_chat(tok, None))
     del tok
     # both sides process the same number of examples of the same lengths (in another order for mlx-lm/trl)
     tokens = sum(step_tokens(s, examples) for s in plan_steps(len(examples), cfg))
@@ -128,11 +132,11 @@ def main():
         times = {"billion": [], "direct": []}
         with tempfile.TemporaryDirectory() as tmp:
             # untimed warm-up of both sides: imports, first-call allocations, MLX's compiled kernels
-            billion_run(engine, a.model, examples, cfg, Path(tmp) / "warm-b")
-            direct[engine](a.model, examples, cfg, Path(tmp) / "warm-d")
+            billion_run(engine, model, examples, cfg, Path(tmp) / "warm-b")
+            direct[engine](model, examples, cfg, Path(tmp) / "warm-d")
             for rep in range(a.reps):
-                times["billion"].append(billion_run(engine, a.model, examples, cfg, Path(tmp) / f"b{rep}"))
-                times["direct"].append(direct[engine](a.model, examples, cfg, Path(tmp) / f"d{rep}"))
+                times["billion"].append(billion_run(engine, model, examples, cfg, Path(tmp) / f"b{rep}"))
+                times["direct"].append(direct[engine](model, examples, cfg, Path(tmp) / f"d{rep}"))
         med = {k: statistics.median(v) for k, v in times.items()}
         metrics = {"billion_s": med["billion"], "direct_s": med["direct"],
                    "billion_tokens_per_s": tokens / med["billion"], "direct_tokens_per_s": tokens / med["direct"],
@@ -141,9 +145,10 @@ def main():
         direct_name = "mlx_lm.tuner.trainer.train" if engine == "mlx" else "trl SFTTrainer + peft"
         print(f"{engine}: billion {med['billion']:.2f} s ({tokens / med['billion']:,.0f} tok/s) vs {direct_name} "
               f"{med['direct']:.2f} s ({tokens / med['direct']:,.0f} tok/s): ratio {metrics['ratio_billion_over_direct']:.2f}")
-        rec = make_record("finetune-overhead", engine, a.model,
+        rec = make_record("finetune-overhead", engine, str(model),
                           {"steps": a.steps, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "reps": a.reps,
-                           "data": a.data, "direct": direct_name}, metrics, started=started)
+                           "data": a.data, "direct": direct_name}, metrics, started=started,
+                          source=model.source)
         print(f"  record: {write_record(rec, a.results_dir)}")
 
 

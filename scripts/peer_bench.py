@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 from typing import NamedTuple
 
 from backends.llamacpp_engine import convert
 from backends.types import GenerationConfig
 from billion.tasks import bench
 from billion.tasks.compare import parity
-from billion.loading import load, resolve
+from billion.loading import LoadOptions, ResolvedModel, load, resolve
 from billion.records.store import make_record, write_record
 
 class Member(NamedTuple):
@@ -55,13 +56,14 @@ def label(m: Member) -> str:
     return f"{m.engine} {m.quantize or m.dtype}" + (" compiled" if m.compile else "")
 
 
-def interleaved(model, members, cfg: bench.BenchConfig, group: int) -> dict:
+def interleaved(model: ResolvedModel, members, cfg: bench.BenchConfig, group: int) -> dict:
     """Load `members`, warm each up, then time cfg.runs runs of each, alternating."""
     loaded = {}
     try:
         for m in members:
             t = time.perf_counter()
-            loaded[m] = load(m.engine, model, dtype=m.dtype, quantize=m.quantize, group_size=group, compile=m.compile)
+            options = LoadOptions(dtype=m.dtype, quantize=m.quantize, group_size=group, compile=m.compile)
+            loaded[m] = load(m.engine, model, options)
             print(f"  loaded {label(m)} in {time.perf_counter() - t:.1f} s: {loaded[m].info().quantization or m.dtype}")
         b0 = next(iter(loaded.values()))
         prompt = bench.random_prompt(b0.vocab_size, cfg.prompt_tokens, cfg.seed)
@@ -119,9 +121,9 @@ def main() -> None:
         peer = done[members[1]]["metrics"]
         for m, d in done.items():
             partners = [label(o) for o in members if o != m]
-            config = {**bench.config_dict(cfg), "dtype": m.dtype, "quantize": m.quantize, "compile": m.compile,
+            config = {**asdict(cfg), "dtype": m.dtype, "quantize": m.quantize, "compile": m.compile,
                       "group_size": args.group_size, "interleaved_with": partners}
-            rec = make_record("bench", m.engine, model, config, d["metrics"], started=started,
+            rec = make_record("bench", m.engine, str(model), config, d["metrics"], started=started, source=model.source,
                               extra={"model_info": d["info"], "runs": [r.__dict__ for r in d["runs"]]})
             write_record(rec, args.results_dir)
             if d["logits"] is not None:
@@ -145,8 +147,8 @@ def main() -> None:
             (la, ta), (lb, tb) = float32[a], float32[b]
             p = parity(la, lb, ta, tb)
             agreement[f"{a} vs {b}"] = p
-            write_record(make_record("parity", f"{a},{b}", model, {**bench.config_dict(cfg), "dtype": "float32"}, p,
-                                     started=started), args.results_dir)
+            write_record(make_record("parity", f"{a},{b}", str(model), {**asdict(cfg), "dtype": "float32"}, p,
+                                     started=started, source=model.source), args.results_dir)
 
     print(f"\n{'engine':24s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'decode vs peer':>15s} "
           f"{'prefill vs peer':>16s} {'weights GB':>11s}")
@@ -161,10 +163,10 @@ def main() -> None:
     for r in rows:
         if r["compiled"]:
             print(f"{r['engine']}: {r['compiled']}; same tokens as eager: {r['same_tokens_as_eager']}")
-    rec = make_record("peer_bench", "torch,llama.cpp" + (",mlx" if args.mlx else ""), model,
-                      {**bench.config_dict(cfg), "pairs": args.pairs, "group_size": args.group_size,
+    rec = make_record("peer_bench", "torch,llama.cpp" + (",mlx" if args.mlx else ""), str(model),
+                      {**asdict(cfg), "pairs": args.pairs, "group_size": args.group_size,
                        "compile": args.compile}, metrics,
-                      started=started)
+                      started=started, source=model.source)
     print(f"record: {write_record(rec, args.results_dir)}")
 
 

@@ -27,7 +27,7 @@ import time
 import backends
 from backends.types import GenerationConfig
 from billion.tasks.chat import Chat
-from billion.loading import load, resolve
+from billion.loading import LoadOptions, load, resolve
 from billion.records.store import make_record, write_record
 
 WORDS = ("the of and to in is was for on that with as by at from it his an were are which this be or has had "
@@ -72,9 +72,9 @@ def main() -> None:
 
     model = resolve(args.model)
     texts = messages(args.turns, args.message_words)
-    for engine in backends.resolve(args.backend):
+    for engine in backends.engine_names(args.backend):
         started = time.time()
-        backend = load(engine, model, device=args.device, dtype=args.dtype)
+        backend = load(engine, model, LoadOptions(device=args.device, dtype=args.dtype))
         try:
             if not backend.has_chat_template:
                 print(f"{engine}: no chat template: the plain transcript is used")
@@ -95,7 +95,8 @@ def main() -> None:
             metrics[f"ttft_turn{args.turns}_speedup"] = (metrics[f"ttft_turn{args.turns}_no_cache_s"]
                                                          / metrics[f"ttft_turn{args.turns}_cache_s"])
             config = {k: getattr(args, k) for k in ("turns", "message_words", "reply_tokens", "reps", "device", "dtype")}
-            record = make_record("prompt_cache", engine, model, config, metrics, started=started,
+            record = make_record("prompt_cache", engine, str(model), config, metrics, started=started,
+                                 source=model.source,
                                  extra={"model_info": backend.info().__dict__})
             last = args.turns
             print(f"{engine}: prompt tokens by turn {metrics['prompt_tokens_by_turn']}; TTFT turn 1 / turn {last}: "

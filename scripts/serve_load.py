@@ -74,6 +74,24 @@ async def one(client: httpx.AsyncClient, gate: asyncio.Semaphore, body: dict) ->
                 "ttft_s": (first - sent) if first else None, "latency_s": done - sent, "tokens": tokens or 0}
 
 
+def served_source(model_id: str) -> dict | None:
+    """Where the served model's weights came from, for the record (ResolvedModel.source): the id's
+    spec (before "@<engine>") resolved when its folder is local -- a GGUF file's conversion, random
+    or tiny weights, a folder, all already built by the server on this machine --; None for a Hub id
+    (no network for a record) or an id that is not a spec."""
+    from backends.types import UserError
+    from billion.loading import ResolvedModel, model_folder
+    from billion.models import parse_spec
+
+    try:
+        spec = parse_spec(model_id.rpartition("@")[0] or model_id)
+        if spec.kind not in ("gguf", "random", "tiny", "folder"):
+            return None
+        return ResolvedModel(spec, model_folder(spec, progress=False)).source
+    except (UserError, OSError, ValueError):
+        return None
+
+
 async def run(args) -> tuple[list[dict], float, str]:
     async with httpx.AsyncClient(base_url=args.url, timeout=args.timeout) as client:
         model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
@@ -116,7 +134,7 @@ def main() -> None:
     }
     engine = model.rpartition("@")[2] if "@" in model else "server"
     config = {k: getattr(args, k) for k in ("url", "requests", "concurrency", "max_tokens", "prompt")}
-    record = make_record("serve_load", engine, model, config, metrics, started=started,
+    record = make_record("serve_load", engine, model, config, metrics, started=started, source=served_source(model),
                          status="complete" if len(ok) == len(results) else "interrupted")
     print(f"{len(ok)}/{len(results)} requests complete with {args.max_tokens} tokens each; "
           f"TTFT p50 {metrics['ttft_p50_s']:.3f} s, p95 {metrics['ttft_p95_s']:.3f} s; "

@@ -36,7 +36,7 @@ from openai import OpenAI
 import backends
 from backends.types import GenerationConfig
 from billion.tasks.chat import Chat
-from billion.loading import load, resolve
+from billion.loading import LoadOptions, load, resolve
 from billion.records.store import make_record, write_record
 
 QUESTIONS = ["What is the capital of France?", "Name a large river in Africa.", "What do bees make?",
@@ -109,11 +109,11 @@ def main() -> None:
 
     model = resolve(args.model)
     gen = GenerationConfig(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    for engine in backends.resolve(args.backend):
+    for engine in backends.engine_names(args.backend):
         started = time.time()
         port = free_port()
         server = start_server(args, engine, port)
-        backend = load(engine, model, dtype=args.dtype)
+        backend = load(engine, model, LoadOptions(dtype=args.dtype))
         try:
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
             served_id = client.models.list().data[0].id
@@ -146,7 +146,8 @@ def main() -> None:
         metrics["text_mismatches"] = mismatches
         config = {"reps": args.reps, "max_tokens": args.max_tokens, "dtype": args.dtype, "questions": QUESTIONS,
                   "client": "openai streamed chat.completions", "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-        record = make_record("serve_overhead", engine, model, config, metrics, started=started,
+        record = make_record("serve_overhead", engine, str(model), config, metrics, started=started,
+                             source=model.source,
                              extra={"model_info": info})
         print(f"{engine}: {metrics['requests']} requests each way, {args.max_tokens} tokens; median TTFT direct "
               f"{metrics['direct_ttft_s']:.3f} s, server {metrics['server_ttft_s']:.3f} s "

@@ -95,7 +95,7 @@ def test_engine_not_installed_names_install_command(monkeypatch):
     r = run("bench", "-m", "tiny:tinyllama", "-b", "mlx")
     assert r.exit_code == 1 and 'pip install mlx-lm "mlx[cpu]"' in r.output
     # "all" is billion's own engines: the llama.cpp peer runs only when named
-    assert backends.available() == ["torch", "llama.cpp"] and backends.resolve("all") == ["torch"]
+    assert backends.available() == ["torch", "llama.cpp"] and backends.engine_names("all") == ["torch"]
 
 
 def test_model_too_big_is_refused_before_loading(monkeypatch):

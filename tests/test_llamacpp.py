@@ -23,7 +23,7 @@ def test_missing_peer_names_its_setup(monkeypatch):
     monkeypatch.setattr(backends, "_probe", lambda name: "ImportError: no llama_cpp" if name == "llama.cpp" else None)
     with pytest.raises(UserError, match="scripts/setup_llamacpp.sh"):
         backends.get("llama.cpp")
-    assert "llama.cpp" not in backends.resolve("all")
+    assert "llama.cpp" not in backends.engine_names("all")
 
 
 @pytest.fixture(scope="module")
