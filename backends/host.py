@@ -140,3 +140,16 @@ def measured_read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 10) -> float
                     best = max(best, read / (time.perf_counter() - t0) / 1e9)
         _measured_bandwidth = best
     return _measured_bandwidth
+
+
+def memory_bandwidth(device: str) -> tuple[float | None, str]:
+    """(GB/s, source) of the memory a model on `device` reads its weights from during decode,
+    where the host can tell: Apple GPUs (gpu, mps), the chip's published figure; otherwise the
+    host's memory, measured here. Engines with other devices (CUDA) measure their own."""
+    if device in ("gpu", "mps"):
+        chip = chip_name()
+        value = apple_bandwidth_gbs(chip)
+        return value, f"published figure for {chip}" if value else f"unknown chip {chip!r}"
+    return (measured_read_bandwidth_gbs(),
+            "measured host read bandwidth (1 GiB read on every core by the fastest of numpy dot, max "
+            "and sum, best of 10)")

@@ -159,10 +159,7 @@ class LoadOptions:
         return self, None
 
     def engine_kwargs(self) -> dict:
-        kw = asdict(self)
-        if not kw["compile"]:
-            kw.pop("compile")  # engines that cannot compile take no such argument
-        return kw
+        return asdict(self)
 
     def record(self) -> dict:
         """What records' config says of the loading."""

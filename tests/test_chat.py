@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from backends.base import Backend
 from backends.types import GenerationConfig
-from billion.tasks.chat import Chat, StopText, transcript
+from backends.text_stream import StopText
+from billion.tasks.chat import Chat, transcript
 from billion.cli import cli
 from billion.commands.chat import stream_to
 from tests.conftest import ENGINES

@@ -63,5 +63,5 @@ def test_bench_warms_a_compiled_decode_up_at_the_timed_length(tiny_folder, tiny_
 def test_compile_on_an_engine_without_it_is_a_clear_error(tiny_folder):
     from billion.loading import LoadOptions, load, resolve
 
-    with pytest.raises(UserError, match="--compile is a torch engine option"):
+    with pytest.raises(UserError, match="the mlx engine does not support a compiled decode step"):
         load("mlx", resolve(str(tiny_folder("tinyllama"))), LoadOptions(compile=True))

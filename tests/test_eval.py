@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from backends.base import Backend, log_softmax, score_batched, score_encoded
+from backends.base import Backend
+from backends.scoring import log_softmax, score_batched, score_encoded
 from billion.cli import cli
 from billion.records.store import read_records
 

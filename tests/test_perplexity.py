@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from backends.base import log_softmax
+from backends.scoring import log_softmax
 from billion.tasks import perplexity as ppl
 from billion.cli import cli
 from billion.tasks.eval import rolling_windows

@@ -1,4 +1,4 @@
-"""The prompt cache (backends.base.PromptCache): a conversation's KV session reused turn to turn,
+"""The prompt cache (backends.sessions.PromptCache): a conversation's KV session reused turn to turn,
 cropped to the common prefix, reset on /clear and a new system message; same replies as without."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends.base import PromptCache, session_tokens
+from backends.sessions import PromptCache, session_tokens
 from backends.types import GenerationConfig
 from billion.tasks.chat import Chat
 from tests.conftest import ENGINES

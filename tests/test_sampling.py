@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from backends import sampling
-from backends.base import session_tokens
+from backends.sessions import session_tokens
 from backends.types import GenerationConfig, UserError
 from tests.conftest import ENGINES
 from tests.doubles import FixedLogits

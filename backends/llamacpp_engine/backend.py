@@ -19,7 +19,8 @@ import llama_cpp
 import numpy as np
 
 from backends import host
-from backends.base import Backend, KVSession, session_tokens
+from backends.base import Backend
+from backends.sessions import KVSession, session_tokens
 from backends.folders import hf_folder
 from backends.llamacpp_engine import convert
 from backends.types import GenerationConfig, MemoryStats, ModelInfo, UserError
@@ -80,8 +81,8 @@ class LlamaCppBackend(Backend):
     name = "llama.cpp"
 
     @classmethod
-    def load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
-             quantize=None, group_size=64) -> "LlamaCppBackend":
+    def _load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
+              quantize=None, group_size=64) -> "LlamaCppBackend":
         gpu = llama_cpp.llama_supports_gpu_offload()
         device = device or ("gpu" if gpu else "cpu")
         if device not in ("cpu", "gpu"):

@@ -18,7 +18,8 @@ from mlx_lm.utils import _get_classes, get_total_parameters, load_model
 from backends.folders import hf_folder
 from backends.mlx_engine import quant as mlx_quant
 from backends.mlx_engine import train as mlx_train
-from backends.base import Backend, KVSession
+from backends.base import Backend
+from backends.sessions import KVSession
 from backends.types import GenerationConfig, MemoryStats, ModelInfo, UserError
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -64,8 +65,8 @@ class MLXBackend(Backend):
     name = "mlx"
 
     @classmethod
-    def load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
-             quantize=None, group_size=64) -> "MLXBackend":
+    def _load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
+              quantize=None, group_size=64) -> "MLXBackend":
         device = device or default_device()
         if device not in ("gpu", "cpu"):
             raise UserError(f"unknown MLX device {device!r}; choose gpu or cpu")
@@ -113,6 +114,11 @@ class MLXBackend(Backend):
     def session(self) -> MLXSession:
         return MLXSession(self)
 
+    def batch_cache(self):
+        from backends.mlx_engine.batch import MLXBatchCache
+
+        return MLXBatchCache(self)
+
     def batch_logits(self, rows, positions) -> list[np.ndarray]:
         # One right-padded forward pass, no cache (see Backend.batch_logits). mlx-lm
         # projects every position to the vocabulary; only the asked-for rows are copied out.
@@ -148,23 +154,13 @@ class MLXBackend(Backend):
             context_length=self.context_length, quantization=self.quantization, source=self.source,
             versions={"mlx": _version("mlx"), "mlx-lm": _version("mlx-lm")})
 
-    def lora_train(self, train, val, config, out_dir, on_step=None, resume=False):
-        return mlx_train.train(self, train, val, config, out_dir, on_step=on_step, resume=resume)
-
-    def apply_adapter(self, adapter_dir: Path) -> None:
-        mlx_train.apply_adapter(self, adapter_dir)
-
-    def save_quantized_folder(self, out: Path, scheme: str, group_size: int) -> str:
-        return mlx_quant.save_folder(self, out, scheme, group_size)
-
-    def adapter_logits(self, ids):
-        return mlx_quant.adapter_logits(self, ids)
-
-    def fuse_adapter(self, requantize: bool = True) -> str:
-        return mlx_quant.fuse_adapter(self, requantize)
-
-    def save_quantized(self, out: Path) -> None:
-        mlx_quant.save_quantized(self, out)
+    # the optional operations: the train and quant modules' functions take the backend first
+    lora_train = mlx_train.train
+    apply_adapter = mlx_train.apply_adapter
+    save_quantized_folder = mlx_quant.save_folder
+    adapter_logits = mlx_quant.adapter_logits
+    fuse_adapter = mlx_quant.fuse_adapter
+    save_quantized = mlx_quant.save_quantized
 
     def close(self) -> None:
         self.model = None

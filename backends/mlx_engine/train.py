@@ -125,6 +125,50 @@ def validation_loss(model, val: list[Example], cfg: TrainConfig, pad_id: int) ->
     return float(total.item() / max(count.item(), 1.0))
 
 
+def _optimizer(model, cfg: TrainConfig, out_dir: Path, resume: bool):
+    """AdamW on the linear schedule, and the step to go on from (the latest checkpoint's when
+    resuming and there is one, else 0)."""
+    optimizer = optim.AdamW(learning_rate=optim.linear_schedule(cfg.learning_rate, 0.0, cfg.steps),
+                            betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0, bias_correction=True)
+    start = 0
+    if resume and (found := training.latest_checkpoint(out_dir)):
+        start = _load_checkpoint(model, optimizer, found[1])
+        mx.random.seed(cfg.seed + start)  # dropout masks continue from a new stream
+    return optimizer, start
+
+
+def _step_gradients(model, loss_and_grad, train_set: list[Example], micro_batches, pad_id: int,
+                    rank: int, world: int):
+    """One optimizer step's gradients, token-weighted over all its micro-batches (and processes),
+    with the summed loss and the [micro-batches, (targets, hits)] counts."""
+    grads, loss_sum, per_micro = None, mx.array(0.0), []
+    for micro in micro_batches:
+        rows = [train_set[i] for i in micro[rank::world]]  # this process's share, as mlx-lm splits
+        ids, mask = training.pad_batch(rows, pad_id)
+        (ce, (n, hits)), g = loss_and_grad(model, mx.array(ids), mx.array(mask))
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        loss_sum = loss_sum + ce
+        per_micro.append(mx.stack([n, hits]))
+    counts = mx.stack(per_micro)  # [micro-batches, (targets, hits)]
+    if world > 1:  # data parallel: sums over every process (average_gradients packs the all-reduce)
+        loss_sum, counts = mx.distributed.all_sum(loss_sum), mx.distributed.all_sum(counts)
+        grads = tree_map(lambda g: g * world, average_gradients(grads))
+    total = counts[:, 0].sum()
+    grads = tree_map(lambda g: g / total, grads)  # token-weighted mean over the whole step
+    return grads, loss_sum, counts
+
+
+def _step_metrics(backend, cfg: TrainConfig, step: int, tokens: int, loss_sum, counts, took: float,
+                  began: float, val: float | None) -> StepMetrics:
+    c = np.array(counts)
+    return StepMetrics(
+        step=step, total_steps=cfg.steps, loss=float(loss_sum.item() / c[:, 0].sum()),
+        token_accuracy=float(np.mean(c[:, 1] / np.maximum(c[:, 0], 1))),
+        learning_rate=training.linear_lr(cfg, step - 1), tokens=tokens, tokens_per_s=tokens / took,
+        step_time_s=took, elapsed_s=time.perf_counter() - began,
+        peak_memory_bytes=backend.memory().peak_bytes, val_loss=val)
+
+
 def train(backend, train_set: list[Example], val_set: list[Example], cfg: TrainConfig, out_dir: Path,
           on_step: training.OnStep | None = None, resume: bool = False) -> TrainResult:
     out_dir = Path(out_dir)
@@ -135,12 +179,7 @@ def train(backend, train_set: list[Example], val_set: list[Example], cfg: TrainC
     mx.random.seed(cfg.seed)
     model = backend.model
     config = add_lora(backend, cfg)
-    optimizer = optim.AdamW(learning_rate=optim.linear_schedule(cfg.learning_rate, 0.0, cfg.steps),
-                            betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0, bias_correction=True)
-    start = 0
-    if resume and (found := training.latest_checkpoint(out_dir)):
-        start = _load_checkpoint(model, optimizer, found[1])
-        mx.random.seed(cfg.seed + start)  # dropout masks continue from a new stream
+    optimizer, start = _optimizer(model, cfg, out_dir, resume)
     plan = training.plan_steps(len(train_set), cfg)
     pad_id = backend.tokenizer.pad_token_id if backend.tokenizer.pad_token_id is not None else 0
     loss_and_grad = nn.value_and_grad(model, _masked_sums)
@@ -155,20 +194,8 @@ def train(backend, train_set: list[Example], val_set: list[Example], cfg: TrainC
     try:
         for step in range(start + 1, cfg.steps + 1):
             tic = time.perf_counter()
-            grads, loss_sum, per_micro = None, mx.array(0.0), []
-            for micro in plan[step - 1]:
-                rows = [train_set[i] for i in micro[rank::world]]  # this process's share, as mlx-lm splits
-                ids, mask = training.pad_batch(rows, pad_id)
-                (ce, (n, hits)), g = loss_and_grad(model, mx.array(ids), mx.array(mask))
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                loss_sum = loss_sum + ce
-                per_micro.append(mx.stack([n, hits]))
-            counts = mx.stack(per_micro)  # [micro-batches, (targets, hits)]
-            if world > 1:  # data parallel: sums over every process (average_gradients packs the all-reduce)
-                loss_sum, counts = mx.distributed.all_sum(loss_sum), mx.distributed.all_sum(counts)
-                grads = tree_map(lambda g: g * world, average_gradients(grads))
-            total = counts[:, 0].sum()
-            grads = tree_map(lambda g: g / total, grads)  # token-weighted mean over the whole step
+            grads, loss_sum, counts = _step_gradients(model, loss_and_grad, train_set, plan[step - 1], pad_id,
+                                                      rank, world)
             if cfg.max_grad_norm > 0:
                 grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
             optimizer.update(model, grads)
@@ -176,17 +203,11 @@ def train(backend, train_set: list[Example], val_set: list[Example], cfg: TrainC
             took = time.perf_counter() - tic
             result.wall_s += took
             result.steps_done = step
-            c = np.array(counts)
             val = None
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val = validation_loss(model, val_set, cfg, pad_id)
             tokens = training.step_tokens(plan[step - 1], train_set)
-            metrics = StepMetrics(
-                step=step, total_steps=cfg.steps, loss=float(loss_sum.item() / c[:, 0].sum()),
-                token_accuracy=float(np.mean(c[:, 1] / np.maximum(c[:, 0], 1))),
-                learning_rate=training.linear_lr(cfg, step - 1), tokens=tokens, tokens_per_s=tokens / took,
-                step_time_s=took, elapsed_s=time.perf_counter() - began,
-                peak_memory_bytes=backend.memory().peak_bytes, val_loss=val)
+            metrics = _step_metrics(backend, cfg, step, tokens, loss_sum, counts, took, began, val)
             result.history.append(metrics)
             if on_step:
                 on_step(metrics)

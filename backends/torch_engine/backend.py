@@ -14,7 +14,8 @@ from backends import host
 from backends.folders import hf_folder
 from backends.torch_engine import quant as torch_quant
 from backends.torch_engine import quant_adapters, quant_folder
-from backends.base import Backend, KVSession
+from backends.base import Backend
+from backends.sessions import KVSession
 from backends.types import GenerationConfig, MemoryStats, ModelInfo, UserError
 
 # transformers draws a "Loading weights" bar per load; billion shows its own status line.
@@ -85,8 +86,8 @@ class TorchBackend(Backend):
     compiles = True
 
     @classmethod
-    def load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
-             quantize=None, group_size=64, compile=False) -> "TorchBackend":
+    def _load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
+              quantize=None, group_size=64) -> "TorchBackend":
         device = device or default_device()
         check_device(device)
         dtype = dtype or default_dtype(device)
@@ -111,12 +112,12 @@ class TorchBackend(Backend):
             quantization = quant_folder.folder_description(folder_q if isinstance(folder_q, dict) else folder_q.to_dict())
         if quantize:
             quantization = torch_quant.quantize_model(model, quantize, group_size, device)
-        backend = cls(model, tokenizer, Path(path), model.config.to_dict(), device, dtype, quantization)
-        if compile:
-            from backends.torch_engine.compiled import CompiledDecode
+        return cls(model, tokenizer, Path(path), model.config.to_dict(), device, dtype, quantization)
 
-            backend.compiled = CompiledDecode(model, device, backend.context_length)
-        return backend
+    def _compile_decode(self) -> None:
+        from backends.torch_engine.compiled import CompiledDecode
+
+        self.compiled = CompiledDecode(self.model, self.device, self.context_length)
 
     @torch.inference_mode()
     def _token_stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
@@ -142,6 +143,11 @@ class TorchBackend(Backend):
 
     def session(self) -> TorchSession:
         return TorchSession(self)
+
+    def batch_cache(self):
+        from backends.torch_engine.batch import TorchBatchCache
+
+        return TorchBatchCache(self)
 
     @torch.inference_mode()
     def batch_logits(self, rows, positions) -> list[np.ndarray]:
@@ -203,7 +209,12 @@ class TorchBackend(Backend):
         del x, y
         return best, f"measured device copy bandwidth on {torch.cuda.get_device_name()}"
 
-    # trl and peft take seconds to import: backends/torch_engine/train.py is imported only to train.
+    # the optional operations: the quant modules' functions take the backend first; trl and peft
+    # take seconds to import, so backends/torch_engine/train.py is imported only to train.
+    save_quantized_folder = quant_folder.save_folder
+    adapter_logits = quant_adapters.adapter_logits
+    fuse_adapter = quant_adapters.fuse_adapter
+    save_quantized = quant_folder.save_quantized
 
     def lora_train(self, train, val, config, out_dir, on_step=None, resume=False):
         from backends.torch_engine import train as torch_train
@@ -214,18 +225,6 @@ class TorchBackend(Backend):
         from backends.torch_engine import train as torch_train
 
         torch_train.apply_adapter(self, adapter_dir)
-
-    def save_quantized_folder(self, out: Path, scheme: str, group_size: int) -> str:
-        return quant_folder.save_folder(self, out, scheme, group_size)
-
-    def adapter_logits(self, ids):
-        return quant_adapters.adapter_logits(self, ids)
-
-    def fuse_adapter(self, requantize: bool = True) -> str:
-        return quant_adapters.fuse_adapter(self, requantize)
-
-    def save_quantized(self, out: Path) -> None:
-        quant_folder.save_quantized(self, out)
 
     def close(self) -> None:
         self.model = None

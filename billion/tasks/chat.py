@@ -8,7 +8,7 @@ the oldest exchanges when the conversation no longer fits the model's context.
 time to first token, decode tok/s). The command line lives in
 billion/commands/chat.py; nothing here prints.
 
-The conversation's KV session is kept from turn to turn (backends.base.PromptCache): each
+The conversation's KV session is kept from turn to turn (backends.sessions.PromptCache): each
 prompt crops it to the tokens it shares with the last one and computes only the rest, so the
 time to first token of a later turn pays for its new message, not the whole transcript.
 /clear and a new system message start it afresh.
@@ -25,7 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
-from backends.base import Backend, PromptCache, StopText  # noqa: F401  (StopText: the one stop-string helper)
+from backends.base import Backend
+from backends.sessions import PromptCache
 from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft
 from billion.tasks.timing import TimedStream

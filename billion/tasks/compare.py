@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.base import log_softmax
+from backends.scoring import log_softmax
 
 
 def kl_per_position(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:

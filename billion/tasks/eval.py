@@ -15,21 +15,21 @@ answers on `hf`, `billion-torch` and `billion-mlx`:
   the EOS text) appears, and cut at the first stop string.
 
 lm_eval is imported only inside functions (`pip install billion[eval]`): `billion --help`
-works without it. The LM class registers itself as `billion-mlx` and `billion-torch`, so
-`lm_eval.simple_evaluate(model="billion-torch", model_args="pretrained=<spec>")` works too.
+works without it. The LM class lives in billion.tasks.lm_eval_model, which imports lm_eval at
+its top and is imported by `lm_class()`; it registers itself as `billion-mlx`, `billion-torch`
+and `billion-llama.cpp`, so `lm_eval.simple_evaluate(model="billion-torch",
+model_args="pretrained=<spec>")` works too.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from backends.types import GenerationConfig, UserError
+from backends.types import UserError
 
 INSTALL = 'billion eval needs lm-evaluation-harness: pip install "billion[eval]" (or pip install "lm-eval>=0.4")'
-DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF model
 
 
 @dataclass(frozen=True)
@@ -54,122 +54,14 @@ def require_lm_eval():
 # ---------------------------------------------------------------- the LM
 
 
-@functools.cache
 def lm_class():
-    """billion's `lm_eval.api.model.LM` (built on first use, so lm_eval is imported only then),
-    registered with lm_eval's model registry as billion-mlx and billion-torch."""
+    """billion's `lm_eval.api.model.LM` (billion.tasks.lm_eval_model.BillionLM), registered with
+    lm_eval's model registry as billion-mlx, billion-torch and billion-llama.cpp."""
     require_lm_eval()
-    from lm_eval.api.model import LM
-    from lm_eval.api.registry import register_model
+    # Imported here, not at the top: that module imports lm_eval, which is optional, and
+    # importing it registers the model names (once: Python caches the module).
+    from billion.tasks.lm_eval_model import BillionLM
 
-    class BillionLM(LM):
-        """A loaded billion Backend answering lm-eval's requests (see the module docstring)."""
-
-        engine: str | None = None  # set by the registered names: billion-mlx / billion-torch
-
-        def __init__(self, backend=None, pretrained: str | None = None, batch_size=1, device=None,
-                     dtype: str | None = None, quantize: str | None = None, trust_remote_code: bool = False,
-                     max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, max_length: int | None = None, **_ignored):
-            super().__init__()
-            if backend is None:
-                if pretrained is None or self.engine is None:
-                    raise UserError("BillionLM needs a loaded backend, or pretrained=<model spec> through "
-                                    "billion-mlx / billion-torch")
-                from billion.loading import load
-
-                backend = load(self.engine, str(pretrained), device=device, dtype=dtype, quantize=quantize,
-                               trust_remote_code=bool(trust_remote_code))
-            self.backend = backend
-            self.tokenizer = backend.tokenizer
-            self._batch_size = int(batch_size) if str(batch_size).isdigit() else 1  # "auto": 1
-            self._max_gen_toks = int(max_gen_toks)
-            self._max_length = min(int(max_length), backend.context_length) if max_length else backend.context_length
-
-        # -- what lm-eval asks of a model ------------------------------------
-
-        @property
-        def max_length(self) -> int:
-            return self._max_length
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            pairs = [tuple(req.args) for req in requests]
-            return self.backend.score(pairs, batch_size=self._batch_size, truncate=self.max_length)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            from backends.base import score_batched, score_encoded
-
-            out = []
-            for req in requests:
-                (text,) = req.args
-                wins = rolling_windows(self.backend.encode_scored(text), self.backend.prefix_token_id,
-                                       self.max_length, 1)
-                scored = (score_batched(self.backend, wins, self._batch_size) if self._batch_size > 1
-                          else score_encoded(self.backend, wins))
-                out.append(float(sum(lp for lp, _ in scored)))
-            return out
-
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            return [self._generate_one(*req.args) for req in requests]
-
-        def _generate_one(self, context: str, gen_kwargs: dict) -> str:
-            from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-
-            b = self.backend
-            kwargs = normalize_gen_kwargs(dict(gen_kwargs or {}), self._max_gen_toks)
-            eos = b.tokenizer.decode([b.tokenizer.eos_token_id], skip_special_tokens=False) \
-                if b.tokenizer.eos_token_id is not None else None
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-            max_gen = int(kwargs.pop("max_gen_toks"))
-            room = self.max_length - max_gen
-            if room <= 0:
-                raise UserError(f"max_gen_toks {max_gen} leaves no room for a prompt in {self.max_length} tokens")
-            bos = getattr(b.tokenizer, "bos_token", None)
-            ids = b.tokenize(context, add_special_tokens=not (bos and context.startswith(bos)))[-room:]
-            temperature = float(kwargs.get("temperature") or 0.0)
-            sample = bool(kwargs.get("do_sample")) and temperature > 0
-            gen = GenerationConfig(max_tokens=max_gen, temperature=temperature if sample else 0.0,
-                                   top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0,
-                                   seed=kwargs.get("seed"))
-            tokens = generate_with_stops(b, ids, gen, [s for s in until if s])
-            return postprocess_generated_text(b.detokenize(tokens), until, None)
-
-        # -- chat templates ----------------------------------------------------
-
-        def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-            import jinja2
-
-            def render(history):
-                return self.tokenizer.apply_chat_template(history, tokenize=False,
-                                                          add_generation_prompt=add_generation_prompt,
-                                                          continue_final_message=not add_generation_prompt)
-
-            if not self.backend.has_chat_template:
-                raise UserError("--apply-chat-template: this model has no chat template")
-            try:
-                return render(chat_history)
-            except jinja2.exceptions.TemplateError:  # lm-eval's HF model: retry without the system role
-                return render([m for m in chat_history if m["role"] != "system"])
-
-        @property
-        def tokenizer_name(self) -> str:
-            return str(self.tokenizer.name_or_path).replace("/", "__")
-
-        def chat_template(self, chat_template: bool | str = False) -> str | None:
-            if chat_template is False or chat_template is None:
-                return None
-            template = getattr(self.tokenizer, "chat_template", None)
-            if isinstance(template, dict):
-                name = chat_template if isinstance(chat_template, str) else "default"
-                if name not in template:
-                    raise UserError(f"no chat template {name!r}; the model has {', '.join(sorted(template))}")
-                return template[name]
-            return template
-
-    import backends
-
-    for engine in backends.ENGINES:  # billion-mlx, billion-torch, billion-llama.cpp (the peer)
-        cls_name = f"Billion{engine.replace('.', '').upper()}LM"
-        register_model(f"billion-{engine}")(type(cls_name, (BillionLM,), {"engine": engine}))
     return BillionLM
 
 
@@ -192,18 +84,6 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int, context_len: i
         out.append((tokens[max(end - max_len - 1, 0): end - 1], tokens[end - n: end]))
         done = end
     return [(ctx[: len(ctx) - (len(cont) - 1)], cont) for ctx, cont in out]
-
-
-def generate_with_stops(backend, ids: list[int], gen: GenerationConfig, stops: list[str]) -> list[int]:
-    """Tokens generated from `ids` until EOS, gen.max_tokens, or the text holding a stop string."""
-    tokens, text = [], ""
-    for chunk in backend.stream(ids, gen):
-        tokens.append(chunk.token)
-        text += chunk.text
-        tail = text[-(max((len(s) for s in stops), default=0) + len(chunk.text) + 8):]
-        if any(s in tail for s in stops):
-            break
-    return tokens
 
 
 # ---------------------------------------------------------------- running tasks

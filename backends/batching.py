@@ -1,0 +1,206 @@
+"""Continuous batching: many generations decoded together, joining and leaving between steps.
+
+Decoding a small model reads every weight once per step; a batch of B sequences reads them once
+for B tokens. One scheduler serves every engine (BatchGenerator, below); an engine supplies only
+its batched KV cache (BatchCache): prefill one sequence alone, add it as a row, decode one token
+for every row in one forward pass, keep some rows. Requests wait in a queue, join the batch at the
+next step when a slot is free, and leave it when they finish or are cancelled.
+
+Sampling is billion's one rule (backends/sampling.py), row by row on each row's float32 logits,
+with each request's own numpy generator seeded by its own seed: a request's tokens do not depend
+on what else is in the batch, as far as the engine's logits for it do not. No row sees another's
+tokens, penalties, stop strings or cache.
+
+The prompt cache keeps the KV rows of the last finished requests (their prompt and reply): a new
+request whose prompt starts with one of them (the next turn of a conversation) prefills only what
+is new.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from backends import sampling
+from backends.types import GenerationConfig
+
+
+class BatchCache(ABC):
+    """An engine's batched KV cache, rows in the order they were added (minus those dropped).
+    `Row` below is whatever the engine uses for one sequence's cache (opaque to the scheduler)."""
+
+    @abstractmethod
+    def prefill(self, ids: Sequence[int], prefix=None) -> tuple[object, np.ndarray]:
+        """A one-row cache holding `ids` after `prefix` (a one-row cache of earlier tokens, which
+        may be used up), and float32 logits [vocab] of the last position."""
+
+    @abstractmethod
+    def add(self, row) -> None:
+        """Append a one-row cache as the batch's last row (left-padded to the batch's length)."""
+
+    @abstractmethod
+    def decode(self, tokens: Sequence[int]) -> np.ndarray:
+        """Feed one token per row (in row order); float32 logits [rows, vocab]."""
+
+    @abstractmethod
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these rows, in this order (the others leave the batch)."""
+
+    @abstractmethod
+    def extract(self, row: int):
+        """A one-row copy of a row's cache, without its padding (for the prompt cache)."""
+
+    @abstractmethod
+    def crop(self, row_cache, length: int):
+        """A one-row cache holding the first `length` tokens of `row_cache` (a copy)."""
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """One request's news from a step: a token, and why it finished if it did."""
+
+    uid: int
+    token: int | None  # None: finished without a new token (cancelled)
+    finish_reason: str | None = None  # "eos" | "max_tokens" | "cancelled"
+    time_s: float = 0.0  # perf_counter after the token was computed
+    cached_tokens: int = 0  # prompt tokens the first event's prefill found in the prompt cache
+
+
+@dataclass
+class _Request:
+    uid: int
+    prompt: list[int]
+    gen: GenerationConfig
+    rng: np.random.Generator
+    output: list[int] = field(default_factory=list)
+    logits: np.ndarray | None = None  # for the next token
+
+
+class BatchGenerator:
+    """Requests in, tokens out, decoded together. Not thread-safe: one thread drives it (the
+    server's worker); add() and cancel() are called from that thread between steps."""
+
+    def __init__(self, cache: BatchCache, eos_ids: frozenset[int], *, max_batch: int = 8,
+                 prompt_cache_size: int = 8):
+        self.cache = cache
+        self.eos_ids = eos_ids
+        self.max_batch = max_batch
+        self.waiting: deque[_Request] = deque()
+        self.rows: list[_Request] = []  # in the cache's row order
+        self.prompt_cache: OrderedDict[tuple[int, ...], object] = OrderedDict()  # fed ids -> one-row cache
+        self.prompt_cache_size = prompt_cache_size
+        self._uids = itertools.count()
+        self._cancelled: set[int] = set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def add(self, prompt_ids: Sequence[int], gen: GenerationConfig) -> int:
+        if not prompt_ids:
+            raise ValueError("an empty prompt has no next token")
+        uid = next(self._uids)
+        self.waiting.append(_Request(uid, list(prompt_ids), gen, np.random.default_rng(gen.seed)))
+        return uid
+
+    def cancel(self, uid: int) -> None:
+        """The request leaves at the next step (queued or decoding), with finish reason "cancelled"."""
+        self._cancelled.add(uid)
+
+    def step(self) -> list[BatchEvent]:
+        """Admit waiting requests into free rows (each prefilled alone, its first token sampled from
+        the prefill), then decode one token for every row in one forward pass."""
+        events = self._drop_cancelled()
+        while self.waiting and len(self.rows) < self.max_batch:
+            events.append(self._admit(self.waiting.popleft()))
+        self._drop_finished(events)
+        if self.rows:
+            logits = self.cache.decode([r.output[-1] for r in self.rows])
+            now = time.perf_counter()
+            decoded = []
+            for r, row_logits in zip(self.rows, logits):
+                r.logits = row_logits
+                decoded.append(self._sample(r, now))
+            self._drop_finished(decoded)
+            events += decoded
+        return events
+
+    # ------------------------------------------------------------ internals
+
+    def _admit(self, r: _Request) -> BatchEvent:
+        prefix, reused = self._cached_prefix(r.prompt)
+        row, r.logits = self.cache.prefill(r.prompt[reused:], prefix)
+        self.cache.add(row)
+        self.rows.append(r)
+        event = self._sample(r, time.perf_counter())  # the first token comes from the prefill
+        return BatchEvent(event.uid, event.token, event.finish_reason, event.time_s, cached_tokens=reused)
+
+    def _sample(self, r: _Request, now: float) -> BatchEvent:
+        p = sampling.distribution(r.logits, r.gen, r.prompt, r.output)
+        token = sampling.sample(p, r.rng)
+        r.output.append(token)
+        if token in self.eos_ids and not r.gen.ignore_eos:
+            reason = "eos"
+        elif len(r.output) >= r.gen.max_tokens:
+            reason = "max_tokens"
+        else:
+            reason = None
+        return BatchEvent(r.uid, token, reason, now)
+
+    def _drop_cancelled(self) -> list[BatchEvent]:
+        if not self._cancelled:
+            return []
+        events = [BatchEvent(r.uid, None, "cancelled", time.perf_counter())
+                  for r in itertools.chain(self.waiting, self.rows) if r.uid in self._cancelled]
+        self.waiting = deque(r for r in self.waiting if r.uid not in self._cancelled)
+        self._keep([i for i, r in enumerate(self.rows) if r.uid not in self._cancelled])
+        self._cancelled.clear()
+        return events
+
+    def _drop_finished(self, events: list[BatchEvent]) -> None:
+        done = {e.uid for e in events if e.finish_reason}
+        if not done:
+            return
+        for i, r in enumerate(self.rows):
+            if r.uid in done:  # its cache holds the prompt and every output token but the last
+                self._remember(r.prompt + r.output[:-1], self.cache.extract(i))
+        self._keep([i for i, r in enumerate(self.rows) if r.uid not in done])
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) != len(self.rows):
+            self.cache.keep(keep)
+            self.rows = [self.rows[i] for i in keep]
+
+    def _remember(self, ids: list[int], row) -> None:
+        if self.prompt_cache_size <= 0:
+            return
+        self.prompt_cache[tuple(ids)] = row
+        self.prompt_cache.move_to_end(tuple(ids))
+        while len(self.prompt_cache) > self.prompt_cache_size:
+            self.prompt_cache.popitem(last=False)
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[object | None, int]:
+        """The longest cached prefix of `prompt` (all but its last token, which is fed again for the
+        next-token logits), as a one-row cache of its own, and its length."""
+        best, best_n = None, 0
+        for ids in self.prompt_cache:
+            n = _common_prefix(ids, prompt, len(prompt) - 1)
+            if n > best_n:
+                best, best_n = ids, n
+        if best is None:
+            return None, 0
+        self.prompt_cache.move_to_end(best)
+        return self.cache.crop(self.prompt_cache[best], best_n), best_n
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n, limit = 0, min(len(a), len(b), limit)
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n

@@ -1,0 +1,187 @@
+"""The routes, as top-level functions on one APIRouter, and the answers they give.
+
+Shared state comes from `request.app.state` (set by app.create_app): `engines` {model id: Engine},
+`owner` (what /v1/models reports as owned_by) and `created` (the server's start time). Each
+completion route parses and checks its request (schema.py), then `respond` runs the generation
+(engine.generate) and answers with one JSON body or a server-sent-event stream.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from backends.types import GenerationConfig, UserError
+from billion.server.engine import Engine, generate
+from billion.server.schema import (APIError, ChatRequest, CompletionRequest, RequestBase, chat_prompt,
+                                   completion_prompt, generation_config, internal_error, parse_request)
+
+router = APIRouter()
+
+FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length"}
+
+# ---------------------------------------------------------------- errors
+
+
+async def api_error(request: Request, e: APIError) -> JSONResponse:
+    return e.response()
+
+
+async def unexpected_error(request: Request, e: Exception) -> JSONResponse:
+    return internal_error(e).response()
+
+
+# ---------------------------------------------------------------- routes
+
+
+@router.get("/health")
+async def health(request: Request):
+    engines = request.app.state.engines
+    return {"status": "ok", "models": list(engines),
+            "busy": sorted({k for k, v in engines.items() if v.busy})}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = request.app.state
+    return {"object": "list", "data": [{"id": k, "object": "model", "created": state.created, "owned_by": state.owner}
+                                        for k in state.engines]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    engines = request.app.state.engines
+    req = parse_request(await request.body(), ChatRequest, engines)
+    engine = engines[req.model]
+    prompt_ids, stops = chat_prompt(req, engine.backend)
+    gen = generation_config(req, engine.backend, prompt_ids, stops)
+    return await respond(request, req, engine, prompt_ids, gen, "chat")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    engines = request.app.state.engines
+    req = parse_request(await request.body(), CompletionRequest, engines)
+    engine = engines[req.model]
+    prompt_ids = completion_prompt(req, engine.backend)
+    gen = generation_config(req, engine.backend, prompt_ids)
+    return await respond(request, req, engine, prompt_ids, gen, "text")
+
+
+# ---------------------------------------------------------------- answers
+
+
+@dataclass
+class Reply:
+    """What every part of one answer shares. kind: "chat" or "text"."""
+
+    kind: str
+    model: str
+    prompt_ids: list[int]
+    include_usage: bool = False
+    id: str = field(init=False, default="")
+    created: int = field(default_factory=lambda: int(time.time()))
+    # filled while the generation runs
+    tokens: int = 0
+    reason: str = "eos"
+    cached: int = 0
+
+    def __post_init__(self):
+        self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.id, "created": self.created, "model": self.model, "object": obj}
+
+    def count(self, chunk, engine: Engine) -> None:
+        """Count one generated chunk."""
+        if not self.tokens:  # read while this request holds the engine
+            self.cached = engine.cache.reused
+        self.tokens += 1
+        self.reason = chunk.finish_reason or self.reason
+
+    def usage(self) -> dict:
+        n = len(self.prompt_ids)
+        return {"prompt_tokens": n, "completion_tokens": self.tokens, "total_tokens": n + self.tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached}}
+
+
+async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids: list[int], gen: GenerationConfig,
+                  kind: str):
+    """kind: "chat" or "text". A JSON answer, or an SSE stream."""
+    reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage)
+    if not req.stream:
+        return await _answer(request, reply, engine, generate(engine, prompt_ids, gen))
+    return StreamingResponse(_events(request, reply, engine, generate(engine, prompt_ids, gen)),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _answer(request: Request, reply: Reply, engine: Engine, chunks: AsyncIterator) -> JSONResponse:
+    """The whole completion as one JSON body."""
+    text = []
+    try:
+        async for chunk in chunks:
+            reply.count(chunk, engine)
+            text.append(chunk.text)
+            if await request.is_disconnected():  # nobody will read the answer: free the engine
+                break
+    except UserError as e:
+        raise APIError(400, str(e)) from None
+    finally:
+        await chunks.aclose()
+    content = "".join(text)
+    choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if reply.kind == "chat"
+              else {"index": 0, "text": content, "logprobs": None})
+    choice["finish_reason"] = FINISH[reply.reason]
+    obj = "chat.completion" if reply.kind == "chat" else "text_completion"
+    return JSONResponse({**reply.head(obj), "choices": [choice], "usage": reply.usage()})
+
+
+def _event(reply: Reply, delta: str | None, reason: str | None, first: bool = False) -> str:
+    """One SSE chunk: a chat delta (the first one carries the role) or a piece of text."""
+    if reply.kind == "chat":
+        d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+        choice = {"index": 0, "delta": d, "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+    out = {**reply.head(_chunk_object(reply)), "choices": [choice]}
+    if reply.include_usage:
+        out["usage"] = None
+    return f"data: {json.dumps(out)}\n\n"
+
+
+def _chunk_object(reply: Reply) -> str:
+    return "chat.completion.chunk" if reply.kind == "chat" else "text_completion"
+
+
+async def _events(request: Request, reply: Reply, engine: Engine, chunks: AsyncIterator) -> AsyncIterator[str]:
+    """The completion as server-sent events, ending with the finish reason, the usage chunk (when
+    asked for) and [DONE]. The status line is already sent when an error comes, so an error is an
+    event too."""
+    try:
+        if reply.kind == "chat":
+            yield _event(reply, None, None, first=True)
+        async for chunk in chunks:
+            reply.count(chunk, engine)
+            if chunk.text:
+                yield _event(reply, chunk.text, None)
+            # Starlette notices a client gone on its own too; this check does not depend on how
+            # the ASGI server reports it
+            if await request.is_disconnected():
+                return
+        yield _event(reply, None, FINISH[reply.reason])
+        if reply.include_usage:
+            last = {**reply.head(_chunk_object(reply)), "choices": [], "usage": reply.usage()}
+            yield f"data: {json.dumps(last)}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # the status line is sent: report the error in the stream
+        err = APIError(400, str(e)) if isinstance(e, UserError) else internal_error(e)
+        yield f"data: {json.dumps(err.body())}\n\n"
+    finally:
+        await chunks.aclose()  # a client gone: stop the engine's stream, free the engine

@@ -1,0 +1,185 @@
+"""What a request may say, and the 4xx it gets when it says something else.
+
+The request models (pydantic; unknown fields are ignored, as clients send many), the OpenAI-style
+error shape {"error": {"message", "type", "param", "code"}}, and the checks that turn a request
+into (prompt token ids, GenerationConfig) or raise an APIError. Nothing here touches an engine's
+state or runs a generation, so more validation (request limits, structured output) slots in here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Union
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from backends.base import Backend
+from backends.types import GenerationConfig, UserError
+from billion.tasks.chat import FALLBACK_STOPS, render
+
+# ---------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def internal_error(e: BaseException) -> APIError:
+    """An engine failure (or any bug): a 500 in the same shape, never a traceback."""
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    first = e.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    return APIError(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}", param=param,
+                    code="invalid_value" if first.get("type") != "missing" else "missing_required_parameter")
+
+
+# ---------------------------------------------------------------- request models
+
+
+class RequestBase(BaseModel):
+    """Fields both routes share. Unknown fields are ignored (clients send many)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # extensions (vLLM's names)
+    top_k: int = Field(0, ge=0)  # 0 (or OpenAI-style -1: off)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    ignore_eos: bool = False
+
+    @property
+    def include_usage(self) -> bool:
+        """A stream ends with a usage chunk (stream_options.include_usage)."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(RequestBase):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(RequestBase):
+    prompt: Union[str, list[str], list[int]]
+    echo: bool = False
+
+
+# ---------------------------------------------------------------- checks
+
+
+def parse_request(raw: bytes, model_cls: type[RequestBase], models) -> RequestBase:
+    """The request body as `model_cls`, for one of `models` (the served model ids), or a 4xx.
+    The checks run in this order, so a request with several faults gets the first one's error."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        req = model_cls.model_validate(body)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    if req.model not in models:
+        raise APIError(404, f"the model {req.model!r} does not exist; available: {', '.join(models)}",
+                       param="model", code="model_not_found")
+    if req.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+    return req
+
+
+def chat_prompt(req: ChatRequest, backend: Backend) -> tuple[list[int], tuple[str, ...]]:
+    """(prompt token ids, extra stop strings): the messages rendered with the model's chat template,
+    or for a base model the plain transcript, which must also stop at the next "User:" turn."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in req.messages]
+    try:
+        prompt_ids = render(backend, messages)
+    except UserError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return prompt_ids, (() if backend.has_chat_template else FALLBACK_STOPS)
+
+
+def completion_prompt(req: CompletionRequest, backend: Backend) -> list[int]:
+    """The prompt's token ids: one string (alone or in a list of one) tokenized, or token ids as given."""
+    prompt: Any = req.prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) != 1:
+            raise APIError(400, "only one prompt per request is supported", param="prompt",
+                           code="unsupported_value")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        prompt_ids = backend.tokenize(prompt)
+    else:
+        prompt_ids = list(prompt)
+        if any(not 0 <= t < backend.vocab_size for t in prompt_ids):
+            raise APIError(400, f"token ids must be in [0, {backend.vocab_size})", param="prompt",
+                           code="invalid_value")
+    if req.echo:
+        raise APIError(400, "echo is not supported", param="echo", code="unsupported_value")
+    return prompt_ids
+
+
+def generation_config(req: RequestBase, backend: Backend, prompt_ids: list[int],
+                      extra_stops: tuple = ()) -> GenerationConfig:
+    """The sampling settings for `req`, once the prompt is known to leave room in the context."""
+    room = backend.context_length - len(prompt_ids)
+    if not prompt_ids:
+        raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+    wanted = req.max_completion_tokens or req.max_tokens
+    if room < 1 or (wanted and wanted > room):
+        raise APIError(400, f"this model's maximum context length is {backend.context_length} tokens; the "
+                            f"prompt has {len(prompt_ids)} tokens"
+                            + (f" and {wanted} were asked for the completion" if wanted else ""),
+                       param="messages" if isinstance(req, ChatRequest) else "prompt",
+                       code="context_length_exceeded")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 4:
+        raise APIError(400, "at most 4 stop sequences", param="stop", code="invalid_value")
+    return GenerationConfig(
+        max_tokens=wanted or room, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+        ignore_eos=req.ignore_eos, top_k=max(req.top_k, 0), min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, stop=tuple(stops) + extra_stops)
