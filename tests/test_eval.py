@@ -229,6 +229,37 @@ def test_billion_eval_both_engines_records_and_agreement(tmp_path, results_dir):
     assert agree["tiny_gen"]["same_answer_share"] == 1.0 and agree["tiny_gen"]["samples_compared"] == 3
 
 
+def test_billion_eval_resumes_after_ctrl_c(tmp_path, results_dir, monkeypatch):
+    """Ctrl-C while lm-eval's requests are answered: the run is recorded as interrupted (exit 130),
+    the answers computed so far are kept, and the same command then answers only the rest."""
+    from billion.tasks import lm_eval_model
+
+    tasks = write_tasks(tmp_path / "tasks")
+    args = ("eval", "-m", "tiny:tinyllama", "-b", "torch", "--dtype", "float32", "--tasks", "tiny_gen",
+            "--include-path", tasks, "--limit", 3, "--num-fewshot", 0, "--results-dir", results_dir)
+    real, calls = lm_eval_model.BillionLM._generate_one, []
+
+    def flaky(self, *a):  # Ctrl-C during the second chunk of requests
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a)
+
+    monkeypatch.setattr(lm_eval_model.BillionLM, "_generate_one", flaky)
+    monkeypatch.setattr(lm_eval_model.BillionLM._answer, "__defaults__", (1,))  # one request per chunk
+    r = run(*args)
+    assert r.exit_code == 130, r.output
+    (first,) = [x for x in read_records([results_dir]) if x["task"] == "eval"]
+    assert first["status"] == "interrupted" and "rerun the same command to resume" in r.output
+    calls.clear()
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 1  # the two answered before Ctrl-C came from the checkpoint
+    done = [x for x in read_records([results_dir]) if x["task"] == "eval" and x["status"] == "complete"]
+    assert len(done) == 1 and done[0]["metrics"]["samples"] == 3
+    assert not list((results_dir / ".partial").glob("eval-*"))  # removed once complete
+
+
 def test_unknown_task_is_a_clear_error(tmp_path):
     tasks = write_tasks(tmp_path / "tasks")
     r = run("eval", "-m", "tiny:tinyllama", "-b", "torch", "--tasks", "no_such_task", "--include-path", tasks)

@@ -20,9 +20,11 @@ from billion.ui import console, fmt
 @click.option("--apply-chat-template", is_flag=True, help="Render prompts with the model's chat template.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True,
               help="Rows per forward pass (log-likelihood requests).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Reuse the answers an interrupted run of the same settings already computed.")
 @results_option
-def eval_(model, backend, tasks, include_path, num_fewshot, limit, apply_chat_template, batch_size, results_dir,
-          **opts):
+def eval_(model, backend, tasks, include_path, num_fewshot, limit, apply_chat_template, batch_size, resume,
+          results_dir, **opts):
     """Run lm-evaluation-harness tasks on each engine (pip install "billion[eval]").
 
     lm-eval builds the prompts and computes the metrics; billion's engine answers its
@@ -47,8 +49,17 @@ def eval_(model, backend, tasks, include_path, num_fewshot, limit, apply_chat_te
     with Runner("eval", resolve(model), load_options(opts), cfg, results_dir) as runner:
         for run in runner.engines(engines(backend)):
             per_task = {}
+            # answers are keyed by request, so what changes the answers is all the identity needs
+            checkpoint = runner.checkpoint(run, {"lm_eval": task.lm_eval_version(), "tasks": cfg.tasks,
+                                                 "num_fewshot": cfg.num_fewshot,
+                                                 "chat": cfg.apply_chat_template}, resume)
             with console.status(f"  {run.name}: lm-eval {', '.join(cfg.tasks)}..."), runner.until_interrupted(run):
-                per_task = task.run_engine(run.backend, cfg, manager)
+                per_task = task.run_engine(run.backend, cfg, manager, checkpoint)
+            if not run.interrupted:
+                checkpoint.remove()
+            elif len(checkpoint.load()):
+                console.print(f"  interrupted: {len(checkpoint.load())} requests answered are kept in "
+                              f"{checkpoint.path}; rerun the same command to resume", soft_wrap=True)
             for t, out in per_task.items() or {None: {"metrics": {}, "samples": []}}.items():
                 runner.record(run, out["metrics"], config={"task": t, "lm_eval": task.lm_eval_version()},
                               extra={"samples": out["samples"]})

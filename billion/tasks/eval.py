@@ -224,7 +224,8 @@ def lm_eval_version() -> str | None:
         return None
 
 
-def run_engine(backend, cfg: EvalConfig, manager=None) -> dict:
-    """Every task of cfg on one loaded engine: task -> {"metrics", "samples"}."""
-    lm = lm_class()(backend=backend, batch_size=cfg.batch_size)
+def run_engine(backend, cfg: EvalConfig, manager=None, checkpoint=None) -> dict:
+    """Every task of cfg on one loaded engine: task -> {"metrics", "samples"}; with a checkpoint,
+    requests an interrupted run answered are not computed again."""
+    lm = lm_class()(backend=backend, batch_size=cfg.batch_size, checkpoint=checkpoint)
     return summarise(evaluate(lm, cfg, manager))

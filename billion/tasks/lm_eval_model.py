@@ -13,6 +13,9 @@ model_args="pretrained=<spec>")` works too. Registering imports no engine.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import jinja2
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -32,8 +35,13 @@ class BillionLM(LM):
 
     def __init__(self, backend=None, pretrained: str | None = None, batch_size=1, device=None,
                  dtype: str | None = None, quantize: str | None = None, trust_remote_code: bool = False,
-                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, max_length: int | None = None, **_ignored):
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, max_length: int | None = None, checkpoint=None,
+                 **_ignored):
         super().__init__()
+        # resume: answers already computed by an interrupted run, keyed by request (as lm-eval's
+        # CachingLM keys them), in billion's one checkpoint format (billion/records/checkpoint.py)
+        self.checkpoint = checkpoint
+        self.answered = {d["key"]: d["answer"] for d in checkpoint.load()} if checkpoint else {}
         if backend is None:
             if pretrained is None or self.engine is None:
                 raise UserError("BillionLM needs a loaded backend, or pretrained=<model spec> through "
@@ -58,22 +66,36 @@ class BillionLM(LM):
         return self._max_length
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [tuple(req.args) for req in requests]
-        return self.backend.score(pairs, batch_size=self._batch_size, truncate=self.max_length)
+        def answer(args):
+            return self.backend.score(args, batch_size=self._batch_size, truncate=self.max_length)
+
+        return [tuple(a) for a in self._answer("loglikelihood", requests, answer)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        out = []
-        for req in requests:
-            (text,) = req.args
-            wins = rolling_windows(self.backend.encode_scored(text), self.backend.prefix_token_id,
-                                   self.max_length, 1)
-            scored = (score_batched(self.backend, wins, self._batch_size) if self._batch_size > 1
-                      else score_encoded(self.backend, wins))
-            out.append(float(sum(lp for lp, _ in scored)))
-        return out
+        return self._answer("loglikelihood_rolling", requests, lambda args: [self._rolling(*a) for a in args])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        return [self._generate_one(*req.args) for req in requests]
+        return self._answer("generate_until", requests, lambda args: [self._generate_one(*a) for a in args])
+
+    def _answer(self, kind: str, requests, compute, chunk: int = 32) -> list:
+        """Each request's answer: from the checkpoint when an earlier run computed it, else
+        computed `chunk` requests at a time and appended to the checkpoint as each chunk ends."""
+        keys = [request_key(kind, req.args) for req in requests]
+        missing = [i for i, k in enumerate(keys) if k not in self.answered]
+        for start in range(0, len(missing), chunk):
+            part = missing[start:start + chunk]
+            answers = compute([tuple(requests[i].args) for i in part])
+            fresh = [{"key": keys[i], "answer": a} for i, a in zip(part, answers)]
+            self.answered.update((d["key"], d["answer"]) for d in fresh)
+            if self.checkpoint:
+                self.checkpoint.append(fresh)
+        return [self.answered[k] for k in keys]
+
+    def _rolling(self, text: str) -> float:
+        wins = rolling_windows(self.backend.encode_scored(text), self.backend.prefix_token_id, self.max_length, 1)
+        scored = (score_batched(self.backend, wins, self._batch_size) if self._batch_size > 1
+                  else score_encoded(self.backend, wins))
+        return float(sum(lp for lp, _ in scored))
 
     def _generate_one(self, context: str, gen_kwargs: dict) -> str:
         # Imported here, not at the top: some lm-eval 0.4 releases import torch in
@@ -128,6 +150,13 @@ class BillionLM(LM):
                 raise UserError(f"no chat template {name!r}; the model has {', '.join(sorted(template))}")
             return template[name]
         return template
+
+
+def request_key(kind: str, args) -> str:
+    """A request's identity: its kind and arguments (the context, the continuation or the
+    generation settings), hashed."""
+    text = json.dumps([kind, list(args)], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 def generate_with_stops(backend, ids: list[int], gen: GenerationConfig, stops: list[str]) -> list[int]:
