@@ -33,7 +33,9 @@ from backends.types import GenerationConfig
 
 class BatchCache(ABC):
     """An engine's batched KV cache, rows in the order they were added (minus those dropped).
-    `Row` below is whatever the engine uses for one sequence's cache (opaque to the scheduler)."""
+    A row's cache is whatever the engine uses for one sequence (opaque to the scheduler)."""
+
+    crop_copies = True  # crop() leaves its argument as it was (else a prompt-cache entry is used up)
 
     @abstractmethod
     def prefill(self, ids: Sequence[int], prefix=None) -> tuple[object, np.ndarray]:
@@ -195,8 +197,10 @@ class BatchGenerator:
                 best, best_n = ids, n
         if best is None:
             return None, 0
-        self.prompt_cache.move_to_end(best)
-        return self.cache.crop(self.prompt_cache[best], best_n), best_n
+        row = self.prompt_cache[best] if self.cache.crop_copies else self.prompt_cache.pop(best)
+        if self.cache.crop_copies:
+            self.prompt_cache.move_to_end(best)
+        return self.cache.crop(row, best_n), best_n
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

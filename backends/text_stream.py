@@ -70,49 +70,74 @@ def untagged(tokens: Iterator[int]) -> Iterator[tuple[int, bool]]:
             close()
 
 
+class TextStream:
+    """One generation's text side, fed a token at a time (push): detokenizing, EOS, max_tokens and
+    stop strings. `chunks` drives it over a token iterator; the batch scheduler's users (the
+    server) push each request's tokens as its batch produces them.
+
+    Stops at EOS (unless gen.ignore_eos; the EOS token itself makes no chunk), after gen.max_tokens
+    (that chunk's finish_reason is "max_tokens"), or at a stop string (gen.stop: the chunk that
+    completes it has finish_reason "stop" and the text before it; while the text so far could be
+    the start of one, chunks are held back, then delivered with their own timestamps). `finished`
+    says which ("eos", "max_tokens", "stop"), None while it runs.
+    """
+
+    def __init__(self, tokenizer, eos_ids: frozenset[int], gen: GenerationConfig):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stop = StopText(tuple(gen.stop)) if gen.stop else None
+        self.eos_ids, self.gen = eos_ids, gen
+        self.count = 0
+        self.held: list[tuple[int, float, bool]] = []  # chunks whose text may start a stop string
+        self.ready = ""  # text safe to deliver with the held chunks
+        self.finished: str | None = None
+
+    def push(self, token: int, now: float, from_draft: bool = False) -> list[Chunk]:
+        if token in self.eos_ids and not self.gen.ignore_eos:
+            self.finished = "eos"
+            return self.close()
+        self.count += 1
+        last = self.count >= self.gen.max_tokens
+        piece = self.detok.add(token)
+        if self.stop is None:
+            self.finished = "max_tokens" if last else None
+            return [Chunk(token, piece, now, from_draft, self.finished)]
+        text, hit = self.stop.push(piece)
+        self.ready += text
+        self.held.append((token, now, from_draft))
+        reason = "stop" if hit else "max_tokens" if last else None
+        if reason is None and self.stop.held:
+            return []
+        if reason == "max_tokens":
+            self.ready += self.stop.flush()
+        self.finished = reason
+        return self._release(reason)
+
+    def close(self) -> list[Chunk]:
+        """What is still held back at the end (EOS, or the token stream ran out): it was no stop
+        string after all."""
+        if not self.held:
+            return []
+        self.ready += self.stop.flush()
+        return self._release(None)
+
+    def _release(self, reason: str | None) -> list[Chunk]:
+        held, text = self.held, self.ready
+        self.held, self.ready = [], ""
+        out = [Chunk(token, "", now, from_draft) for token, now, from_draft in held[:-1]]
+        token, now, from_draft = held[-1]
+        return out + [Chunk(token, text, now, from_draft, reason)]
+
+
 def chunks(tokens: Iterator[tuple[int, bool]], tokenizer, eos_ids: frozenset[int],
            gen: GenerationConfig) -> Iterator[Chunk]:
-    """One Chunk per (token, from_draft), timed as it arrives. Stops at EOS (unless
-    gen.ignore_eos; the EOS token itself is not yielded), after gen.max_tokens (that chunk's
-    finish_reason is "max_tokens"), or at a stop string (gen.stop: the chunk that completes it has
-    finish_reason "stop" and the text before it; while the text so far could be the start of one,
-    chunks are held back, then delivered with their own timestamps). Closes `tokens` when done."""
-    detok = IncrementalDetokenizer(tokenizer)
-    stop = StopText(tuple(gen.stop)) if gen.stop else None
-    held: list[tuple[int, float, bool]] = []  # chunks whose text may start a stop string
-    ready = ""  # text safe to deliver with the held chunks
+    """One Chunk per (token, from_draft), timed as it arrives, by TextStream's rules (EOS,
+    max_tokens, stop strings). Closes `tokens` when done."""
+    stream = TextStream(tokenizer, eos_ids, gen)
     try:
-        for n, (token, from_draft) in enumerate(tokens):
-            now = time.perf_counter()
-            if token in eos_ids and not gen.ignore_eos:
-                break
-            last = n + 1 >= gen.max_tokens
-            piece = detok.add(token)
-            if stop is None:
-                yield Chunk(token, piece, now, from_draft, "max_tokens" if last else None)
-                if last:
-                    break
-                continue
-            text, hit = stop.push(piece)
-            ready += text
-            held.append((token, now, from_draft))
-            reason = "stop" if hit else "max_tokens" if last else None
-            if reason is None and stop.held:
-                continue
-            if reason == "max_tokens":
-                ready += stop.flush()
-            yield from _release(held, ready, reason)
-            held, ready = [], ""
-            if reason:
-                break
-        if held:  # EOS (or the end) with text held back: it was no stop string after all
-            yield from _release(held, ready + stop.flush(), None)
+        for token, from_draft in tokens:
+            yield from stream.push(token, time.perf_counter(), from_draft)
+            if stream.finished:
+                return
+        yield from stream.close()
     finally:
         tokens.close()
-
-
-def _release(held: list, text: str, reason: str | None) -> Iterator[Chunk]:
-    for token, now, from_draft in held[:-1]:
-        yield Chunk(token, "", now, from_draft)
-    token, now, from_draft = held[-1]
-    yield Chunk(token, text, now, from_draft, reason)
