@@ -35,13 +35,19 @@ def served_name(model: str) -> str:
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (info logs every request).")
-def serve(model, backend, host, port, log_level, **opts):
+@click.option("--parallel", "-np", type=click.IntRange(1), default=8, show_default=True,
+              help="Requests decoded together per engine (llama-server's slots); the llama.cpp peer serves one.")
+@click.option("--queue-size", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests waiting for a slot, per engine; beyond them a request gets 429 with Retry-After.")
+def serve(model, backend, host, port, log_level, parallel, queue_size, **opts):
     """Serve a model over an OpenAI-compatible HTTP API.
 
     Routes: /v1/chat/completions and /v1/completions (streamed as server-sent events with
     "stream": true), /v1/models, /health. Each engine is the model id <model>@<engine>
-    (with one engine, the plain model name works too). Requests are queued, not batched:
-    one generation per engine at a time. Any OpenAI client works, e.g.
+    (with one engine, the plain model name works too). Concurrent requests are decoded
+    together (continuous batching, up to --parallel per engine; a request arriving mid-batch
+    joins at the next step, one whose client is gone leaves at the next step). Any OpenAI
+    client works, e.g.
 
         OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")
     """
@@ -68,6 +74,6 @@ def serve(model, backend, host, port, log_level, **opts):
             served[f"{name}@{engine}"] = stack.enter_context(runner.loaded(engine))
         if len(names) == 1:
             served[name] = served[f"{name}@{names[0]}"]
-        app = create_app(served, name="billion")
+        app = create_app(served, name="billion", parallel=parallel, queue_size=queue_size)
         console.print(f"serving {', '.join(served)} on http://{host}:{port}/v1", markup=False, soft_wrap=True)
         uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -14,15 +14,13 @@ max_tokens (max_completion_tokens), temperature (default 1, as OpenAI's), top_p,
 presence_penalty, frequency_penalty, n (1 only), and the extensions top_k, min_p,
 repetition_penalty and ignore_eos (vLLM's names). Sampling semantics are backends/sampling.py's.
 
-Concurrency: requests are queued, not batched. Each engine has one asyncio lock; a request holds
-its engine's lock while its generation runs in a worker thread (one thread per engine), so one
-generation per engine at a time, in arrival order, while the event loop keeps answering. A
-client that disconnects mid-stream stops its generator after the current token, which frees the
-engine for the next request.
-
-Each engine keeps the KV session of its last request (backends.sessions.PromptCache): a request that
-continues the previous conversation computes only its new tokens (usage reports them as
-`prompt_tokens_details.cached_tokens`).
+Concurrency: continuous batching (engine.py). Each engine decodes up to `parallel` requests
+together in one worker thread (backends/batching.py); more wait in a queue of `queue_size`, and
+beyond that a request gets 429 with Retry-After. A request arriving mid-batch joins at the next
+step; a client that disconnects (decoding or queued) leaves at the next step. The engine's
+prompt cache holds the KV rows of its last finished requests: a request that continues an
+earlier conversation computes only its new tokens (`usage.prompt_tokens_details.cached_tokens`).
+The prompt cache is shared by every client of the engine.
 
 Bad requests (malformed JSON, unknown model, wrong types, a prompt longer than the context,
 n != 1) get OpenAI-style JSON errors {"error": {"message", "type", "param", "code"}} with a 4xx
@@ -31,7 +29,7 @@ serving. The server writes no records (scripts/serve_load.py measures it).
 
 The package: app.py builds the app and its state; schema.py parses and checks requests (and
 shapes errors); routes.py holds the route functions and shapes the answers (JSON or SSE);
-engine.py runs one generation per engine at a time (lock, worker thread, prompt cache).
+engine.py runs each engine's batch in its worker thread and hands each request its chunks.
 """
 
 from __future__ import annotations
@@ -51,17 +49,19 @@ from billion.server.schema import APIError
 async def _lifespan(app: FastAPI):
     yield
     for engine in {id(e): e for e in app.state.engines.values()}.values():
-        engine.executor.shutdown(wait=False, cancel_futures=True)
+        engine.close()
 
 
-def create_app(backends: dict[str, Backend], *, name: str = "billion") -> FastAPI:
+def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel: int = 8,
+               queue_size: int = 64) -> FastAPI:
     """The server for `backends` ({model id: loaded Backend}; several ids may share one Backend,
-    e.g. "m" and "m@torch", and then share one Engine: its lock, thread and prompt cache). `name`
-    is the model name /v1/models reports as owner."""
+    e.g. "m" and "m@torch", and then share one Engine: its batch, worker thread and prompt cache).
+    `name` is the model name /v1/models reports as owner; each engine decodes up to `parallel`
+    requests together and queues `queue_size` more."""
     engines: dict[int, Engine] = {}  # by id(backend)
     for backend in backends.values():
         if id(backend) not in engines:
-            engines[id(backend)] = Engine(backend)
+            engines[id(backend)] = Engine(backend, parallel, queue_size)
     app = FastAPI(title="billion", description=__doc__.splitlines()[0], lifespan=_lifespan)
     app.state.engines = {model_id: engines[id(backend)] for model_id, backend in backends.items()}
     app.state.owner = name

@@ -1,115 +1,248 @@
-"""One generation per engine at a time: the engine's lock, its worker thread, its prompt cache.
+"""Continuous batching in the server: each engine's requests decode together.
 
-`generate` is the one place a request reaches an engine: it waits for the engine's asyncio lock
-(requests queue in arrival order), runs the backend's stream in the engine's worker thread (the
-event loop keeps answering other requests meanwhile) and hands the chunks back to the event loop.
-A scheduler that batches requests would replace this module, not the routes.
+Each engine has one worker thread that owns its BatchGenerator (backends/batching.py): up to
+`parallel` requests decode together (llama-server's slots), the rest wait in a bounded queue
+(when it is full a request is refused with 429 and Retry-After), a request arriving mid-batch
+joins at the next step, and a request whose client is gone (while decoding or while queued)
+leaves at the next step. The event loop never touches a generator: it sends commands to the
+worker (add, cancel) through a thread-safe queue and receives Chunks back through each request's
+asyncio queue. Each request's text side (detokenizing, stop strings, EOS, max_tokens) is its own
+TextStream, so no request sees another's tokens or stop strings.
+
+Engines without a batched KV cache (the llama.cpp peer) serve one request at a time through the
+same worker, on their KV session (SessionBatchCache).
+
+The prompt cache is the batch generator's: the KV rows of recently finished requests, reused by
+any request whose prompt starts with one of them (a conversation's next turn), and reported as
+`usage.prompt_tokens_details.cached_tokens`. It is shared by every client of the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 from backends.base import Backend
-from backends.sessions import PromptCache
-from backends.types import Chunk, GenerationConfig
+from backends.batching import BatchCache, BatchGenerator
+from backends.text_stream import TextStream
+from backends.types import Chunk, GenerationConfig, UserError
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the queue is full: the client should retry later (429)."""
 
 
 @dataclass
+class Request:
+    """One request as the worker sees it: what to generate, where its chunks go, its text side."""
+
+    prompt_ids: list[int]
+    gen: GenerationConfig
+    put: Callable  # hands an item (a Chunk, _DONE or an exception) to the request's event loop
+    text: TextStream
+    uid: int | None = None  # the batch generator's, once added
+    cached: int = 0  # prompt tokens found in the prompt cache
+    tokens: int = 0
+    reason: str = "interrupted"
+
+
+_DONE = object()  # the worker's last item for a request: its generation ended without an error
+
+
 class Engine:
-    """One loaded model on one engine, served one generation at a time."""
+    """One loaded model on one engine, its requests decoded together by a worker thread."""
 
-    backend: Backend
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "billion-engine"))
-    cache: PromptCache | None = None
-    # (tokens, finish_reason) of the last finished generations: what tests read
-    done: deque = field(default_factory=lambda: deque(maxlen=100))
-    busy: bool = False
+    def __init__(self, backend: Backend, parallel: int = 8, queue_size: int = 64):
+        self.backend = backend
+        self.batching = _can_batch(backend)
+        self.parallel = parallel if self.batching else 1
+        self.queue_size = queue_size
+        self.pending = 0  # requests submitted and not yet finished by the worker
+        self.pending_lock = threading.Lock()
+        # (tokens, finish_reason) of the last finished generations: what tests and /health read
+        self.done: deque = deque(maxlen=100)
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.closing = False
+        self.thread = threading.Thread(target=self._run, name=f"billion-{backend.name}", daemon=True)
+        self.thread.start()
 
-    def __post_init__(self):
-        if self.cache is None:
-            self.cache = PromptCache(self.backend)
+    @property
+    def busy(self) -> bool:
+        return self.pending > 0
 
+    def new_batch(self) -> BatchGenerator:
+        cache = self.backend.batch_cache() if self.batching else SessionBatchCache(self.backend)
+        return BatchGenerator(cache, self.backend.eos_ids, max_batch=self.parallel, prompt_cache_size=self.parallel)
 
-_DONE = object()  # the worker's last item: the stream ended without an error
+    # ------------------------------------------------------------ event-loop side
 
+    def submit(self, prompt_ids: list[int], gen: GenerationConfig, put: Callable) -> Request:
+        """Queue a request (QueueFull when every slot and queue place is taken)."""
+        self.backend.check_fits(len(prompt_ids), gen.max_tokens)
+        with self.pending_lock:
+            if self.pending >= self.parallel + self.queue_size:
+                raise QueueFull(f"{self.pending} requests are being served or queued on {self.backend.name}")
+            self.pending += 1
+        req = Request(list(prompt_ids), gen, put, TextStream(self.backend.tokenizer, self.backend.eos_ids, gen))
+        self.commands.put(("add", req))
+        return req
 
-def _work(engine: Engine, prompt_ids: list[int], gen: GenerationConfig, put: Callable,
-          cancel: threading.Event) -> None:
-    """In the engine's worker thread: stream the generation into `put`, one chunk at a time, then
-    _DONE or the exception. It checks `cancel` after each token (the request is gone), and records
-    (tokens, reason) in engine.done whatever happens ("interrupted" when cancelled)."""
-    tokens, reason = 0, "interrupted"
-    try:
-        stream = engine.backend.stream(prompt_ids, gen, cache=engine.cache)
-        try:
-            for chunk in stream:
-                tokens += 1
-                if chunk.finish_reason:
-                    reason = chunk.finish_reason
-                put(chunk)
-                if cancel.is_set():
-                    break
-            else:
-                reason = reason if reason != "interrupted" else "eos"
-        finally:
-            stream.close()
-        put(_DONE)
-    except BaseException as e:  # noqa: BLE001 - handed to the request, which answers it
-        reason = "error"
-        put(e)
-    finally:
-        engine.done.append((tokens, reason))
+    def cancel(self, req: Request) -> None:
+        self.commands.put(("cancel", req))
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker (after its current step); requests still there get an error."""
+        self.closing = True
+        self.commands.put(("wake", None))
+        self.thread.join(timeout)
 
-async def _start(engine: Engine, work: Callable[[], None]) -> None:
-    """Take the engine's lock (waiting behind earlier requests) and run `work` in its thread. The
-    lock is released when the thread finishes, not when the request does: a request that gives up
-    early must not let the next one in while the engine is still in use."""
-    await engine.lock.acquire()
-    engine.busy = True
-    try:
-        future = asyncio.get_running_loop().run_in_executor(engine.executor, work)
-    except BaseException:
-        engine.busy = False
-        engine.lock.release()
-        raise
+    # ------------------------------------------------------------ the worker thread
 
-    def release(_):
-        engine.busy = False
-        engine.lock.release()
+    def _run(self) -> None:
+        batch, requests = self.new_batch(), {}
+        while not self.closing:
+            self._take_commands(batch, requests, block=not batch.busy)
+            if not batch.busy:
+                continue
+            try:
+                events = batch.step()
+            except BaseException as e:  # noqa: BLE001 - an engine failure fails its requests, not the server
+                for req in requests.values():
+                    self._finish(req, "error", e)
+                batch, requests = self.new_batch(), {}
+                continue
+            for event in events:
+                self._deliver(batch, requests, event)
+        for req in requests.values():
+            self._finish(req, "error", RuntimeError("the server is shutting down"))
 
-    future.add_done_callback(release)
-
-
-async def generate(engine: Engine, prompt_ids: list[int], gen: GenerationConfig) -> AsyncIterator[Chunk]:
-    """The engine's chunks for one request, produced in its worker thread while this request holds
-    the engine's lock. Closing this generator early (a client gone) stops the engine's stream after
-    its current token; the lock is released only once the thread has let go of the engine."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
-
-    def put(item) -> None:  # from the worker thread: asyncio.Queue is not thread-safe
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown)
-            cancel.set()
-
-    await _start(engine, lambda: _work(engine, prompt_ids, gen, put, cancel))
-    try:
+    def _take_commands(self, batch: BatchGenerator, requests: dict, block: bool) -> None:
         while True:
-            item = await queue.get()
-            if item is _DONE:
+            try:
+                kind, req = self.commands.get(block=block)
+            except queue.Empty:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        cancel.set()
+            block = False
+            if kind == "add":
+                req.uid = batch.add(req.prompt_ids, req.gen)
+                requests[req.uid] = req
+            elif kind == "cancel" and req.uid in requests:
+                batch.cancel(req.uid)
+
+    def _deliver(self, batch: BatchGenerator, requests: dict, event) -> None:
+        req = requests.get(event.uid)
+        if req is None:
+            return
+        if event.cached_tokens:
+            req.cached = event.cached_tokens
+        if event.token is not None and not req.text.finished:
+            for chunk in req.text.push(event.token, event.time_s):
+                req.tokens += 1
+                req.put(chunk)
+            if req.text.finished and not event.finish_reason:  # a stop string: the batch need not go on
+                batch.cancel(event.uid)
+        if event.finish_reason:
+            del requests[event.uid]
+            for chunk in req.text.close():
+                req.tokens += 1
+                req.put(chunk)
+            self._finish(req, req.text.finished or _REASON.get(event.finish_reason, event.finish_reason))
+
+    def _finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
+        req.reason = reason
+        self.done.append((req.tokens, reason))
+        with self.pending_lock:  # its slot (or queue place) is free once the worker lets go
+            self.pending -= 1
+        req.put(error if error is not None else _DONE)
+
+
+_REASON = {"cancelled": "interrupted"}
+
+
+def _can_batch(backend: Backend) -> bool:
+    try:
+        backend.batch_cache()
+    except UserError:
+        return False
+    return True
+
+
+class SessionBatchCache(BatchCache):
+    """A batch of one on an engine's KV session: for engines without a batched KV cache (the
+    llama.cpp peer holds one context), so they serve through the same scheduler, one at a time."""
+
+    crop_copies = False  # a session is cropped in place
+
+    def __init__(self, backend: Backend):
+        self.backend, self.session = backend, None
+
+    def prefill(self, ids, prefix=None):
+        session = prefix if prefix is not None else self.backend.session()
+        return session, session.feed(list(ids), keep=1)[-1]
+
+    def add(self, row) -> None:
+        self.session = row
+
+    def decode(self, tokens):
+        return self.session.feed(list(tokens), keep=1)[-1:]
+
+    def keep(self, rows) -> None:
+        if not rows:
+            self.session = None
+
+    def extract(self, row: int):
+        return self.session  # it leaves the batch: no copy needed
+
+    def crop(self, row_cache, length: int):
+        row_cache.crop(length)
+        return row_cache
+
+
+# ---------------------------------------------------------------- the request's side
+
+
+class Generation:
+    """One request's chunks as an async iterator, fed by the engine's worker. Closing it early (a
+    client gone) cancels the request: it leaves the batch at the next step."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], gen: GenerationConfig):
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.request = engine.submit(prompt_ids, gen, self._put)
+        self.ended = False
+
+    def _put(self, item) -> None:  # from the worker thread: asyncio.Queue is not thread-safe
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+    @property
+    def cached(self) -> int:
+        return self.request.cached
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self.ended:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if item is _DONE or isinstance(item, BaseException):
+            self.ended = True
+            if item is _DONE:
+                raise StopAsyncIteration
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        """Stop early (the client is gone): the request leaves the batch at the next step. Nothing
+        is awaited here: this runs while Starlette cancels a disconnected client's response."""
+        if not self.ended:
+            self.ended = True
+            self.engine.cancel(self.request)

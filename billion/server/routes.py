@@ -18,13 +18,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from backends.types import GenerationConfig, UserError
-from billion.server.engine import Engine, generate
+from billion.server.engine import Engine, Generation, QueueFull
 from billion.server.schema import (APIError, ChatRequest, CompletionRequest, RequestBase, chat_prompt,
                                    completion_prompt, generation_config, internal_error, parse_request)
 
 router = APIRouter()
 
 FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length"}
+RETRY_AFTER_S = 1  # a slot frees up as soon as any request finishes
 
 # ---------------------------------------------------------------- errors
 
@@ -98,10 +99,9 @@ class Reply:
     def head(self, obj: str) -> dict:
         return {"id": self.id, "created": self.created, "model": self.model, "object": obj}
 
-    def count(self, chunk, engine: Engine) -> None:
+    def count(self, chunk, generation: Generation) -> None:
         """Count one generated chunk."""
-        if not self.tokens:  # read while this request holds the engine
-            self.cached = engine.cache.reused
+        self.cached = generation.cached
         self.tokens += 1
         self.reason = chunk.finish_reason or self.reason
 
@@ -115,19 +115,26 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
                   kind: str):
     """kind: "chat" or "text". A JSON answer, or an SSE stream."""
     reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage)
+    try:  # queued before any answer starts, so a full queue is a 429 status, not an event
+        generation = Generation(engine, prompt_ids, gen)
+    except QueueFull as e:
+        raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except UserError as e:
+        raise APIError(400, str(e)) from None
     if not req.stream:
-        return await _answer(request, reply, engine, generate(engine, prompt_ids, gen))
-    return StreamingResponse(_events(request, reply, engine, generate(engine, prompt_ids, gen)),
+        return await _answer(request, reply, generation)
+    return StreamingResponse(_events(request, reply, generation),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _answer(request: Request, reply: Reply, engine: Engine, chunks: AsyncIterator) -> JSONResponse:
+async def _answer(request: Request, reply: Reply, chunks: Generation) -> JSONResponse:
     """The whole completion as one JSON body."""
     text = []
     try:
         async for chunk in chunks:
-            reply.count(chunk, engine)
+            reply.count(chunk, chunks)
             text.append(chunk.text)
             if await request.is_disconnected():  # nobody will read the answer: free the engine
                 break
@@ -160,7 +167,7 @@ def _chunk_object(reply: Reply) -> str:
     return "chat.completion.chunk" if reply.kind == "chat" else "text_completion"
 
 
-async def _events(request: Request, reply: Reply, engine: Engine, chunks: AsyncIterator) -> AsyncIterator[str]:
+async def _events(request: Request, reply: Reply, chunks: Generation) -> AsyncIterator[str]:
     """The completion as server-sent events, ending with the finish reason, the usage chunk (when
     asked for) and [DONE]. The status line is already sent when an error comes, so an error is an
     event too."""
@@ -168,7 +175,7 @@ async def _events(request: Request, reply: Reply, engine: Engine, chunks: AsyncI
         if reply.kind == "chat":
             yield _event(reply, None, None, first=True)
         async for chunk in chunks:
-            reply.count(chunk, engine)
+            reply.count(chunk, chunks)
             if chunk.text:
                 yield _event(reply, chunk.text, None)
             # Starlette notices a client gone on its own too; this check does not depend on how

@@ -1,0 +1,204 @@
+"""Continuous batching: each sequence in a batch gets the tokens it gets alone (greedy, and seeded
+sampling with penalties), whatever joins or leaves around it, on both engines; and a real `billion
+serve` process driven by the official openai client with concurrent streams of mixed lengths, one
+joining mid-batch, one disconnecting, one stopped by a stop string, and a full queue answered 429."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import openai
+import pytest
+
+from backends.sessions import session_tokens
+from backends.types import GenerationConfig
+from tests.conftest import ENGINES
+
+try:
+    import httpx
+except ImportError:  # openai 3 depends on httpx's successor, httpx2 (the same API)
+    import httpx2 as httpx
+
+
+def alone(backend, prompt, gen):
+    """The tokens one request gets by itself, through the shared single-sequence loop."""
+    return list(session_tokens(backend, prompt, gen))
+
+
+def drive(batch, until_step=None, join=()):
+    """Step the batch until it is idle; `join` adds (step, prompt, gen) requests mid-batch.
+    Returns {uid: tokens} and {uid: finish reason}."""
+    tokens, reasons, step, joined = {}, {}, 0, {}
+    while batch.busy or any(s >= step for s, _, _ in join):
+        for s, prompt, gen in join:
+            if s == step:
+                joined[(s, tuple(prompt))] = batch.add(prompt, gen)
+        for e in batch.step():
+            if e.token is not None:
+                tokens.setdefault(e.uid, []).append(e.token)
+            if e.finish_reason:
+                reasons[e.uid] = e.finish_reason
+        step += 1
+    return tokens, reasons, joined
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_each_sequence_gets_its_own_tokens_whatever_shares_the_batch(engine, tiny_model):
+    b = tiny_model(engine)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, b.vocab_size, n).tolist() for n in (5, 14, 3, 9, 7)]
+    gens = [GenerationConfig(max_tokens=n, ignore_eos=True) for n in (6, 12, 4, 8, 10)]
+    # a seeded sampled request with every filter and penalty: the same tokens in any company
+    gens[3] = GenerationConfig(max_tokens=8, temperature=0.8, seed=3, top_k=20, top_p=0.9, min_p=0.02,
+                               repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2, ignore_eos=True)
+    want = [alone(b, p, g) for p, g in zip(prompts, gens)]
+    batch = b.batch(max_batch=3)  # more requests than slots: some wait, then join as others leave
+    uids = [batch.add(p, g) for p, g in zip(prompts[:4], gens[:4])]
+    tokens, reasons, joined = drive(batch, join=[(2, prompts[4], gens[4])])
+    uids.append(joined[(2, tuple(prompts[4]))])
+    for i, uid in enumerate(uids):
+        assert tokens[uid] == want[i], f"request {i}"
+        assert reasons[uid] == "max_tokens"
+    assert not batch.rows and not batch.waiting
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cancel_eos_and_the_prompt_cache(engine, tiny_model):
+    b = tiny_model(engine)
+    batch = b.batch(max_batch=4)
+    prompt = b.tokenize("Once upon a time there was")
+    long = batch.add(prompt, GenerationConfig(max_tokens=50, ignore_eos=True))
+    queued = batch.add(prompt, GenerationConfig(max_tokens=5, ignore_eos=True))
+    first = batch.step()
+    assert {e.uid for e in first} == {long, queued}
+    batch.cancel(long)
+    events = batch.step()
+    assert any(e.uid == long and e.finish_reason == "cancelled" and e.token is None for e in events)
+    tokens, reasons, _ = drive(batch)
+    assert reasons[queued] == "max_tokens" and long not in reasons
+    # a request ending at EOS: its EOS token is its last
+    eos = next(iter(b.eos_ids))
+    want = alone(b, prompt, GenerationConfig(max_tokens=12))
+    uid = batch.add(prompt, GenerationConfig(max_tokens=12))
+    tokens, reasons, _ = drive(batch)
+    expected = want[: want.index(eos) + 1] if eos in want else want
+    assert tokens[uid] == expected and reasons[uid] == ("eos" if eos in want else "max_tokens")
+    # the next turn of a conversation starts with the last one: only the new tokens are prefilled
+    turn = prompt + tokens[uid] + b.tokenize(" and then", add_special_tokens=False)
+    uid = batch.add(turn, GenerationConfig(max_tokens=4, ignore_eos=True))
+    first = batch.step()
+    assert next(e for e in first if e.uid == uid).cached_tokens >= len(prompt)
+    rest, _, _ = drive(batch)
+    got = [e.token for e in first if e.uid == uid] + rest[uid]
+    assert got == alone(b, turn, GenerationConfig(max_tokens=4, ignore_eos=True))
+
+
+# ---------------------------------------------------------------- a real server process
+
+
+@pytest.fixture(scope="module")
+def served(tiny_folder):
+    """`billion serve` as a process: tiny Llama on torch, 4 slots, a queue of 2."""
+    folder = tiny_folder("tinyllama")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "billion", "serve", "-m", str(folder), "-b", "torch", "--device",
+                             "cpu", "--dtype", "float32", "--port", "0", "--parallel", "4", "--queue-size", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url, seen, deadline = None, [], time.time() + 90
+        while url is None:
+            line = proc.stdout.readline()
+            assert line and time.time() < deadline, "".join(seen)
+            seen.append(line)
+            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            url = m.group(1) if m else None
+        # the log is not read any more: let it flow away rather than fill the pipe
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        yield folder.name, url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def stream_text(client, model, prompt, max_tokens, **kw):
+    """(text, usage) of one streamed completion."""
+    events = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, **kw)
+    text, usage, reason = "", None, None
+    for e in events:
+        if e.choices:
+            text += e.choices[0].text
+            reason = e.choices[0].finish_reason or reason
+        if e.usage:
+            usage = e.usage
+    return text, usage, reason
+
+
+def test_concurrent_streams_join_leave_stop_and_overflow(served, tiny_model):
+    model, url, client = served
+    b = tiny_model("torch")
+    prompts = [f"Story {i}: once upon a time" for i in range(6)]
+    lengths = [40, 12, 60, 25, 80, 30]
+    # (a stream never ends on half a UTF-8 character: random weights write some)
+    want = {i: b.detokenize(alone(b, b.tokenize(p), GenerationConfig(max_tokens=n, ignore_eos=True))).rstrip("\ufffd")
+            for i, (p, n) in enumerate(zip(prompts, lengths))}
+    stop = want[3][10:14]  # a stop string the 4th reply reaches
+    assert stop and want[3].find(stop) >= 0
+    got, errors = {}, []
+
+    def run(i, delay=0.0, **kw):
+        time.sleep(delay)
+        try:
+            got[i] = stream_text(client, model, prompts[i], lengths[i], extra_body={"ignore_eos": True}, **kw)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=run, args=(i,), kwargs={"stop": [stop]} if i == 3 else {})
+               for i in (0, 1, 2, 3)]
+    threads.append(threading.Thread(target=run, args=(4, 0.3)))  # joins while the others decode
+    for t in threads:
+        t.start()
+    # one client that leaves after a few events: its slot is freed for the rest
+    body = {"model": model, "prompt": prompts[5], "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for n, line in enumerate(r.iter_lines()):
+            if n >= 3:
+                break
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i in (0, 1, 2, 4):
+        text, usage, reason = got[i]
+        assert text == want[i], f"request {i}"
+        assert usage.completion_tokens == lengths[i] and reason == "length"
+    text, usage, reason = got[3]
+    assert text == want[3][: want[3].find(stop)] and reason == "stop" and usage.completion_tokens < lengths[3]
+
+
+def test_a_full_queue_is_a_429_with_retry_after(served):
+    model, url, client = served
+    body = {"model": model, "prompt": "a", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    streams = [httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) for _ in range(6)]
+    try:
+        opened = [s.__enter__() for s in streams]  # 4 slots and 2 queue places taken
+        assert [r.status_code for r in opened] == [200] * 6
+        r = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=30)
+        assert r.status_code == 429 and r.headers.get("retry-after") == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)
+    deadline = time.time() + 30  # the streams' clients are gone: their slots come back
+    while True:
+        r = httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)
+        if r.status_code == 200 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
