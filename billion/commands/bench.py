@@ -21,13 +21,16 @@ from billion.ui import console, fmt
                    "against the model alone.")
 @click.option("--num-draft", type=click.IntRange(1), default=BenchConfig.num_draft, show_default=True,
               help="Draft tokens per round.")
+@click.option("--batch", "batch_sizes", default=None, callback=lambda ctx, param, v: _sizes(v),
+              help="Comma list of batch sizes (e.g. 1,2,4,8,16): throughput of that many sequences decoded "
+                   "together by the engine's batch generator, instead of the one-sequence runs.")
 @click.option("--mmlu", "with_mmlu", is_flag=True,
               help="Also score MMLU on each engine (as `billion mmlu`, set with the --mmlu-* options) "
                    "and put its accuracy in the table.")
 @mmlu_options(prefix="mmlu-")
 @results_option
-def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity, with_mmlu, draft, num_draft,
-          results_dir, **opts):
+def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity, batch_sizes, with_mmlu, draft,
+          num_draft, results_dir, **opts):
     """Prefill and decode speed, time to first token and peak memory.
 
     Random prompt tokens, EOS ignored, greedy: every engine does the same work. With
@@ -45,6 +48,10 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
     pair = prepare_pair(model, draft) if draft else None  # the vocabulary check runs before any model loads
     model = pair.target if pair else resolve(model)
     names = engines(backend)
+    if batch_sizes:
+        if draft or with_mmlu:
+            raise click.UsageError("--batch measures plain batched decoding: without --draft or --mmlu")
+        return _batch_sweep(model, names, cfg, batch_sizes, load_options(opts), results_dir)
     mmlu_opts = mmlu_options_of(opts)
     mmlu_run = prepare_mmlu(**mmlu_opts) if with_mmlu else None  # missing data fails before any model loads
     done, parity_data = {}, {}
@@ -68,6 +75,55 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
         _print_table(model, done)
         _print_ratios(done)
         _print_parity(runner, cfg, parity_data)
+
+
+def _sizes(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected a comma list of batch sizes, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter("batch sizes are at least 1")
+    return sizes
+
+
+def _batch_sweep(model, names, cfg, sizes, options, results_dir) -> None:
+    """bench --batch: each engine, each batch size, one bench_batch record; then the table."""
+    from billion.runner import Runner
+    from billion.tasks import batch_bench as task
+
+    done = {}
+    with Runner("bench_batch", model, options, cfg, results_dir) as runner:
+        for run in runner.engines(names, parameters=True):
+            for size in sizes:
+                result = task.BatchBenchResult(size)
+                with runner.until_interrupted(run):
+                    task.run_batch_bench(run.backend, cfg, size, result=result, on_run=lambda i, r, size=size: console.print(
+                        f"  batch {size} run {i}/{cfg.runs}: TTFT {r.ttft_s:.3f} s, aggregate decode "
+                        f"{r.decode_tps:.1f} tok/s"))
+                done[(run.name, size)] = runner.record(run, task.summarise(run.backend, result),
+                                                       config={"batch_size": size},
+                                                       extra={"runs": [r.__dict__ for r in result.runs]})["metrics"]
+                if run.interrupted:
+                    break
+        _print_batch_table(model, done)
+
+
+def _print_batch_table(model, done: dict) -> None:
+    table = Table(title=f"bench --batch {model} (x: aggregate decode against the engine's smallest batch)")
+    for col in ("engine", "batch", "prefill tok/s", "TTFT s", "aggregate tok/s", "x", "per-sequence tok/s",
+                "peak GB"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    base = {}
+    for (name, size), m in done.items():
+        base.setdefault(name, m.get("aggregate_decode_tps"))
+        agg = m.get("aggregate_decode_tps")
+        table.add_row(name, str(size), fmt(m.get("prefill_tps")), fmt(m.get("ttft_s"), 3), fmt(agg),
+                      f"{agg / base[name]:.2f}" if agg and base[name] else "-", fmt(m.get("per_sequence_decode_tps")),
+                      fmt(m.get("peak_memory_gb")))
+    console.print(table)
 
 
 def _progress(runs: int, warmup: int):
