@@ -149,6 +149,11 @@ class Backend(ABC):
 
     # -- shared, on top of the above --------------------------------------
 
+    @property
+    def can_batch(self) -> bool:
+        """Whether this engine has a batched KV cache (continuous batching)."""
+        return type(self).batch_cache is not Backend.batch_cache
+
     def batch(self, max_batch: int = 8, prompt_cache_size: int = 8) -> "BatchGenerator":
         """A continuous-batching generator on this model: up to `max_batch` sequences decoded
         together, joining and leaving between steps (backends/batching.py)."""

@@ -23,7 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -208,3 +208,59 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     while n < limit and a[n] == b[n]:
         n += 1
     return n
+
+
+@dataclass
+class Generated:
+    """One prompt's generation by generate_all."""
+
+    tokens: list[int]  # every token made (the EOS token not included)
+    text: str
+    finish_reason: str | None  # "eos", "max_tokens", "stop" (gen.stop), "stopped" (stop_when), None
+
+
+def generate_all(backend, prompts: Sequence[Sequence[int]], gens: Sequence[GenerationConfig], *,
+                 max_batch: int = 8, stop_when: Callable[[int, str], bool] | None = None) -> list[Generated]:
+    """Every prompt generated, up to `max_batch` decoded together (the engine's batch generator;
+    one at a time through Backend.stream on an engine without one), in the order given.
+    `stop_when(i, text so far)` ends the i-th generation early (a caller's own rule, e.g.
+    HumanEval's stop sequences); gen.stop, EOS and gen.max_tokens end it as Backend.stream does."""
+    from backends.text_stream import TextStream
+
+    if not backend.can_batch or max_batch <= 1:
+        return [_generate_alone(backend, p, g, stop_when and (lambda text, i=i: stop_when(i, text)))
+                for i, (p, g) in enumerate(zip(prompts, gens))]
+    batch = backend.batch(max_batch=max_batch, prompt_cache_size=0)
+    uids = [batch.add(p, g) for p, g in zip(prompts, gens)]
+    index = {uid: i for i, uid in enumerate(uids)}
+    streams = {uid: TextStream(backend.tokenizer, backend.eos_ids, g) for uid, g in zip(uids, gens)}
+    out = {uid: Generated([], "", None) for uid in uids}
+    while batch.busy:
+        for e in batch.step():
+            got, stream = out[e.uid], streams[e.uid]
+            if e.token is not None and got.finish_reason is None:
+                for chunk in stream.push(e.token, e.time_s):
+                    got.tokens.append(chunk.token)
+                    got.text += chunk.text
+                got.finish_reason = stream.finished
+                if got.finish_reason is None and stop_when and stop_when(index[e.uid], got.text):
+                    got.finish_reason = "stopped"
+                if got.finish_reason and not e.finish_reason:
+                    batch.cancel(e.uid)
+            if e.finish_reason and got.finish_reason is None:
+                for chunk in stream.close():
+                    got.tokens.append(chunk.token)
+                    got.text += chunk.text
+    return [out[uid] for uid in uids]
+
+
+def _generate_alone(backend, prompt, gen, stop_when) -> Generated:
+    got = Generated([], "", None)
+    for chunk in backend.stream(list(prompt), gen):
+        got.tokens.append(chunk.token)
+        got.text += chunk.text
+        got.finish_reason = chunk.finish_reason
+        if got.finish_reason is None and stop_when and stop_when(got.text):
+            got.finish_reason = "stopped"
+            break
+    return got

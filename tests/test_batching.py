@@ -202,3 +202,26 @@ def test_a_full_queue_is_a_429_with_retry_after(served):
             break
         time.sleep(0.2)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generate_all_is_each_prompt_alone(engine, tiny_model):
+    """What eval's generate-until requests and HumanEval use: the same tokens and text batched
+    (--batch-size 3) as one at a time, a caller's stop rule and gen.stop included."""
+    from backends.batching import generate_all
+
+    b = tiny_model(engine)
+    prompts = [b.tokenize(t) for t in ("Once upon", "The sky is", "A B C D", "Why?", "Hello there friend")]
+    plain = generate_all(b, prompts, [GenerationConfig(max_tokens=10, ignore_eos=True)] * 5, max_batch=1)
+    cut = plain[2].text[4:6]
+    gens = [GenerationConfig(max_tokens=n, ignore_eos=True, stop=(cut,) if i == 2 else ())
+            for i, n in enumerate((10, 7, 10, 3, 9))]
+
+    def stop_when(i, text):  # a caller's rule on the 2nd prompt only
+        return i == 1 and len(text) >= 5
+
+    one = generate_all(b, prompts, gens, max_batch=1, stop_when=stop_when)
+    many = generate_all(b, prompts, gens, max_batch=3, stop_when=stop_when)
+    assert [(g.tokens, g.text, g.finish_reason) for g in many] == [(g.tokens, g.text, g.finish_reason) for g in one]
+    assert many[2].finish_reason == "stop" and cut not in many[2].text
+    assert many[1].finish_reason in ("stopped", "max_tokens") and many[3].finish_reason == "max_tokens"

@@ -237,7 +237,7 @@ def test_billion_eval_resumes_after_ctrl_c(tmp_path, results_dir, monkeypatch):
     tasks = write_tasks(tmp_path / "tasks")
     args = ("eval", "-m", "tiny:tinyllama", "-b", "torch", "--dtype", "float32", "--tasks", "tiny_gen",
             "--include-path", tasks, "--limit", 3, "--num-fewshot", 0, "--results-dir", results_dir)
-    real, calls = lm_eval_model.BillionLM._generate_one, []
+    real, calls = lm_eval_model.BillionLM._prepare, []
 
     def flaky(self, *a):  # Ctrl-C during the second chunk of requests
         calls.append(1)
@@ -245,7 +245,7 @@ def test_billion_eval_resumes_after_ctrl_c(tmp_path, results_dir, monkeypatch):
             raise KeyboardInterrupt
         return real(self, *a)
 
-    monkeypatch.setattr(lm_eval_model.BillionLM, "_generate_one", flaky)
+    monkeypatch.setattr(lm_eval_model.BillionLM, "_prepare", flaky)
     monkeypatch.setattr(lm_eval_model.BillionLM._answer, "__defaults__", (1,))  # one request per chunk
     r = run(*args)
     assert r.exit_code == 130, r.output

@@ -146,3 +146,169 @@ def test_precision_names_quantization_and_a_compiled_decode():
     assert precision({"config": {"dtype": None, "compile": False}}) == "-"
     # -b all --compile: MLX's record carries the option but its engine decoded uncompiled
     assert precision({"config": {"compile": True}, "model_info": {"dtype": "float32", "compiled": None}}) == "float32"
+
+
+# ---- bench --batch: the bench_batch table and chart ----
+
+def _batch(results, backend, size, tps, *, started, chip=None, status="complete", metrics_size=True, **config):
+    from billion.records.store import environment
+
+    metrics = {"aggregate_decode_tps": tps, "per_sequence_decode_tps": tps / size, "ttft_s": 0.05 * size,
+               "prefill_tps": 500.0, "peak_memory_gb": 1.5}
+    if metrics_size:
+        metrics["batch_size"] = size
+    extra = {"model_source": GGUF_SOURCE}
+    if chip:
+        extra["environment"] = {**environment(), "chip": chip}
+    rec = make_record("bench_batch", backend, GGUF, {"dtype": "float32", "quantize": None, "batch_size": size,
+                                                     **config}, metrics, started=started, status=status, extra=extra)
+    return write_record(rec, results)
+
+
+def test_batch_table_and_chart(results_dir):
+    from billion.records.store import _slug, environment
+
+    now = time.time()
+    for i, size in enumerate((1, 2, 4, 8)):
+        _batch(results_dir, "torch", size, 15.0 * size, started=now - 100 + i)
+        _batch(results_dir, "mlx", size, 4.0 * size, started=now - 50 + i, dtype="bfloat16")
+    _batch(results_dir, "torch", 16, 150.0, started=now - 10, metrics_size=False)  # batch size in config only
+
+    text = _report(results_dir)
+    link = f"charts/bench_batch-gguf-smollm2-135m-q4-1-gguf-{_slug(str(environment()['chip']))}.png"
+    assert link in _links(text)
+    assert (results_dir / link).read_bytes()[:8] == PNG_MAGIC
+    assert "Aggregate decode tok/s against batch size: gguf:smollm2-135m (Q4_1 GGUF, dequantized) on " in text
+    section = text.split("## bench_batch", 1)[1].split("\n## ", 1)[0]
+    assert ("| started | engine | model | source | precision | batch_size | prefill_tps | ttft_s | "
+            "aggregate_decode_tps | per_sequence_decode_tps | peak_memory_gb | status |") in section
+    table = [line for line in section.splitlines() if line.startswith("| 20")]
+    assert len(table) == 9
+    assert any(f"| torch | {GGUF} | Q4_1 GGUF | float32 | 8 | 500 | 0.4 | 120 | 15 | 1.5 | complete |" in row
+               for row in table)
+    assert any(f"| mlx | {GGUF} | Q4_1 GGUF | bfloat16 | 4 | 500 | 0.2 | 16 | 4 | 1.5 | complete |" in row
+               for row in table)
+    assert any(f"| torch | {GGUF} | Q4_1 GGUF | float32 | 16 | 500 | 0.8 | 150 |" in row for row in table)
+
+
+def test_batch_chart_newest_complete_per_engine_precision_and_size_per_machine(results_dir):
+    from billion.records.report import CHARTS, _groups, charts
+    from billion.records.store import read_records
+
+    now = time.time()
+    _batch(results_dir, "torch", 1, 10.0, started=now - 90)
+    _batch(results_dir, "torch", 1, 12.0, started=now - 80)  # newer: drawn
+    _batch(results_dir, "torch", 1, 99.0, started=now - 70, status="interrupted")  # not complete: not drawn
+    _batch(results_dir, "torch", 2, 18.0, started=now - 60)
+    _batch(results_dir, "torch", 2, 30.0, started=now - 50, quantize="int8")
+    _batch(results_dir, "mlx", 1, 3.0, started=now - 40, chip="Apple M2")  # another machine, another chart
+    _batch(results_dir, "torch", 4, 0.0, started=now - 30)  # nothing measured: not drawn
+    records = read_records([results_dir])
+    batch = next(c for c in CHARTS if c.task == "bench_batch")
+    groups = _groups(records, batch)
+    here = next(k for k in groups if k[2] != "Apple M2")
+    assert sorted(groups) == sorted([here, (GGUF, "Q4_1 GGUF", "Apple M2")])
+    assert {k: r["metrics"]["aggregate_decode_tps"] for k, r in groups[here].items()} == \
+        {("torch", "float32", 1): 12.0, ("torch", "float32", 2): 18.0, ("torch", "float32 int8", 2): 30.0}
+    drawn = charts(records, results_dir)["bench_batch"]
+    assert len(drawn) == 2 and all((results_dir / link).read_bytes()[:8] == PNG_MAGIC for _, link in drawn)
+    assert any(title.endswith("on Apple M2") for title, _ in drawn)
+
+
+def _drawn(chart_task: str, chosen: dict):
+    """The chart drawn as _save draws it: (figure, axes) after rendering."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from billion.records.report import CHARTS
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    next(c for c in CHARTS if c.task == chart_task).draw(fig, ax, chosen)
+    ax.set_title("title\nsubject", fontsize=10)
+    fig.canvas.draw()
+    return fig, ax
+
+
+def _overlapping(boxes):
+    return [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:]
+            if box_a.width and box_b.width and box_a.overlaps(box_b)]
+
+
+def test_batch_chart_lines_log2_ticks_and_legend_outside_the_data():
+    rec = lambda tps: {"metrics": {"aggregate_decode_tps": tps}}  # noqa: E731
+    chosen = {(engine, prec, size): rec(base * size) for engine, prec, base in
+              (("torch", "float32", 10.0), ("torch", "bfloat16", 14.0), ("mlx", "float32 int4", 1.0),
+               ("llama.cpp", "F16", 40.0)) for size in (1, 2, 4, 8, 16)}
+    fig, ax = _drawn("bench_batch", chosen)
+    assert sorted(line.get_label() for line in ax.get_lines()) == \
+        ["llama.cpp F16", "mlx float32 int4", "torch bfloat16", "torch float32"]
+    assert all(list(line.get_xdata()) == [1, 2, 4, 8, 16] for line in ax.get_lines())
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8", "16"]
+    renderer = fig.canvas.get_renderer()
+    assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+
+
+# ---- precision: llama.cpp's types grouped with billion's ----
+
+def test_llamacpp_precision_is_its_gguf_type():
+    from billion.records.report import precision
+
+    def llamacpp(dtype, quantize=None, quantization=None):
+        info = {"dtype": dtype, "quantization": quantization} if quantization or dtype else {}
+        return precision({"backend": "llama.cpp", "config": {"dtype": dtype, "quantize": quantize},
+                          "model_info": info})
+
+    assert llamacpp("float32") == "F32"
+    assert llamacpp("float16") == "F16"
+    assert llamacpp("bfloat16") == "BF16"
+    assert llamacpp("float32", "int8", "llama.cpp Q8_0 (blocks of 32 weights; --group-size does not apply)") == "Q8_0"
+    assert llamacpp(None, "int4") == "Q4_0"  # no model_info: from what was asked
+    assert llamacpp("F16") == "F16"  # a record already in llama.cpp's names
+    assert precision({"backend": "torch", "config": {"dtype": "float32", "quantize": "int8"}}) == "float32 int8"
+
+
+def test_precision_groups_put_comparable_precisions_together():
+    from billion.records.report import precision_group
+
+    groups = {
+        "32-bit float": ["float32", "float32 compiled", "F32"],
+        "16-bit float": ["bfloat16", "float16", "bfloat16 compiled", "F16", "BF16"],
+        "int8 weights": ["float32 int8", "bfloat16 int8 compiled", "float32 int8-dynamic", "bnb-int8", "Q8_0", "int8"],
+        "int4 weights": ["float32 int4", "float32 int4 compiled", "bnb-int4", "Q4_0", "Q4_1"],
+    }
+    for group, precisions in groups.items():
+        assert {p: precision_group(p) for p in precisions} == {p: group for p in precisions}
+    assert precision_group("-") == "-"
+
+
+def test_bench_chart_groups_llamacpp_with_billion_and_labels_do_not_overlap():
+    def rec(tps, fraction=0.2):
+        return {"metrics": {"decode_tps": tps, "bandwidth_fraction": fraction}}
+
+    chosen = {("llama.cpp", "F32"): rec(27.0), ("llama.cpp", "F16"): rec(39.0), ("llama.cpp", "Q8_0"): rec(52.0),
+              ("llama.cpp", "Q4_0"): rec(53.0), ("mlx", "bfloat16"): rec(3.6), ("mlx", "float32"): rec(4.2),
+              ("mlx", "float32 int4"): rec(4.9, 0.025), ("torch", "bfloat16"): rec(16.0),
+              ("torch", "bfloat16 compiled"): rec(21.0), ("torch", "bfloat16 int8 compiled"): rec(18.8),
+              ("torch", "float32"): rec(25.7), ("torch", "float32 compiled"): rec(13.4),
+              ("torch", "float32 int8"): rec(4.7, 0.03), ("torch", "float32 int8-dynamic"): rec(15.0, None),
+              ("torch", "float32 int4 compiled"): rec(4.6, 0.018)}
+    fig, ax = _drawn("bench", chosen)
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "32-bit float", "llama.cpp F32", "mlx float32", "torch float32", "torch float32 compiled",
+        "16-bit float", "llama.cpp F16", "mlx bfloat16", "torch bfloat16", "torch bfloat16 compiled",
+        "int8 weights", "llama.cpp Q8_0", "torch bfloat16 int8 compiled", "torch float32 int8",
+        "torch float32 int8-dynamic",
+        "int4 weights", "llama.cpp Q4_0", "mlx float32 int4", "torch float32 int4 compiled"]
+    texts = [t.get_text() for t in ax.texts]
+    assert "52 tok/s, 20.0% of ceiling" in texts and "15 tok/s" in texts  # no ceiling: no share
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in [*ax.get_yticklabels(), *ax.texts,
+                                                                     ax.xaxis.label, ax.title]]
+    boxes += [("legend", legend.get_window_extent(renderer)) for legend in fig.legends]
+    assert _overlapping(boxes) == []
+    figure = fig.bbox
+    assert all(figure.x0 <= box.x0 and box.x1 <= figure.x1 + 1 for _, box in boxes)  # nothing cut off
+    assert all(not box.overlaps(ax.get_window_extent(renderer)) for t, box in boxes
+               if t.endswith("of ceiling"))  # the figures stand beside the bars, not on them

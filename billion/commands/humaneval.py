@@ -19,10 +19,13 @@ from billion.ui import console, fmt, progress_bar
 @click.option("--confirm-run-unsafe-code", is_flag=True,
               help="Required: runs model-written code on this machine (in a subprocess, a temporary folder, "
                    "with time and memory limits and the network disabled; not a security boundary).")
+@click.option("--batch-size", type=click.IntRange(1), default=HumanEvalConfig.batch_size, show_default=True,
+              help="Completions decoded together (continuous batching).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse problems an interrupted run of the same settings already solved.")
 @results_option
-def humaneval(model, backend, limit, max_tokens, timeout_s, confirm_run_unsafe_code, resume, results_dir, **opts):
+def humaneval(model, backend, limit, max_tokens, timeout_s, confirm_run_unsafe_code, batch_size, resume, results_dir,
+              **opts):
     """HumanEval pass@1: greedy completions of the 164 problems, each tested in a sandbox.
 
     Completions stop at HumanEval's stop sequences ("\\nclass", "\\ndef", "\\n#", "\\nif",
@@ -38,7 +41,7 @@ def humaneval(model, backend, limit, max_tokens, timeout_s, confirm_run_unsafe_c
     from billion.tasks import humaneval as task
 
     problems = task.load_problems()
-    cfg = HumanEvalConfig(limit=limit, max_tokens=max_tokens, timeout_s=timeout_s)
+    cfg = HumanEvalConfig(limit=limit, max_tokens=max_tokens, timeout_s=timeout_s, batch_size=batch_size)
     done = {}
     with Runner("humaneval", resolve(model), load_options(opts), cfg, results_dir) as runner:
         for run in runner.engines(engines(backend)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -13,7 +14,11 @@ COLUMNS = {
     "quality": ["positions", "mean_kl", "median_kl", "p99_kl", "max_kl", "top1_agreement", "ppl_full", "ppl_quant"],
     "serve_overhead": ["direct_ttft_s", "server_ttft_s", "ttft_ratio", "direct_requests_per_s",
                        "server_requests_per_s", "request_ratio"],
+    "bench_batch": ["batch_size", "prefill_tps", "ttft_s", "aggregate_decode_tps", "per_sequence_decode_tps",
+                    "peak_memory_gb"],
 }
+# Columns a record may keep in its config rather than its metrics.
+CONFIG_COLUMNS = ("batch_size",)
 MAX_GENERIC = 6
 CHARTS_DIR = "charts"  # next to the Markdown file
 ENGINE_COLORS = {"mlx": "C0", "torch": "C1", "llama.cpp": "C2"}
@@ -25,9 +30,27 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
+# llama.cpp's names for the GGUF types its peer runs (backends/llamacpp_engine/convert.py: billion's
+# float dtypes are converted to F32/F16/BF16 files, int8 and int4 quantized to Q8_0 and Q4_0).
+LLAMACPP_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+
+
+def _llamacpp_type(rec: dict) -> str:
+    """The GGUF type a llama.cpp record ran: its quantization (`llama.cpp Q8_0 (blocks of 32...)`),
+    else its dtype, in llama.cpp's names."""
+    info = rec.get("model_info") or {}
+    found = re.match(r"llama\.cpp (\S+)", str(info.get("quantization") or ""))
+    if found:
+        return found.group(1)
+    name = rec["config"].get("quantize") or info.get("dtype") or rec["config"].get("dtype") or "float32"
+    return LLAMACPP_TYPES.get(name, str(name))
+
+
 def precision(rec: dict) -> str:
     """dtype, then the quantization scheme and whether decoding was compiled (`float32 int4`,
-    `bfloat16 compiled`), or `-`."""
+    `bfloat16 compiled`), or `-`; a llama.cpp record's GGUF type (`F16`, `Q8_0`)."""
+    if rec.get("backend") == "llama.cpp":
+        return _llamacpp_type(rec)
     info = rec.get("model_info") or {}
     dtype = info.get("dtype") or rec["config"].get("dtype") or "-"
     if rec["config"].get("quantize"):
@@ -37,6 +60,29 @@ def precision(rec: dict) -> str:
     if compiled and dtype != "-":  # ("-": a peer_bench record, whose rows say it)
         dtype = f"{dtype} compiled"
     return str(dtype)
+
+
+# Comparable precisions, whichever engine named them, in the order the charts show them.
+PRECISION_GROUPS = ("32-bit float", "16-bit float", "int8 weights", "int4 weights")
+
+
+def precision_group(prec: str) -> str:
+    """The class of comparable precisions `prec` (as `precision` writes it) belongs to: float32 and
+    llama.cpp's F32 are `32-bit float`; float16, bfloat16, F16 and BF16 `16-bit float`; a quantization
+    scheme decides over the dtype it computes in, so `float32 int8`, `bfloat16 int8 compiled`,
+    `int8-dynamic`, `bnb-int8` and Q8_0 are `int8 weights` (Q4_0, Q4_1 and int4 `int4 weights`).
+    Anything else is its own class."""
+    words = [w for w in prec.split() if w != "compiled"]
+    for word in reversed(words):  # the scheme comes after the dtype
+        scheme = re.fullmatch(r"(?:\w+-)?int(\d+)(?:-\w+)?|q(\d+)(?:_\w+)?", word, re.IGNORECASE)
+        if scheme:
+            return f"int{scheme.group(1) or scheme.group(2)} weights"
+    floating = re.fullmatch(r"b?f(?:loat)?(\d+)", words[0], re.IGNORECASE) if words else None
+    return f"{floating.group(1)}-bit float" if floating else " ".join(words) or "-"
+
+
+def _group_order(group: str) -> tuple:
+    return (PRECISION_GROUPS.index(group) if group in PRECISION_GROUPS else len(PRECISION_GROUPS), group)
 
 
 def source(rec: dict) -> str:
@@ -68,6 +114,11 @@ def metric_columns(task: str, records: list[dict]) -> list[str]:
     return cols[:MAX_GENERIC]
 
 
+def _column(rec: dict, col: str):
+    value = rec["metrics"].get(col)
+    return rec["config"].get(col) if value is None and col in CONFIG_COLUMNS else value
+
+
 def rows(records: list[dict]) -> dict[str, tuple[list[str], list[list[str]]]]:
     """task -> (header, rows), records in time order."""
     by_task: dict[str, list[dict]] = {}
@@ -81,7 +132,7 @@ def rows(records: list[dict]) -> dict[str, tuple[list[str], list[list[str]]]]:
         for r in recs:
             env = r["environment"]
             body.append([r["started_at"][:16], r["backend"], r["model"], source(r), precision(r),
-                         *[_fmt(r["metrics"].get(c)) for c in cols], r["status"],
+                         *[_fmt(_column(r, c)) for c in cols], r["status"],
                          _fmt(env.get("load_avg_1m")), str(env.get("git_commit")), r["_file"].split("/")[-1]])
         out[task] = (header, body)
     return out
@@ -152,6 +203,13 @@ def _grouped_bars(ax, categories: list[str], series: dict[str, dict[str, tuple]]
     return centres, width
 
 
+def _plain_ticks(axis) -> None:
+    """A log axis labelled 10 and 100 rather than 10^1 and 10^2."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+
+
 def _ceiling(metrics: dict) -> float | None:
     if metrics.get("bandwidth_ceiling_tps"):
         return metrics["bandwidth_ceiling_tps"]
@@ -160,24 +218,92 @@ def _ceiling(metrics: dict) -> float | None:
 
 
 def _bench_chart(fig, ax, chosen: dict) -> str:
-    series: dict[str, dict[str, tuple]] = {}
+    """One horizontal bar per engine and precision, grouped by comparable precision (`precision_group`)
+    under a bold heading; each bar's ceiling a black tick, its figures in a column right of the axes."""
+    from matplotlib.transforms import blended_transform_factory
+
+    groups: dict[str, list] = {}
     for (engine, prec), r in sorted(chosen.items()):
-        tps, ceiling = r["metrics"]["decode_tps"], _ceiling(r["metrics"])
-        share = f"\n{tps / ceiling:.1%} of ceiling" if ceiling else ""
-        series.setdefault(engine, {})[prec] = (tps, None, f"{tps:.3g}{share}")
-    centres, width = _grouped_bars(ax, sorted({p for _, p in chosen}), series)
-    ceilings = [(centres[e][p], _ceiling(r["metrics"])) for (e, p), r in chosen.items() if _ceiling(r["metrics"])]
-    for i, (x, ceiling) in enumerate(ceilings):
-        ax.hlines(ceiling, x - 0.45 * width, x + 0.45 * width, colors="k", linestyles="--",
-                  label=None if i else "memory-bandwidth ceiling")
-    tps = [r["metrics"]["decode_tps"] for r in chosen.values()]
-    ax.set_yscale("log")
-    ax.set_ylim(min(tps) / 3, max(tps + [c for _, c in ceilings]) * 3)  # room for the bars, texts and legend
-    ax.set_ylabel("decode tok/s (log scale)")
-    ax.set_xlabel("precision")
-    for label in ax.get_xticklabels():  # precisions with a scheme and "compiled" are long
-        label.set(rotation=20, ha="right")
+        groups.setdefault(precision_group(prec), []).append((engine, prec, r))
+    right = blended_transform_factory(ax.transAxes, ax.transData)  # x in axes, y in rows
+    ticks, labels, headings, values, engines = [], [], [], [], set()
+    row = 0
+    for group in sorted(groups, key=_group_order):
+        ticks.append(row)
+        labels.append(group)
+        headings.append(row)
+        row += 1
+        for engine, prec, r in groups[group]:
+            tps, ceiling = r["metrics"]["decode_tps"], _ceiling(r["metrics"])
+            ax.barh(row, tps, 0.7, color=_color(engine), label=None if engine in engines else engine)
+            engines.add(engine)
+            text = f"{tps:.3g} tok/s"
+            if ceiling:
+                ax.hlines(row, min(tps, ceiling), max(tps, ceiling), colors="grey", linestyles=":", linewidth=1)
+                ax.plot([ceiling], [row], "k|", markersize=11, markeredgewidth=2,
+                        label=None if any(v[1] for v in values) else "memory-bandwidth ceiling")
+                text += f", {tps / ceiling:.1%} of ceiling"
+            ax.text(1.02, row, text, transform=right, va="center", fontsize=8)
+            values.append((tps, ceiling))
+            ticks.append(row)
+            labels.append(f"{engine} {prec}")
+            row += 1
+    ax.set_yticks(ticks, labels, fontsize=8)
+    for tick in headings:
+        label = ax.get_yticklabels()[ticks.index(tick)]
+        label.set(fontweight="bold", fontsize=9)
+        ax.axhline(tick, color="grey", linewidth=0.6, alpha=0.5)
+    ax.tick_params(axis="y", length=0)
+    ax.set_ylim(row - 0.4, -0.6)  # first row on top
+    every = [v for pair in values for v in pair if v]
+    ax.set_xscale("log")
+    _plain_ticks(ax.xaxis)
+    ax.set_xlim(min(every) / 2, max(every) * 2)
+    ax.set_xlabel("decode tok/s (log scale)")
+    ax.text(1.02, -0.6, "decode tok/s, share of\nthe bandwidth ceiling", transform=right, va="bottom",
+            fontsize=8, style="italic")
+    fig.set_size_inches(9, 1.6 + 0.24 * row)
+    fig.get_layout_engine().set(w_pad=0.1, h_pad=0.08)
+    fig.legend(fontsize=8, loc="outside lower center", ncols=len(engines) + 1, frameon=False)
     return "Decode tok/s per engine and precision, with the memory-bandwidth ceiling"
+
+
+def _batch_size(rec: dict):
+    return rec["config"].get("batch_size") or rec["metrics"].get("batch_size")
+
+
+def _batch_chart(fig, ax, chosen: dict) -> str:
+    """Aggregate decode tok/s against batch size: a line per engine and precision, a marker per size."""
+    from matplotlib.ticker import NullLocator
+
+    lines: dict[tuple, list] = {}
+    for (engine, prec, size), r in chosen.items():
+        lines.setdefault((engine, prec), []).append((size, r["metrics"]["aggregate_decode_tps"]))
+    styles, markers = ("-", "--", "-.", ":"), "osD^v<>ph*"
+    seen: dict[str, int] = {}
+    for (engine, prec), points in sorted(lines.items(), key=lambda kv: (kv[0][0], _group_order(
+            precision_group(kv[0][1])), kv[0][1])):
+        i = seen[engine] = seen.get(engine, -1) + 1  # an engine's precisions: one colour, other lines
+        points.sort()
+        ax.plot([s for s, _ in points], [v for _, v in points], linestyle=styles[i % len(styles)],
+                marker=markers[i % len(markers)], color=_color(engine), label=f"{engine} {prec}",
+                linewidth=max(1.0, 2.2 - 0.5 * i), markersize=max(4.0, 8.0 - 1.5 * i))  # equal lines stay visible
+    sizes = sorted({size for _, _, size in chosen})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(sizes[0] / 2 ** 0.3, sizes[-1] * 2 ** 0.3)
+    tps = [v for points in lines.values() for _, v in points]
+    if max(tps) / min(tps) > 20:  # engines decades apart
+        ax.set_yscale("log")
+        _plain_ticks(ax.yaxis)
+        ax.set_ylabel("aggregate decode tok/s (log scale)")
+    else:
+        ax.set_ylim(0, max(tps) * 1.1)
+        ax.set_ylabel("aggregate decode tok/s")
+    ax.set_xlabel("batch size (sequences decoded together, log scale)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    return "Aggregate decode tok/s against batch size"
 
 
 def _finetune_chart(fig, ax, chosen: dict) -> str:
@@ -253,6 +379,9 @@ class Chart(NamedTuple):
 CHARTS = (
     Chart("bench", lambda r: (r["metrics"].get("decode_tps") or 0) > 0,
           lambda r: (r["backend"], precision(r)), _bench_chart),
+    Chart("bench_batch", lambda r: (r["metrics"].get("aggregate_decode_tps") or 0) > 0 and bool(_batch_size(r)),
+          lambda r: (r["backend"], precision(r), int(_batch_size(r))), _batch_chart,
+          lambda r: (str(r["environment"].get("chip")),)),  # one chart per machine
     Chart("finetune", lambda r: bool(r.get("history")), lambda r: r["backend"], _finetune_chart),
     Chart("mmlu", lambda r: bool(r.get("subjects")), lambda r: r["backend"], _mmlu_chart,
           lambda r: (f"{r['config'].get('shots', 0)}-shot",)),
@@ -285,7 +414,8 @@ def _save(chart: Chart, chosen: dict, path: Path) -> str:
     chips = ", ".join(sorted({str(r["environment"].get("chip")) for r in recs}))
     subject = f"{model_title(recs[0])} on {chips}"
     ax.set_title(f"{what}\n{subject}", fontsize=10)
-    ax.legend(fontsize=8)
+    if ax.get_legend() is None and not fig.legends:  # a chart may have placed its own, outside its data
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

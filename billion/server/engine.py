@@ -29,7 +29,7 @@ from typing import Callable
 from backends.base import Backend
 from backends.batching import BatchCache, BatchGenerator
 from backends.text_stream import TextStream
-from backends.types import Chunk, GenerationConfig, UserError
+from backends.types import Chunk, GenerationConfig
 
 
 class QueueFull(Exception):
@@ -58,7 +58,7 @@ class Engine:
 
     def __init__(self, backend: Backend, parallel: int = 8, queue_size: int = 64):
         self.backend = backend
-        self.batching = _can_batch(backend)
+        self.batching = backend.can_batch
         self.parallel = parallel if self.batching else 1
         self.queue_size = queue_size
         self.pending = 0  # requests submitted and not yet finished by the worker
@@ -161,14 +161,6 @@ class Engine:
 
 
 _REASON = {"cancelled": "interrupted"}
-
-
-def _can_batch(backend: Backend) -> bool:
-    try:
-        backend.batch_cache()
-    except UserError:
-        return False
-    return True
 
 
 class SessionBatchCache(BatchCache):

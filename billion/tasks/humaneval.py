@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from backends.batching import generate_all
 from backends.types import GenerationConfig, UserError
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # HumanEval's (Chen et al., 2021)
@@ -65,6 +66,7 @@ class HumanEvalConfig:
     limit: int | None = None  # the first N problems
     max_tokens: int = 512  # tokens generated per completion at most
     timeout_s: float = 10.0  # wall-clock limit per program
+    batch_size: int = 4  # completions decoded together (the engine's batch generator)
     stop_sequences: tuple[str, ...] = STOP_SEQUENCES  # said in every record
     decoding: str = "greedy"
 
@@ -135,19 +137,18 @@ def truncate_at_stop(text: str, stops=STOP_SEQUENCES) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def complete(backend, prompt: str, max_tokens: int) -> tuple[str, int]:
-    """Greedy completion of a prompt, stopped at EOS, max_tokens or a stop sequence."""
-    ids = backend.tokenize(prompt)
-    room = backend.context_length - len(ids)
-    if room <= 0:
-        raise UserError(f"a HumanEval prompt of {len(ids)} tokens does not fit the model's context")
-    text, n = "", 0
-    for chunk in backend.stream(ids, GenerationConfig(max_tokens=min(max_tokens, room))):
-        text += chunk.text
-        n += 1
-        if truncate_at_stop(text)[1]:
-            break
-    return truncate_at_stop(text)[0], n
+def complete(backend, prompts: list[str], max_tokens: int, batch_size: int = 1) -> list[tuple[str, int]]:
+    """Greedy completions of prompts, decoded `batch_size` at a time together, each stopped at
+    EOS, max_tokens or a stop sequence: (completion, tokens generated) each."""
+    ids = [backend.tokenize(p) for p in prompts]
+    gens = []
+    for row in ids:
+        room = backend.context_length - len(row)
+        if room <= 0:
+            raise UserError(f"a HumanEval prompt of {len(row)} tokens does not fit the model's context")
+        gens.append(GenerationConfig(max_tokens=min(max_tokens, room)))
+    done = generate_all(backend, ids, gens, max_batch=batch_size, stop_when=lambda i, text: truncate_at_stop(text)[1])
+    return [(truncate_at_stop(g.text)[0], len(g.tokens)) for g in done]
 
 
 # ---------------------------------------------------------------- the sandbox
@@ -229,18 +230,21 @@ def run(backend, problems: list[Problem], cfg: HumanEvalConfig, *, done: Iterabl
     wanted = {p.task_id for p in problems}
     result = result or HumanEvalResult(cfg)
     result.solved.update((s.task_id, s) for s in done if s.task_id in wanted)
-    for p in problems:
-        if p.task_id in result.solved:
-            continue
+    pending = [p for p in problems if p.task_id not in result.solved]
+    for start in range(0, len(pending), cfg.batch_size):
+        chunk = pending[start:start + cfg.batch_size]
         t0 = time.perf_counter()
-        completion, n = complete(backend, p.prompt, cfg.max_tokens)
-        passed, outcome = execute(program(p, completion), cfg.timeout_s)
-        s = Solved(p.task_id, completion, passed, outcome, n)
-        result.seconds += time.perf_counter() - t0
-        result.new += 1
-        result.solved[p.task_id] = s
-        if on_solved:
-            on_solved(s)
+        completions = complete(backend, [p.prompt for p in chunk], cfg.max_tokens, cfg.batch_size)
+        share = (time.perf_counter() - t0) / len(chunk)  # the batch's time, shared by its problems
+        for p, (completion, n) in zip(chunk, completions):
+            t1 = time.perf_counter()
+            passed, outcome = execute(program(p, completion), cfg.timeout_s)
+            s = Solved(p.task_id, completion, passed, outcome, n)
+            result.seconds += share + time.perf_counter() - t1
+            result.new += 1
+            result.solved[p.task_id] = s
+            if on_solved:
+                on_solved(s)
     return result
 
 

@@ -21,6 +21,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 import backends
+from backends.batching import generate_all
 from backends.scoring import score_batched, score_encoded
 from backends.types import GenerationConfig, UserError
 from billion.tasks.eval import rolling_windows
@@ -75,7 +76,7 @@ class BillionLM(LM):
         return self._answer("loglikelihood_rolling", requests, lambda args: [self._rolling(*a) for a in args])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        return self._answer("generate_until", requests, lambda args: [self._generate_one(*a) for a in args])
+        return self._answer("generate_until", requests, self._generate)
 
     def _answer(self, kind: str, requests, compute, chunk: int = 32) -> list:
         """Each request's answer: from the checkpoint when an earlier run computed it, else
@@ -97,10 +98,28 @@ class BillionLM(LM):
                   else score_encoded(self.backend, wins))
         return float(sum(lp for lp, _ in scored))
 
-    def _generate_one(self, context: str, gen_kwargs: dict) -> str:
+    def _generate(self, args: list[tuple]) -> list[str]:
+        """A chunk of generate_until requests, decoded together --batch-size at a time (the engine's
+        batch generator), each until EOS, its max_gen_toks or one of its stop strings."""
+        from lm_eval.models.utils import postprocess_generated_text
+
+        prepared = [self._prepare(context, gen_kwargs) for context, gen_kwargs in args]
+        texts = []
+        for (ids, gen, until), got in zip(prepared, self._generate_batch(prepared)):
+            texts.append(postprocess_generated_text(self.backend.detokenize(got.tokens), until, None))
+        return texts
+
+    def _generate_batch(self, prepared):
+        stops = [tuple(s for s in until if s) for _, _, until in prepared]
+        return generate_all(self.backend, [p[0] for p in prepared], [p[1] for p in prepared],
+                            max_batch=self._batch_size, stop_when=lambda i, text: any(s in text for s in stops[i]))
+
+    def _prepare(self, context: str, gen_kwargs: dict) -> tuple[list[int], GenerationConfig, list[str]]:
+        """(prompt ids, generation settings, stop strings) of one request, as lm-eval's HF model
+        reads them."""
         # Imported here, not at the top: some lm-eval 0.4 releases import torch in
         # lm_eval.models.utils, and registering (importing this module) must import no engine.
-        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
         b = self.backend
         kwargs = normalize_gen_kwargs(dict(gen_kwargs or {}), self._max_gen_toks)
@@ -118,8 +137,7 @@ class BillionLM(LM):
         gen = GenerationConfig(max_tokens=max_gen, temperature=temperature if sample else 0.0,
                                top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0,
                                seed=kwargs.get("seed"))
-        tokens = generate_with_stops(b, ids, gen, [s for s in until if s])
-        return postprocess_generated_text(b.detokenize(tokens), until, None)
+        return ids, gen, until
 
     # -- chat templates ----------------------------------------------------
 
@@ -157,18 +175,6 @@ def request_key(kind: str, args) -> str:
     generation settings), hashed."""
     text = json.dumps([kind, list(args)], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()
-
-
-def generate_with_stops(backend, ids: list[int], gen: GenerationConfig, stops: list[str]) -> list[int]:
-    """Tokens generated from `ids` until EOS, gen.max_tokens, or the text holding a stop string."""
-    tokens, text = [], ""
-    for chunk in backend.stream(ids, gen):
-        tokens.append(chunk.token)
-        text += chunk.text
-        tail = text[-(max((len(s) for s in stops), default=0) + len(chunk.text) + 8):]
-        if any(s in tail for s in stops):
-            break
-    return tokens
 
 
 def _register_engines() -> None:
