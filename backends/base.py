@@ -154,13 +154,18 @@ class Backend(ABC):
         """Whether this engine has a batched KV cache (continuous batching)."""
         return type(self).batch_cache is not Backend.batch_cache
 
-    def batch(self, max_batch: int = 8, prompt_cache_size: int = 8) -> "BatchGenerator":
+    def batch(self, max_batch: int = 8, prompt_cache_size: int = 8, draft: "NgramDraft | None" = None,
+              num_draft: int = 4) -> "BatchGenerator":
         """A continuous-batching generator on this model: up to `max_batch` sequences decoded
-        together, joining and leaving between steps (backends/batching.py)."""
-        from backends.batching import BatchGenerator
+        together, joining and leaving between steps (backends/batching.py); with `draft`, each
+        sequence drafts by prompt lookup and the batch verifies every row's proposals in one pass."""
+        from backends.batching import BatchCache, BatchGenerator
 
-        return BatchGenerator(self.batch_cache(), self.eos_ids, max_batch=max_batch,
-                              prompt_cache_size=prompt_cache_size)
+        cache = self.batch_cache()
+        if draft is not None and type(cache).verify is BatchCache.verify:
+            raise self._unsupported("prompt lookup inside a batch (--draft ngram with batching)")
+        return BatchGenerator(cache, self.eos_ids, max_batch=max_batch, prompt_cache_size=prompt_cache_size,
+                              draft=draft, num_draft=num_draft, vocab_size=self.vocab_size)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))

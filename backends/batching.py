@@ -50,6 +50,16 @@ class BatchCache(ABC):
     def decode(self, tokens: Sequence[int]) -> np.ndarray:
         """Feed one token per row (in row order); float32 logits [rows, vocab]."""
 
+    def verify(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Feed each row its own tokens (the last one and a draft's proposals; rows may differ in
+        length) in one forward pass; float32 logits [len(row), vocab] per row. Engines that cannot
+        leave this out: prompt lookup inside a batch is then refused."""
+        raise NotImplementedError
+
+    def rewind(self, row: int, count: int) -> None:
+        """Forget the last `count` tokens verify() fed to `row` (its rejected proposals)."""
+        raise NotImplementedError
+
     @abstractmethod
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only these rows, in this order (the others leave the batch)."""
@@ -82,6 +92,7 @@ class _Request:
     rng: np.random.Generator
     output: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None  # for the next token
+    proposer: object | None = None  # prompt lookup (speculation.NgramProposer), when the batch drafts
 
 
 class BatchGenerator:
@@ -89,8 +100,15 @@ class BatchGenerator:
     server's worker); add() and cancel() are called from that thread between steps."""
 
     def __init__(self, cache: BatchCache, eos_ids: frozenset[int], *, max_batch: int = 8,
-                 prompt_cache_size: int = 8):
+                 prompt_cache_size: int = 8, draft=None, num_draft: int = 4, vocab_size: int = 0):
         self.cache = cache
+        # prompt lookup inside the batch (a speculation.NgramDraft): each row drafts from its own text
+        self.draft, self.num_draft, self.vocab_size = draft, num_draft, vocab_size
+        self.stats = None
+        if draft is not None:
+            from backends.speculation import SpeculationStats
+
+            self.stats = SpeculationStats()
         self.eos_ids = eos_ids
         self.max_batch = max_batch
         self.waiting: deque[_Request] = deque()
@@ -108,7 +126,13 @@ class BatchGenerator:
         if not prompt_ids:
             raise ValueError("an empty prompt has no next token")
         uid = next(self._uids)
-        self.waiting.append(_Request(uid, list(prompt_ids), gen, np.random.default_rng(gen.seed)))
+        request = _Request(uid, list(prompt_ids), gen, np.random.default_rng(gen.seed))
+        if self.draft is not None and not sampling.uses_history(gen):  # penalties: plain steps (as speculation)
+            from backends.speculation import NgramProposer
+
+            stop = frozenset() if gen.ignore_eos else self.eos_ids
+            request.proposer = NgramProposer(self.draft, self.vocab_size, stop)
+        self.waiting.append(request)
         return uid
 
     def cancel(self, uid: int) -> None:
@@ -122,7 +146,10 @@ class BatchGenerator:
         while self.waiting and len(self.rows) < self.max_batch:
             events.append(self._admit(self.waiting.popleft()))
         self._drop_finished(events)
-        if self.rows:
+        proposals = self._proposals()
+        if any(proposals):
+            events += self._speculative_step(proposals)
+        elif self.rows:
             logits = self.cache.decode([r.output[-1] for r in self.rows])
             now = time.perf_counter()
             decoded = []
@@ -135,6 +162,38 @@ class BatchGenerator:
 
     # ------------------------------------------------------------ internals
 
+    def _proposals(self) -> list[list[int]]:
+        """Each row's drafted tokens (none without a proposer or a match), never past its max_tokens."""
+        out = []
+        for r in self.rows:
+            k = min(self.num_draft, r.gen.max_tokens - len(r.output) - 1)
+            out.append(r.proposer.propose(r.prompt + r.output, k)[0] if r.proposer and k > 0 else [])
+        return out
+
+    def _speculative_step(self, proposals: list[list[int]]) -> list[BatchEvent]:
+        """One verification pass for every row (its last token and its proposals), the acceptance
+        rule per row (speculation.accept: greedy output is the target's own, sampled output keeps
+        its distribution), then the rejected proposals forgotten (rewind)."""
+        from backends.speculation import accept
+
+        logits = self.cache.verify([[r.output[-1]] + d for r, d in zip(self.rows, proposals)])
+        now = time.perf_counter()
+        events = []
+        for i, (r, drafted, rows) in enumerate(zip(self.rows, proposals, logits)):
+            p = [sampling.distribution(rows[j], r.gen, r.prompt, r.output + drafted[:j]) for j in range(len(rows))]
+            q = [np.eye(1, self.vocab_size, t)[0] for t in drafted]  # a lookup is certain: one-hot
+            accepted, nxt = accept(drafted, q, p, r.rng)
+            if drafted:
+                self.stats.record(len(drafted), accepted)
+            self.cache.rewind(i, len(drafted) - accepted)
+            for token in drafted[:accepted] + [nxt]:
+                event = self._emit(r, token, now)
+                events.append(event)
+                if event.finish_reason:
+                    break
+        self._drop_finished(events)
+        return events
+
     def _admit(self, r: _Request) -> BatchEvent:
         prefix, reused = self._cached_prefix(r.prompt)
         row, r.logits = self.cache.prefill(r.prompt[reused:], prefix)
@@ -145,7 +204,9 @@ class BatchGenerator:
 
     def _sample(self, r: _Request, now: float) -> BatchEvent:
         p = sampling.distribution(r.logits, r.gen, r.prompt, r.output)
-        token = sampling.sample(p, r.rng)
+        return self._emit(r, sampling.sample(p, r.rng), now)
+
+    def _emit(self, r: _Request, token: int, now: float) -> BatchEvent:
         r.output.append(token)
         if token in self.eos_ids and not r.gen.ignore_eos:
             reason = "eos"

@@ -169,6 +169,26 @@ class NgramProposer:
 # ---------------------------------------------------------------- the loop
 
 
+def accept(drafted: list[int], q: list[np.ndarray], p: list[np.ndarray], rng: np.random.Generator) -> tuple[int, int]:
+    """The acceptance rule: (how many drafted tokens are accepted, the token gained after them).
+
+    Accept x_i with probability min(1, p_i(x_i) / q_i(x_i)) (u < ratio, u ~ U[0, 1)), stopping at
+    the first rejection; greedy (one-hot p and q): accept while x_i is the target's argmax. Then
+    always gain one target token: after a rejection at i, drawn from the residual
+    r = max(0, p_i - q_i) / sum(max(0, p_i - q_i)). Since P(reject) = 1 - sum(min(p_i, q_i))
+    = sum(max(0, p_i - q_i)):  P(x) = q_i(x) min(1, p_i(x)/q_i(x)) + P(reject) r(x)
+    = min(p_i, q_i)(x) + max(0, p_i(x) - q_i(x)) = p_i(x), the target's distribution (greedy: the
+    target's argmax). All accepted: the bonus token from p_{n+1}. `p` has n + 1 rows.
+    """
+    n, accepted = len(drafted), 0
+    while accepted < n and rng.random() * q[accepted][drafted[accepted]] < p[accepted][drafted[accepted]]:
+        accepted += 1
+    if accepted < n:
+        residual = np.maximum(p[accepted] - q[accepted], 0.0)
+        return accepted, sample(residual if residual.sum() > 0 else p[accepted], rng)  # > 0 whenever p_i != q_i
+    return accepted, sample(p[n], rng)
+
+
 def speculative_tokens(target, draft, prompt_ids: list[int], gen: GenerationConfig, num_draft: int,
                        stats: SpeculationStats | None = None) -> Iterator[tuple[int, bool]]:
     """Yield (token, from_draft) until gen.max_tokens tokens (the caller stops at EOS).
@@ -200,22 +220,9 @@ def speculative_tokens(target, draft, prompt_ids: list[int], gen: GenerationConf
         #    p_1..p_{n+1}, the target's distribution at every drafted position and one beyond.
         n = len(drafted)
         p = [distribution(row, gen) for row in tgt.feed((tokens + drafted)[tgt.length:], keep=n + 1)]
-        # 3. Accept x_i with probability min(1, p_i(x_i) / q_i(x_i)) (u < ratio, u ~ U[0, 1)),
-        #    stopping at the first rejection. Greedy (one-hot p and q): accept while x_i is the
-        #    target's argmax.
-        accepted = 0
-        while accepted < n and rng.random() * q[accepted][drafted[accepted]] < p[accepted][drafted[accepted]]:
-            accepted += 1
-        # 4. Always gain one target token. After a rejection at i, draw from the residual
-        #    r = max(0, p_i - q_i) / sum(max(0, p_i - q_i)). Then, since P(reject) = 1 - sum(min(p_i, q_i))
-        #    = sum(max(0, p_i - q_i)):  P(x) = q_i(x) min(1, p_i(x)/q_i(x)) + P(reject) r(x)
-        #    = min(p_i, q_i)(x) + max(0, p_i(x) - q_i(x)) = p_i(x), the target's distribution
-        #    (greedy: the target's argmax). All accepted: the bonus token from p_{n+1}.
-        if accepted < n:
-            residual = np.maximum(p[accepted] - q[accepted], 0.0)
-            nxt = sample(residual if residual.sum() > 0 else p[accepted], rng)  # > 0 whenever p_i != q_i
-        else:
-            nxt = sample(p[n], rng)
+        # 3. Accept x_i with probability min(1, p_i(x_i) / q_i(x_i)), stopping at the first rejection;
+        # 4. Always gain one target token (see accept).
+        accepted, nxt = accept(drafted, q, p, rng)
         if k:
             stats.record(n, accepted)
         tokens += drafted[:accepted] + [nxt]

@@ -225,3 +225,40 @@ def test_generate_all_is_each_prompt_alone(engine, tiny_model):
     assert [(g.tokens, g.text, g.finish_reason) for g in many] == [(g.tokens, g.text, g.finish_reason) for g in one]
     assert many[2].finish_reason == "stop" and cut not in many[2].text
     assert many[1].finish_reason in ("stopped", "max_tokens") and many[3].finish_reason == "max_tokens"
+
+
+def test_prompt_lookup_inside_a_batch_is_each_rows_own_speculation(tiny_model):
+    """--draft ngram inside a batch (torch): every row drafts from its own text, all rows' proposals
+    are verified in one pass, rejected ones become masked holes; each row's tokens are those of
+    speculative decoding alone (greedy: the target's own; seeded sampling: the same draws)."""
+    from backends.speculation import NgramDraft, speculative_tokens
+
+    b = tiny_model("torch")
+    rng = np.random.default_rng(1)
+    blocks = [rng.integers(0, b.vocab_size, 6).tolist() for _ in range(5)]
+    prompts = [(blk * 5)[:28] for blk in blocks]  # repetition: something to look up
+    gens = [GenerationConfig(max_tokens=n, ignore_eos=True) for n in (20, 12, 25, 16, 30)]
+    gens[3] = GenerationConfig(max_tokens=16, temperature=0.7, seed=4, top_k=30, ignore_eos=True)
+    want = [[t for t, _ in speculative_tokens(b, NgramDraft(2), p, g, 3)] for p, g in zip(prompts, gens)]
+    assert want[0] == alone(b, prompts[0], gens[0])  # greedy speculation is the target's own
+    batch = b.batch(max_batch=3, draft=NgramDraft(2), num_draft=3)
+    uids = [batch.add(p, g) for p, g in zip(prompts, gens)]
+    tokens, reasons, _ = drive(batch)
+    assert [tokens[u] for u in uids] == want
+    assert batch.stats.drafted > 0  # it did draft
+    # a finished row's cache, holes left out, serves the next turn from the prompt cache
+    turn = prompts[0] + want[0] + prompts[1][:4]
+    uid = batch.add(turn, GenerationConfig(max_tokens=6, ignore_eos=True))
+    first = batch.step()
+    assert next(e for e in first if e.uid == uid).cached_tokens >= len(prompts[0])
+    rest, _, _ = drive(batch)
+    got = [e.token for e in first if e.uid == uid and e.token is not None] + rest.get(uid, [])
+    assert got == alone(b, turn, GenerationConfig(max_tokens=6, ignore_eos=True))
+
+
+def test_prompt_lookup_inside_an_mlx_batch_is_refused(tiny_model):
+    from backends.speculation import NgramDraft
+    from backends.types import UserError
+
+    with pytest.raises(UserError, match="prompt lookup inside a batch"):
+        tiny_model("mlx").batch(draft=NgramDraft(3))

@@ -70,6 +70,31 @@ class TorchBatchCache(BatchCache):
         self.positions = self.positions + 1
         return out.logits[:, -1].float().cpu().numpy()
 
+    @torch.inference_mode()
+    def verify(self, rows):
+        # Rows shorter than the longest are padded with masked columns; a rejected proposal is
+        # masked afterwards (rewind), a hole the attention skips, so no row's cache is moved.
+        width = max(len(r) for r in rows)
+        inp = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        steps = torch.arange(width, device=self.device)
+        new = (steps[None, :] < lengths[:, None]).long()
+        self._verified = (self.mask.shape[1], [len(r) for r in rows])  # where rewind finds them
+        self.mask = torch.cat([self.mask, new], dim=1)
+        out = self.model(input_ids=inp, attention_mask=self.mask, position_ids=self.positions[:, None] + steps,
+                         cache=self.cache, use_cache=True)
+        self.positions = self.positions + lengths
+        logits = out.logits.float().cpu().numpy()
+        return [logits[i, :len(r)] for i, r in enumerate(rows)]
+
+    @torch.inference_mode()
+    def rewind(self, row: int, count: int) -> None:
+        if count:
+            start, lengths = self._verified
+            end = start + lengths[row]
+            self.mask[row, end - count:end] = 0
+            self.positions[row] -= count
+
     def keep(self, rows: Sequence[int]) -> None:
         if not rows:
             self.cache = self.mask = self.positions = None
@@ -83,8 +108,8 @@ class TorchBatchCache(BatchCache):
         self.mask = self.mask[:, first:]
 
     def extract(self, row: int) -> DynamicCache:
-        start = int(self.mask[row].nonzero()[0])  # padding is on the left only
-        return self._row_cache([(layer.keys[row:row + 1, :, start:], layer.values[row:row + 1, :, start:])
+        real = self.mask[row].bool()  # left padding, and the holes of rejected proposals
+        return self._row_cache([(layer.keys[row:row + 1, :, real], layer.values[row:row + 1, :, real])
                                 for layer in self.cache.layers])
 
     def crop(self, row_cache: DynamicCache, length: int) -> DynamicCache:

@@ -37,6 +37,7 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
     --backend all, engines run one after the other on the same weights and a parity
     check compares their next-token distributions teacher-forced on the same tokens.
     """
+    from backends.speculation import NgramDraft
     from billion.evaluation import mmlu_options_of, prepare_mmlu
     from billion.loading import resolve
     from billion.runner import Runner
@@ -49,9 +50,10 @@ def bench(model, backend, prompt_tokens, gen_tokens, runs, warmup, seed, parity,
     model = pair.target if pair else resolve(model)
     names = engines(backend)
     if batch_sizes:
-        if draft or with_mmlu:
-            raise click.UsageError("--batch measures plain batched decoding: without --draft or --mmlu")
-        return _batch_sweep(model, names, cfg, batch_sizes, load_options(opts), results_dir)
+        if with_mmlu or (draft and not (pair and isinstance(pair.draft, NgramDraft))):
+            raise click.UsageError("--batch takes no --mmlu, and of the drafts only ngram[:N] (prompt lookup)")
+        return _batch_sweep(model, names, cfg, batch_sizes, load_options(opts), results_dir,
+                            pair.draft if pair else None)
     mmlu_opts = mmlu_options_of(opts)
     mmlu_run = prepare_mmlu(**mmlu_opts) if with_mmlu else None  # missing data fails before any model loads
     done, parity_data = {}, {}
@@ -89,8 +91,9 @@ def _sizes(text: str | None) -> tuple[int, ...] | None:
     return sizes
 
 
-def _batch_sweep(model, names, cfg, sizes, options, results_dir) -> None:
-    """bench --batch: each engine, each batch size, one bench_batch record; then the table."""
+def _batch_sweep(model, names, cfg, sizes, options, results_dir, draft=None) -> None:
+    """bench --batch: each engine, each batch size, one bench_batch record; then the table. With a
+    prompt-lookup draft, plain and drafted batches alternate on the same repetitive prompts."""
     from billion.runner import Runner
     from billion.tasks import batch_bench as task
 
@@ -98,31 +101,44 @@ def _batch_sweep(model, names, cfg, sizes, options, results_dir) -> None:
     with Runner("bench_batch", model, options, cfg, results_dir) as runner:
         for run in runner.engines(names, parameters=True):
             for size in sizes:
-                result = task.BatchBenchResult(size)
-                with runner.until_interrupted(run):
-                    task.run_batch_bench(run.backend, cfg, size, result=result, on_run=lambda i, r, size=size: console.print(
-                        f"  batch {size} run {i}/{cfg.runs}: TTFT {r.ttft_s:.3f} s, aggregate decode "
-                        f"{r.decode_tps:.1f} tok/s"))
-                done[(run.name, size)] = runner.record(run, task.summarise(run.backend, result),
-                                                       config={"batch_size": size},
-                                                       extra={"runs": [r.__dict__ for r in result.runs]})["metrics"]
+                for variant in ((None, draft) if draft else (None,)):
+                    label = f"batch {size}" + (f" {variant}" if variant else "")
+                    result = task.BatchBenchResult(size)
+                    with runner.until_interrupted(run):
+                        task.run_batch_bench(run.backend, cfg, size, draft=variant, repetitive=bool(draft),
+                                             result=result, on_run=lambda i, r, label=label: console.print(
+                                                 f"  {label} run {i}/{cfg.runs}: TTFT {r.ttft_s:.3f} s, aggregate "
+                                                 f"decode {r.decode_tps:.1f} tok/s"))
+                    config = {"batch_size": size, "draft": str(variant) if variant else None,
+                              "repetitive_prompts": bool(draft)}
+                    done[(run.name, size, str(variant or ""))] = runner.record(
+                        run, task.summarise(run.backend, result), config=config,
+                        extra={"runs": [r.__dict__ for r in result.runs]})["metrics"]
+                    if run.interrupted:
+                        break
                 if run.interrupted:
                     break
         _print_batch_table(model, done)
 
 
 def _print_batch_table(model, done: dict) -> None:
-    table = Table(title=f"bench --batch {model} (x: aggregate decode against the engine's smallest batch)")
-    for col in ("engine", "batch", "prefill tok/s", "TTFT s", "aggregate tok/s", "x", "per-sequence tok/s",
-                "peak GB"):
-        table.add_column(col, justify="left" if col == "engine" else "right")
+    table = Table(title=f"bench --batch {model} (x: aggregate decode against the engine's smallest plain batch)")
+    drafts = any(d for _, _, d in done)
+    draft_cols = ("draft", "accept") if drafts else ()
+    for col in ("engine", "batch", *draft_cols, "prefill tok/s", "TTFT s", "aggregate tok/s", "x",
+                "per-sequence tok/s", "peak GB"):
+        table.add_column(col, justify="left" if col in ("engine", "draft") else "right")
     base = {}
-    for (name, size), m in done.items():
-        base.setdefault(name, m.get("aggregate_decode_tps"))
+    for (name, size, draft), m in done.items():
         agg = m.get("aggregate_decode_tps")
-        table.add_row(name, str(size), fmt(m.get("prefill_tps")), fmt(m.get("ttft_s"), 3), fmt(agg),
-                      f"{agg / base[name]:.2f}" if agg and base[name] else "-", fmt(m.get("per_sequence_decode_tps")),
-                      fmt(m.get("peak_memory_gb")))
+        if not draft:
+            base.setdefault(name, agg)
+        accept = m.get("draft_acceptance")
+        table.add_row(name, str(size), *((draft or "-", f"{accept:.0%}" if accept is not None else "-") if drafts
+                                         else ()),
+                      fmt(m.get("prefill_tps")), fmt(m.get("ttft_s"), 3), fmt(agg),
+                      f"{agg / base[name]:.2f}" if agg and base.get(name) else "-",
+                      fmt(m.get("per_sequence_decode_tps")), fmt(m.get("peak_memory_gb")))
     console.print(table)
 
 
