@@ -43,7 +43,7 @@ class PromptCache:
     prefix's, so cropping is always correct: an edited history or a new system message (a common
     prefix shorter than the cached ids) keeps only what is still shared, nothing at all when the
     first token differs. `reset()` forgets everything (/clear). Not thread-safe: one generation
-    at a time (the server holds a lock per engine).
+    at a time (billion chat's conversation; the server's prompt cache is its batch's, backends/batching.py).
     """
 
     def __init__(self, backend):

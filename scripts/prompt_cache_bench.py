@@ -1,5 +1,5 @@
 """Prompt cache: time to first token of a conversation's 5th turn against its 1st, with and without
-reusing the conversation's KV session (backends.base.PromptCache, what `billion chat` and
+reusing the conversation's KV session (backends.sessions.PromptCache, what `billion chat` and
 `billion serve` do).
 
 Each turn sends a message of the same length (--message-words random common words, seeded) and

@@ -3,8 +3,8 @@
 Sends --requests streamed /v1/completions requests at once (at most --concurrency in flight),
 each asking for exactly --max-tokens tokens (ignore_eos), and checks that each one got them
 (the usage chunk's completion_tokens). Measures time to first token per request (from sending
-the request to the first text event: a queued request waits for the ones before it, since the
-server runs one generation per engine at a time), request latency, and total generated tokens/s
+the request to the first text event: it includes any wait for a free slot of the server's batch),
+request latency, and total generated tokens/s
 over the wall time of the whole batch. Bounded: a fixed number of requests and an overall
 --timeout; only loopback URLs are accepted.
 
@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--prompt", default="The history of the city begins with")
     ap.add_argument("--timeout", type=float, default=900.0, help="Seconds for the whole batch.")
     ap.add_argument("--results-dir", default="results")
+    ap.add_argument("--server", default=None,
+                    help="What the record calls the server (e.g. llama-server); default: the engine in the model id.")
     args = ap.parse_args()
     check_loopback(args.url)
 
@@ -132,9 +134,10 @@ def main() -> None:
         "generated_tokens": tokens, "wall_s": wall, "total_tps": tokens / wall if wall else None,
         "mean_request_tps": statistics.mean(r["tokens"] / r["latency_s"] for r in ok) if ok else None,
     }
-    engine = model.rpartition("@")[2] if "@" in model else "server"
+    engine = args.server or (model.rpartition("@")[2] if "@" in model else "server")
     config = {k: getattr(args, k) for k in ("url", "requests", "concurrency", "max_tokens", "prompt")}
-    record = make_record("serve_load", engine, model, config, metrics, started=started, source=served_source(model),
+    source = None if args.server else served_source(model)  # another server's model id is not billion's spec
+    record = make_record("serve_load", engine, model, config, metrics, started=started, source=source,
                          status="complete" if len(ok) == len(results) else "interrupted")
     print(f"{len(ok)}/{len(results)} requests complete with {args.max_tokens} tokens each; "
           f"TTFT p50 {metrics['ttft_p50_s']:.3f} s, p95 {metrics['ttft_p95_s']:.3f} s; "

@@ -6,6 +6,10 @@
 #  2. llama.cpp's HF -> GGUF converter (convert_hf_to_gguf.py, its conversion/ package and its
 #     own gguf-py), which only the source distribution carries, unpacked to
 #     $BILLION_HOME/llama.cpp-<version>, where the engine looks for it.
+#  3. With --tools: llama.cpp's own llama-server and llama-batched-bench, built with cmake from the
+#     same source distribution into $BILLION_HOME/llama.cpp-<version>/bin (another ~10 minutes),
+#     for the batching comparisons (docs/llamacpp.md): the peer's server with parallel slots and
+#     its batched decoding, beside billion serve and billion bench --batch.
 # On macOS pip builds it with Metal; for CUDA set CMAKE_ARGS="-DGGML_CUDA=on" first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +34,15 @@ if [ ! -f "$tools/convert_hf_to_gguf.py" ]; then
   rm -rf "$tools" && mv "$tmp/$top" "$tools" && rm -rf "$tmp"
 fi
 "$PY" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'installed; converter in $tools')"
+if [ "${1:-}" = "--tools" ] && [ ! -x "$tools/bin/llama-server" ]; then
+  echo "building llama-server and llama-batched-bench (about 10 minutes on 2 cores)..."
+  src=$(mktemp -d)
+  tar xzf "$sdist" -C "$src" "llama_cpp_python-$VERSION/vendor/llama.cpp"
+  llama="$src/llama_cpp_python-$VERSION/vendor/llama.cpp"
+  cmake -S "$llama" -B "$llama/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
+  cmake --build "$llama/build" -j "$(nproc)" --target llama-server llama-batched-bench >/dev/null
+  mkdir -p "$tools/bin" && cp "$llama/build/bin/llama-server" "$llama/build/bin/llama-batched-bench" "$tools/bin/"
+  rm -rf "$src"
+  echo "llama-server and llama-batched-bench in $tools/bin"
+fi

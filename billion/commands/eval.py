@@ -19,7 +19,7 @@ from billion.ui import console, fmt
 @click.option("--limit", "-l", type=click.IntRange(1), default=None, help="Samples per task (the first N).")
 @click.option("--apply-chat-template", is_flag=True, help="Render prompts with the model's chat template.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True,
-              help="Rows per forward pass (log-likelihood requests).")
+              help="Rows per forward pass (log-likelihood requests), and generate-until requests decoded together.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse the answers an interrupted run of the same settings already computed.")
 @results_option

@@ -1,6 +1,6 @@
 """Resume: what a long run has finished, appended as JSON lines as it goes.
 
-One mechanism for every resumable task (mmlu, humaneval): the runner names the file after a hash
+One mechanism for every resumable task (mmlu, humaneval, eval): the runner names the file after a hash
 of the run's identity (billion/runner.py `Runner.checkpoint`), the task appends one line per
 finished item, a rerun of the same command reads them back. A last line torn by a crash or a
 Ctrl-C is skipped, not an error; the file is removed once the run completes.
