@@ -32,9 +32,11 @@ def bash_lines(path: Path) -> list[tuple[int, str]]:
 
 def billion_commands(line: str) -> list[list[str]]:
     """The argument lists of the `billion` commands on a line: a chain is split on `&&`, a trailing
-    `# comment` is dropped (shlex, so a quoted '#' stays), and `... -m billion ARGS` (torchrun,
-    mlx.launch) counts too."""
+    `# comment` is dropped (shlex, so a quoted '#' stays), so is a trailing `&` (run in the
+    background), and `... -m billion ARGS` (torchrun, mlx.launch) counts too."""
     words = shlex.split(line, comments=True)
+    if words and words[-1] == "&":
+        words = words[:-1]
     parts, current = [], []
     for w in words:
         if w == "&&":
