@@ -17,10 +17,9 @@ TOOLS=${BILLION_HOME:-$HOME/.cache/billion}/llama.cpp-$VERSION
 SERVER=${LLAMA_SERVER:-$TOOLS/bin/llama-server}
 PY=.venv/bin/python
 [ -x "$SERVER" ] || { echo "no llama-server at $SERVER: run bash scripts/setup_llamacpp.sh --tools"; exit 1; }
-FOLDER=$("$PY" -c "from billion.loading import resolve; print(resolve('$MODEL', progress=False).folder)")
-GGUF="$FOLDER.F32.gguf"
-[ -f "$GGUF" ] || PYTHONPATH="$TOOLS/gguf-py:$TOOLS" "$PY" "$TOOLS/convert_hf_to_gguf.py" "$FOLDER" --outtype f32 \
-  --outfile "$GGUF" >/dev/null 2>&1
+# llama.cpp's own F32 conversion of the folder billion loads (cached, as the llama.cpp peer engine makes it)
+GGUF=$("$PY" -c "from billion.loading import resolve; from backends.llamacpp_engine.convert import gguf_file; \
+print(gguf_file(resolve('$MODEL', progress=False).folder, '$VERSION', 'float32', None))")
 
 wait_up() { for _ in $(seq 1 120); do curl -sf "$1/health" >/dev/null 2>&1 && return 0; sleep 1; done; return 1; }
 load() {  # url server-label

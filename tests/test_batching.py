@@ -104,11 +104,11 @@ def test_cancel_eos_and_the_prompt_cache(engine, tiny_model):
 
 @pytest.fixture(scope="module")
 def served(tiny_folder):
-    """`billion serve` as a process: tiny Llama on torch, 4 slots, a queue of 2."""
+    """`billion serve` as a process: tiny Llama on torch, 8 slots, a queue of 2."""
     folder = tiny_folder("tinyllama")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "billion", "serve", "-m", str(folder), "-b", "torch", "--device",
-                             "cpu", "--dtype", "float32", "--port", "0", "--parallel", "4", "--queue-size", "2"],
+                             "cpu", "--dtype", "float32", "--port", "0", "--parallel", "8", "--queue-size", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url, seen, deadline = None, [], time.time() + 90
@@ -143,8 +143,8 @@ def stream_text(client, model, prompt, max_tokens, **kw):
 def test_concurrent_streams_join_leave_stop_and_overflow(served, tiny_model):
     model, url, client = served
     b = tiny_model("torch")
-    prompts = [f"Story {i}: once upon a time" for i in range(6)]
-    lengths = [40, 12, 60, 25, 80, 30]
+    prompts = [f"Story {i}: once upon a time" for i in range(8)]
+    lengths = [40, 12, 60, 25, 80, 30, 50, 18]
     # (a stream never ends on half a UTF-8 character: random weights write some)
     want = {i: b.detokenize(alone(b, b.tokenize(p), GenerationConfig(max_tokens=n, ignore_eos=True))).rstrip("\ufffd")
             for i, (p, n) in enumerate(zip(prompts, lengths))}
@@ -160,7 +160,7 @@ def test_concurrent_streams_join_leave_stop_and_overflow(served, tiny_model):
             errors.append((i, repr(e)))
 
     threads = [threading.Thread(target=run, args=(i,), kwargs={"stop": [stop]} if i == 3 else {})
-               for i in (0, 1, 2, 3)]
+               for i in (0, 1, 2, 3, 6, 7)]
     threads.append(threading.Thread(target=run, args=(4, 0.3)))  # joins while the others decode
     for t in threads:
         t.start()
@@ -174,7 +174,7 @@ def test_concurrent_streams_join_leave_stop_and_overflow(served, tiny_model):
     for t in threads:
         t.join(120)
     assert not errors, errors
-    for i in (0, 1, 2, 4):
+    for i in (0, 1, 2, 4, 6, 7):
         text, usage, reason = got[i]
         assert text == want[i], f"request {i}"
         assert usage.completion_tokens == lengths[i] and reason == "length"
@@ -184,11 +184,11 @@ def test_concurrent_streams_join_leave_stop_and_overflow(served, tiny_model):
 
 def test_a_full_queue_is_a_429_with_retry_after(served):
     model, url, client = served
-    body = {"model": model, "prompt": "a", "max_tokens": 300, "ignore_eos": True, "stream": True}
-    streams = [httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) for _ in range(6)]
+    body = {"model": model, "prompt": "a", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    streams = [httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) for _ in range(10)]
     try:
-        opened = [s.__enter__() for s in streams]  # 4 slots and 2 queue places taken
-        assert [r.status_code for r in opened] == [200] * 6
+        opened = [s.__enter__() for s in streams]  # 8 slots and 2 queue places taken
+        assert [r.status_code for r in opened] == [200] * 10
         r = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=30)
         assert r.status_code == 429 and r.headers.get("retry-after") == "1"
         assert r.json()["error"]["type"] == "rate_limit_error"
