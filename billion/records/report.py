@@ -272,6 +272,14 @@ def _batch_size(rec: dict):
     return rec["config"].get("batch_size") or rec["metrics"].get("batch_size")
 
 
+def _batch_series(rec: dict) -> str:
+    """A batch line's name: the precision, and how the batch decoded (a prompt-lookup draft, the
+    repetitive prompts its comparison runs use), so those runs are lines of their own."""
+    config = rec["config"]
+    return (precision(rec) + (f" {config['draft']}" if config.get("draft") else "")
+            + (" (repetitive prompts)" if config.get("repetitive_prompts") else ""))
+
+
 def _batch_chart(fig, ax, chosen: dict) -> str:
     """Aggregate decode tok/s against batch size: a line per engine and precision, a marker per size."""
     from matplotlib.ticker import NullLocator
@@ -380,7 +388,7 @@ CHARTS = (
     Chart("bench", lambda r: (r["metrics"].get("decode_tps") or 0) > 0,
           lambda r: (r["backend"], precision(r)), _bench_chart),
     Chart("bench_batch", lambda r: (r["metrics"].get("aggregate_decode_tps") or 0) > 0 and bool(_batch_size(r)),
-          lambda r: (r["backend"], precision(r), int(_batch_size(r))), _batch_chart,
+          lambda r: (r["backend"], _batch_series(r), int(_batch_size(r))), _batch_chart,
           lambda r: (str(r["environment"].get("chip")),)),  # one chart per machine
     Chart("finetune", lambda r: bool(r.get("history")), lambda r: r["backend"], _finetune_chart),
     Chart("mmlu", lambda r: bool(r.get("subjects")), lambda r: r["backend"], _mmlu_chart,
