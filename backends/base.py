@@ -206,6 +206,7 @@ class Backend(ABC):
         (session_tokens) for top-k, min-p, the penalties or a `cache` (PromptCache: the conversation's
         KV session, reused), else from the engine's own loop (_token_stream)."""
         self.check_fits(len(prompt_ids), gen.max_tokens)
+        gen = sampling.normalized(gen)  # a vanishing temperature is greedy on every path
         if draft is not None:
             tokens = speculative_tokens(self, draft, list(prompt_ids), gen, num_draft, stats)
         elif cache is not None or sampling.needs_shared_loop(gen):

@@ -78,10 +78,11 @@ class BatchEvent:
     """One request's news from a step: a token, and why it finished if it did."""
 
     uid: int
-    token: int | None  # None: finished without a new token (cancelled)
-    finish_reason: str | None = None  # "eos" | "max_tokens" | "cancelled"
+    token: int | None  # None: finished without a new token (cancelled, or an error)
+    finish_reason: str | None = None  # "eos" | "max_tokens" | "cancelled" | "error"
     time_s: float = 0.0  # perf_counter after the token was computed
     cached_tokens: int = 0  # prompt tokens the first event's prefill found in the prompt cache
+    error: str | None = None  # why, with finish_reason "error" (that request's alone: the batch goes on)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class _Request:
     output: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None  # for the next token
     proposer: object | None = None  # prompt lookup (speculation.NgramProposer), when the batch drafts
+    failed: bool = False  # its sampling failed: it leaves, and its cache is not worth keeping
 
 
 class BatchGenerator:
@@ -126,6 +128,7 @@ class BatchGenerator:
         if not prompt_ids:
             raise ValueError("an empty prompt has no next token")
         uid = next(self._uids)
+        gen = sampling.normalized(gen)
         request = _Request(uid, list(prompt_ids), gen, np.random.default_rng(gen.seed))
         if self.draft is not None and not sampling.uses_history(gen):  # penalties: plain steps (as speculation)
             from backends.speculation import NgramProposer
@@ -180,9 +183,14 @@ class BatchGenerator:
         now = time.perf_counter()
         events = []
         for i, (r, drafted, rows) in enumerate(zip(self.rows, proposals, logits)):
-            p = [sampling.distribution(rows[j], r.gen, r.prompt, r.output + drafted[:j]) for j in range(len(rows))]
-            q = [np.eye(1, self.vocab_size, t)[0] for t in drafted]  # a lookup is certain: one-hot
-            accepted, nxt = accept(drafted, q, p, r.rng)
+            try:
+                p = [sampling.distribution(rows[j], r.gen, r.prompt, r.output + drafted[:j])
+                     for j in range(len(rows))]
+                q = [np.eye(1, self.vocab_size, t)[0] for t in drafted]  # a lookup is certain: one-hot
+                accepted, nxt = accept(drafted, q, p, r.rng)
+            except sampling.SamplingError as e:
+                events.append(self._fail(r, e, now))
+                continue
             if drafted:
                 self.stats.record(len(drafted), accepted)
             self.cache.rewind(i, len(drafted) - accepted)
@@ -203,8 +211,15 @@ class BatchGenerator:
         return BatchEvent(event.uid, event.token, event.finish_reason, event.time_s, cached_tokens=reused)
 
     def _sample(self, r: _Request, now: float) -> BatchEvent:
-        p = sampling.distribution(r.logits, r.gen, r.prompt, r.output)
-        return self._emit(r, sampling.sample(p, r.rng), now)
+        try:
+            token = sampling.sample(sampling.distribution(r.logits, r.gen, r.prompt, r.output), r.rng)
+        except sampling.SamplingError as e:
+            return self._fail(r, e, now)
+        return self._emit(r, token, now)
+
+    def _fail(self, r: _Request, error: Exception, now: float) -> BatchEvent:
+        r.failed = True
+        return BatchEvent(r.uid, None, "error", now, error=str(error))
 
     def _emit(self, r: _Request, token: int, now: float) -> BatchEvent:
         r.output.append(token)
@@ -231,7 +246,7 @@ class BatchGenerator:
         if not done:
             return
         for i, r in enumerate(self.rows):
-            if r.uid in done:  # its cache holds the prompt and every output token but the last
+            if r.uid in done and not r.failed:  # its cache holds the prompt and every output token but the last
                 self._remember(r.prompt + r.output[:-1], self.cache.extract(i))
         self._keep([i for i, r in enumerate(self.rows) if r.uid not in done])
 
@@ -298,6 +313,8 @@ def generate_all(backend, prompts: Sequence[Sequence[int]], gens: Sequence[Gener
     out = {uid: Generated([], "", None) for uid in uids}
     while batch.busy:
         for e in batch.step():
+            if e.finish_reason == "error":
+                raise sampling.SamplingError(e.error)
             got, stream = out[e.uid], streams[e.uid]
             if e.token is not None and got.finish_reason is None:
                 for chunk in stream.push(e.token, e.time_s):

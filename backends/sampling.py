@@ -24,11 +24,28 @@ The order is vLLM's and transformers' logits processors':
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 
-from backends.types import GenerationConfig
+from backends.types import GenerationConfig, UserError
+
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by a tinier one
+# overflows to inf, and the distribution to NaN.
+MIN_TEMPERATURE = 1e-5
+
+
+class SamplingError(UserError):
+    """The distribution is not a distribution (NaN or inf logits, or every token filtered out): an
+    error for that request only, never a token id outside the vocabulary."""
+
+
+def normalized(gen: GenerationConfig) -> GenerationConfig:
+    """`gen` as every decode loop reads it: a temperature below MIN_TEMPERATURE is greedy (0)."""
+    if 0 < gen.temperature < MIN_TEMPERATURE:
+        return replace(gen, temperature=0.0)
+    return gen
 
 
 def uses_history(gen: GenerationConfig) -> bool:
@@ -64,7 +81,11 @@ def distribution(logits: np.ndarray, gen: GenerationConfig, prompt_ids: Sequence
     Greedy is one-hot, which turns speculative decoding's acceptance rule into exact matching."""
     x = penalize(logits, gen, prompt_ids, output_ids) if uses_history(gen) else np.asarray(logits, np.float64)
     vocab = x.shape[-1]
-    if gen.temperature <= 0:
+    if not np.isfinite(x).all():
+        # an engine's overflow (NaN), or a penalty that pushed a logit to inf: no token can be trusted
+        raise SamplingError(f"the model's next-token logits are not finite ({int((~np.isfinite(x)).sum())} of "
+                            f"{vocab}); try float32 (--dtype float32) or milder penalties")
+    if gen.temperature < MIN_TEMPERATURE:
         p = np.zeros(vocab)
         p[int(np.argmax(x))] = 1.0
         return p
@@ -93,4 +114,7 @@ def sample(weights: np.ndarray, rng: np.random.Generator) -> int:
     """Draw an index with probability proportional to `weights` (never a zero-weight one): one
     uniform draw, inverted through the cumulative sum, so equal weights and seeds give equal tokens."""
     cdf = np.cumsum(weights)
-    return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    if not np.isfinite(cdf[-1]) or cdf[-1] <= 0:
+        raise SamplingError("the sampling distribution is empty or not finite")
+    # the min() keeps a rounding at the very top of the cumulative sum inside the vocabulary
+    return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)

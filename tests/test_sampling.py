@@ -170,3 +170,62 @@ def test_chat_cli_sampling_options_same_on_both_engines(tiny_folder, results_dir
         cut = [json.loads(line) for line in result.stdout.splitlines()]
         assert cut[0]["reply"] == text[:text.find(stop)].rstrip() or cut[0]["reply"] == text[:text.find(stop)]
         assert cut[0]["metrics"]["stop"] == "stop_string"
+
+
+def test_sampling_never_leaves_the_vocabulary():
+    """Logits or settings that would make the distribution NaN are an error for that request, never
+    a token id equal to the vocabulary size (which the engine would then feed), on every path: the
+    rule itself, the shared session loop and the batch scheduler (fixed-logits engines)."""
+    from backends.batching import BatchCache, BatchGenerator
+    from backends.sampling import MIN_TEMPERATURE, SamplingError, distribution, normalized, sample
+    from backends.sessions import session_tokens
+    from tests.doubles import FixedLogits
+
+    logits = np.array([1.0, 3.0, 2.0, 0.5], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    # a vanishing temperature is greedy, not an overflow
+    tiny = GenerationConfig(temperature=1e-30, max_tokens=3)
+    assert normalized(tiny).temperature == 0.0 and MIN_TEMPERATURE > 1e-30
+    assert list(session_tokens(FixedLogits(logits), [0], normalized(tiny))) == [1, 1, 1]
+    # non-finite logits (an engine's overflow) and empty weights: a SamplingError, not id 4
+    for bad in ([np.nan, 1.0, 2.0, 0.0], [np.inf, 1.0, 2.0, 0.0], [-np.inf] * 4):
+        with pytest.raises(SamplingError):
+            sample(distribution(np.array(bad), GenerationConfig(temperature=0.7)), rng)
+    with pytest.raises(SamplingError):
+        sample(np.zeros(4), rng)
+    with pytest.raises(SamplingError):
+        list(session_tokens(FixedLogits([np.nan, 1.0, 2.0, 0.5]), [0], GenerationConfig(temperature=0.7)))
+
+    class Fixed(BatchCache):  # a batched cache over fixed logits: row 1's are broken
+        rows = 0
+
+        def prefill(self, ids, prefix=None):
+            return ids, logits
+
+        def add(self, row):
+            self.rows += 1
+
+        def decode(self, tokens):
+            out = np.tile(logits, (len(tokens), 1))
+            out[1:2] = np.nan
+            return out
+
+        def keep(self, rows):
+            self.rows = len(rows)
+
+        def extract(self, row):
+            return None
+
+        def crop(self, row_cache, length):
+            return None
+
+    batch = BatchGenerator(Fixed(), frozenset(), max_batch=4, prompt_cache_size=0)
+    good = batch.add([0], GenerationConfig(max_tokens=3))
+    broken = batch.add([0], GenerationConfig(max_tokens=3))
+    events = []
+    while batch.busy:
+        events += batch.step()
+    assert [e.token for e in events if e.uid == good] == [1, 1, 1]  # the batch goes on without it
+    (err,) = [e for e in events if e.uid == broken and e.finish_reason]
+    assert err.finish_reason == "error" and "not finite" in err.error
+    assert all(e.token is None or 0 <= e.token < 4 for e in events)

@@ -22,10 +22,12 @@ prompt cache holds the KV rows of its last finished requests: a request that con
 earlier conversation computes only its new tokens (`usage.prompt_tokens_details.cached_tokens`).
 The prompt cache is shared by every client of the engine.
 
-Bad requests (malformed JSON, unknown model, wrong types, a prompt longer than the context,
-n != 1) get OpenAI-style JSON errors {"error": {"message", "type", "param", "code"}} with a 4xx
-status; an engine failure is a 500 with the same shape; never a traceback, and the server keeps
-serving. The server writes no records (scripts/serve_load.py measures it).
+Bad requests (malformed JSON, unknown model, wrong types or out-of-range values, a prompt longer
+than the context, n != 1, fields billion does not implement such as response_format or tools:
+schema.UNSUPPORTED) get OpenAI-style JSON errors {"error": {"message", "type", "param", "code"}}
+with a 4xx status; an engine failure is a 500 with the same shape naming the request's id
+(X-Request-ID on every answer), its traceback in the server log; never a traceback in an answer,
+and the server keeps serving. The server writes no records (scripts/serve_load.py measures it).
 
 The package: app.py builds the app and its state; schema.py parses and checks requests (and
 shapes errors); routes.py holds the route functions and shapes the answers (JSON or SSE);
@@ -35,9 +37,10 @@ engine.py runs each engine's batch in its worker thread and hands each request i
 from __future__ import annotations
 
 import time
+import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from backends.base import Backend
 from billion.server import routes
@@ -50,6 +53,14 @@ async def _lifespan(app: FastAPI):
     yield
     for engine in {id(e): e for e in app.state.engines.values()}.values():
         engine.close()
+
+
+async def _request_id(request: Request, call_next):
+    """Every request gets an id, answered as X-Request-ID (a client quotes it; the log has it)."""
+    request.state.request_id = uuid.uuid4().hex[:16]
+    response = await call_next(request)
+    response.headers["X-Request-ID"] = request.state.request_id
+    return response
 
 
 def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel: int = 8,
@@ -66,6 +77,7 @@ def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel:
     app.state.engines = {model_id: engines[id(backend)] for model_id, backend in backends.items()}
     app.state.owner = name
     app.state.created = int(time.time())
+    app.middleware("http")(_request_id)
     app.add_exception_handler(APIError, routes.api_error)
     app.add_exception_handler(Exception, routes.unexpected_error)
     app.include_router(routes.router)

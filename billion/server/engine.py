@@ -29,7 +29,7 @@ from typing import Callable
 from backends.base import Backend
 from backends.batching import BatchCache, BatchGenerator
 from backends.text_stream import TextStream
-from backends.types import Chunk, GenerationConfig
+from backends.types import Chunk, GenerationConfig, UserError
 
 
 class QueueFull(Exception):
@@ -145,7 +145,10 @@ class Engine:
                 req.put(chunk)
             if req.text.finished and not event.finish_reason:  # a stop string: the batch need not go on
                 batch.cancel(event.uid)
-        if event.finish_reason:
+        if event.finish_reason == "error":  # this request's sampling failed; the batch goes on
+            del requests[event.uid]
+            self._finish(req, "error", UserError(event.error))
+        elif event.finish_reason:
             del requests[event.uid]
             for chunk in req.text.close():
                 req.tokens += 1

@@ -35,7 +35,16 @@ async def api_error(request: Request, e: APIError) -> JSONResponse:
 
 
 async def unexpected_error(request: Request, e: Exception) -> JSONResponse:
-    return internal_error(e).response()
+    # this handler runs outside the middleware that sets the header on every other answer
+    response = internal_error(e, request_id(request)).response()
+    response.headers["X-Request-ID"] = request_id(request) or ""
+    return response
+
+
+def request_id(request: Request) -> str | None:
+    """The id the server gave this request (app.py's middleware): in the X-Request-ID header of
+    every answer, in a 500's message, and in the server log beside the traceback."""
+    return getattr(request.state, "request_id", None)
 
 
 # ---------------------------------------------------------------- routes
@@ -188,7 +197,7 @@ async def _events(request: Request, reply: Reply, chunks: Generation) -> AsyncIt
             yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
     except Exception as e:  # the status line is sent: report the error in the stream
-        err = APIError(400, str(e)) if isinstance(e, UserError) else internal_error(e)
+        err = APIError(400, str(e)) if isinstance(e, UserError) else internal_error(e, request_id(request))
         yield f"data: {json.dumps(err.body())}\n\n"
     finally:
         await chunks.aclose()  # a client gone: stop the engine's stream, free the engine

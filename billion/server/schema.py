@@ -9,6 +9,7 @@ state or runs a generation, so more validation (request limits, structured outpu
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Literal, Union
 
 from fastapi.responses import JSONResponse
@@ -37,9 +38,13 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def internal_error(e: BaseException) -> APIError:
-    """An engine failure (or any bug): a 500 in the same shape, never a traceback."""
-    return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+def internal_error(e: BaseException, request_id: str | None = None) -> APIError:
+    """An engine failure (or any bug): a 500 in the same shape, with the request's id; the
+    exception's class and message stay in the server's log (with the traceback), not in the answer."""
+    logging.getLogger("billion.server").error("request %s failed", request_id or "?",
+                                              exc_info=(type(e), e, e.__traceback__))
+    return APIError(500, f"internal error (request {request_id or '?'}); the server log has the details",
+                    type="server_error")
 
 
 def _validation_error(e: ValidationError) -> APIError:
@@ -60,9 +65,9 @@ class RequestBase(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # below sampling.MIN_TEMPERATURE: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # numpy's generators take 0 .. 2**64-1
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -70,9 +75,10 @@ class RequestBase(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     # extensions (vLLM's names)
-    top_k: int = Field(0, ge=0)  # 0 (or OpenAI-style -1: off)
+    top_k: int = Field(0, ge=-1)  # 0 or -1 (vLLM's): off
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    # a tiny or huge penalty scales logits past float range; vLLM accepts (0, 2], llama.cpp more
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
     ignore_eos: bool = False
 
     @property
@@ -110,15 +116,46 @@ class CompletionRequest(RequestBase):
 # ---------------------------------------------------------------- checks
 
 
+# Fields of OpenAI's API that billion does not implement: a request that sets them (to anything but
+# their "off" value) is refused with a 400 naming the field, never answered as if they were absent.
+UNSUPPORTED = {
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none"),
+    "parallel_tool_calls": lambda v: v is None,
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v in (None, 0),
+    "logit_bias": lambda v: not v,
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: v in (None, ""),
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v in (None, ["text"]),
+    "prediction": lambda v: v is None,
+}
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_request(raw: bytes, model_cls: type[RequestBase], models) -> RequestBase:
     """The request body as `model_cls`, for one of `models` (the served model ids), or a 4xx.
     The checks run in this order, so a request with several faults gets the first one's error."""
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # ValueError covers JSONDecodeError, NaN/Infinity and integers longer than Python parses;
+        # RecursionError, nesting deeper than the parser goes
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    for field, off in UNSUPPORTED.items():
+        if field in body and not off(body[field]):
+            raise APIError(400, f"{field} is not supported by this server (billion); the request was not run",
+                           param=field, code="unsupported_parameter")
     try:
         req = model_cls.model_validate(body)
     except ValidationError as e:
