@@ -112,8 +112,8 @@ def test_an_internal_error_names_the_request_not_the_exception(tiny_model):
     from billion.server.app import create_app
     from tests.test_serve import Server
 
-    backend = tiny_model("torch")
-    srv = Server(create_app({"tiny": backend}))
+    srv = Server(create_app({"tiny": tiny_model("torch")}))
+    backend = srv.app.state.engines["tiny"].prep  # what requests are tokenized with
     try:
         real = backend.tokenize
 
@@ -134,3 +134,85 @@ def test_an_internal_error_names_the_request_not_the_exception(tiny_model):
     finally:
         backend.tokenize = real
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model):
+    """An in-thread server with API keys, small limits and a short request timeout."""
+    from billion.server.access import Access
+    from billion.server.app import create_app
+    from billion.server.limits import Limits
+    from tests.test_serve import Server
+
+    limits = Limits(max_body_bytes=2 * 2**20, max_prompt_tokens=200, max_tokens=5, max_messages=3,
+                    max_stop_length=8, request_timeout_s=0.1)
+    srv = Server(create_app({"tiny": tiny_model("torch")}, limits=limits,
+                            access=Access(api_keys=("k1", "k2"), allowed_origins=("http://app.example",))))
+    yield srv
+    srv.stop()
+
+
+def call(srv, body, key="k1", path="/v1/completions", **headers):
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(srv.url + path, json=body, headers={**auth, **headers}, timeout=30)
+
+
+def test_keys_names_and_json_bodies(guarded):
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    assert call(guarded, body).status_code == 200 and call(guarded, body, key="k2").status_code == 200
+    for key in (None, "k3", "k", "k1k1", ""):
+        r = call(guarded, body, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", key
+    assert httpx.get(guarded.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert httpx.get(guarded.url + "/health").status_code == 200  # outside /v1: no key
+    # DNS rebinding (a hostile name for 127.0.0.1) and cross-site pages: 403
+    r = call(guarded, body, Host="evil.example:8080")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_host"
+    r = call(guarded, body, Origin="http://evil.example")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_origin"
+    assert call(guarded, body, Origin="http://app.example").status_code == 200  # --allowed-origins
+    assert call(guarded, body, Origin="http://localhost:3000").status_code == 200
+    # a form post a page can send without asking first: not JSON, 415
+    r = httpx.post(guarded.url + "/v1/completions", content=b"model=tiny&prompt=hi",
+                   headers={"Authorization": "Bearer k1", "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415
+
+
+def test_limits(guarded):
+    ok = {"model": "tiny", "prompt": "hi"}
+    r = call(guarded, ok)  # no max_tokens: the rest of the context, capped by --max-tokens (5)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 5
+    r = httpx.post(guarded.url + "/v1/completions", content=b'{"prompt": "' + b"a" * (3 * 2**20) + b'"}',
+                   headers={"Authorization": "Bearer k1", "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413
+    assert call(guarded, {**ok, "prompt": "word " * 400}).json()["error"]["code"] == "context_length_exceeded"
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}] * 4}
+    assert call(guarded, chat, path="/v1/chat/completions").json()["error"]["param"] == "messages"
+    assert call(guarded, {**ok, "stop": ["x" * 9]}).json()["error"]["param"] == "stop"
+    assert call(guarded, {**ok, "stop": list("abcde")}).json()["error"]["param"] == "stop"
+    # a generation past --request-timeout (0.1 s) ends there, with finish_reason length
+    r = call(guarded, {**ok, "max_tokens": 480, "ignore_eos": True, "prompt": "a"})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert 0 < r.json()["usage"]["completion_tokens"] < 480
+
+
+def test_the_event_loop_never_blocks(guarded):
+    """/health answers quickly while a megabyte-sized request is being read, parsed and refused."""
+    big = b'{"model": "tiny", "messages": [' + b",".join([b'{"role": "user", "content": "' + b"x" * 1000 + b'"}'] * 1900) + b"]}"
+    assert len(big) > 2**20 and len(big) < 2 * 2**20
+    done = []
+
+    def send():
+        done.append(httpx.post(guarded.url + "/v1/chat/completions", content=big, timeout=60,
+                               headers={"Authorization": "Bearer k1", "Content-Type": "application/json"}))
+
+    t = threading.Thread(target=send)
+    t.start()
+    worst = 0.0
+    while t.is_alive():
+        start = time.perf_counter()
+        assert httpx.get(guarded.url + "/health", timeout=5).status_code == 200
+        worst = max(worst, time.perf_counter() - start)
+    t.join()
+    assert done[0].status_code == 400  # too many messages (parsed off the event loop)
+    assert worst < 0.1, worst

@@ -10,6 +10,7 @@ import click
 
 from backends.types import UserError
 from billion.options import engines, load_options, model_options
+from billion.server.limits import Limits
 from billion.ui import console
 
 
@@ -20,6 +21,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def read_keys(path: str) -> tuple[str, ...]:
+    """API keys from a file: one per line, blank lines and # comments skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the API keys ({e})") from None
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise UserError(f"{path}: no API key in the file")
+    return keys
 
 
 def served_name(model: str) -> str:
@@ -39,7 +52,26 @@ def served_name(model: str) -> str:
               help="Requests decoded together per engine (llama-server's slots); the llama.cpp peer serves one.")
 @click.option("--queue-size", type=click.IntRange(0), default=64, show_default=True,
               help="Requests waiting for a slot, per engine; beyond them a request gets 429 with Retry-After.")
-def serve(model, backend, host, port, log_level, parallel, queue_size, **opts):
+@click.option("--api-key", "api_keys", multiple=True, envvar="BILLION_API_KEY", metavar="KEY",
+              help="Require Authorization: Bearer KEY on /v1/* (repeatable) [env BILLION_API_KEY].")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A file of API keys, one per line (# comments).")
+@click.option("--allowed-origins", default="", metavar="LIST",
+              help="Comma list of browser origins allowed besides local ones ('*': any, and any Host).")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=Limits.max_body_bytes, show_default=True,
+              help="Larger request bodies get 413.")
+@click.option("--max-prompt-tokens", type=click.IntRange(1), default=None,
+              help="Longer prompts get 400. Default: the model's context.")
+@click.option("--max-tokens", "max_tokens_cap", type=click.IntRange(1), default=Limits.max_tokens, show_default=True,
+              help="Tokens a request without max_tokens may generate (the rest of the context, at most this).")
+@click.option("--max-messages", type=click.IntRange(1), default=Limits.max_messages, show_default=True,
+              help="Messages per chat request.")
+@click.option("--max-stop-length", type=click.IntRange(1), default=Limits.max_stop_length, show_default=True,
+              help="Characters per stop string (at most 4 of them, as OpenAI).")
+@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=Limits.request_timeout_s,
+              show_default=True, help="Seconds a generation may run; then it ends with finish_reason length.")
+def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys, api_key_file, allowed_origins,
+          max_body_bytes, max_prompt_tokens, max_tokens_cap, max_messages, max_stop_length, request_timeout, **opts):
     """Serve a model over an OpenAI-compatible HTTP API.
 
     Routes: /v1/chat/completions and /v1/completions (streamed as server-sent events with
@@ -62,11 +94,19 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, **opts):
     from billion.loading import resolve
     from billion.runner import Runner
 
+    from billion.server.access import Access
+
+    keys = tuple(api_keys) + (read_keys(api_key_file) if api_key_file else ())
+    access = Access(api_keys=keys, local_only=is_loopback(host),
+                    allowed_origins=tuple(o.strip() for o in allowed_origins.split(",") if o.strip()))
+    limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_cap,
+                    max_messages=max_messages, max_stop_length=max_stop_length, request_timeout_s=request_timeout)
     names = engines(backend)
     runner = Runner("serve", resolve(model), load_options(opts))  # loads and closes; the server writes no records
     if not is_loopback(host):
         console.print(f"warning: listening on {host}, not a loopback address: anyone who can reach this machine "
-                      f"can use the model (there is no authentication)", style="yellow", markup=False)
+                      f"can use the model" + ("" if keys else " (no --api-key: there is no authentication)"),
+                      style="yellow", markup=False)
     name = served_name(model)
     with ExitStack() as stack:
         served = {}
@@ -74,6 +114,7 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, **opts):
             served[f"{name}@{engine}"] = stack.enter_context(runner.loaded(engine))
         if len(names) == 1:
             served[name] = served[f"{name}@{names[0]}"]
-        app = create_app(served, name="billion", parallel=parallel, queue_size=queue_size)
+        app = create_app(served, name="billion", parallel=parallel, queue_size=queue_size, limits=limits,
+                         access=access)
         console.print(f"serving {', '.join(served)} on http://{host}:{port}/v1", markup=False, soft_wrap=True)
         uvicorn.run(app, host=host, port=port, log_level=log_level)

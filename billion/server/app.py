@@ -45,6 +45,8 @@ from fastapi import FastAPI, Request
 from backends.base import Backend
 from billion.server import routes
 from billion.server.engine import Engine
+from billion.server.access import Access
+from billion.server.limits import Limits
 from billion.server.schema import APIError
 
 
@@ -56,15 +58,20 @@ async def _lifespan(app: FastAPI):
 
 
 async def _request_id(request: Request, call_next):
-    """Every request gets an id, answered as X-Request-ID (a client quotes it; the log has it)."""
+    """Every request gets an id, answered as X-Request-ID (a client quotes it; the log has it); then
+    access.py's checks (API key, local names, JSON bodies) answer before any route runs."""
     request.state.request_id = uuid.uuid4().hex[:16]
-    response = await call_next(request)
+    try:
+        request.state.api_key = request.app.state.access.check(request)
+        response = await call_next(request)
+    except APIError as e:
+        response = e.response()
     response.headers["X-Request-ID"] = request.state.request_id
     return response
 
 
-def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel: int = 8,
-               queue_size: int = 64) -> FastAPI:
+def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel: int = 8, queue_size: int = 64,
+               limits: Limits = Limits(), access: Access = Access()) -> FastAPI:
     """The server for `backends` ({model id: loaded Backend}; several ids may share one Backend,
     e.g. "m" and "m@torch", and then share one Engine: its batch, worker thread and prompt cache).
     `name` is the model name /v1/models reports as owner; each engine decodes up to `parallel`
@@ -72,10 +79,11 @@ def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel:
     engines: dict[int, Engine] = {}  # by id(backend)
     for backend in backends.values():
         if id(backend) not in engines:
-            engines[id(backend)] = Engine(backend, parallel, queue_size)
+            engines[id(backend)] = Engine(backend, parallel, queue_size, limits.request_timeout_s)
     app = FastAPI(title="billion", description=__doc__.splitlines()[0], lifespan=_lifespan)
     app.state.engines = {model_id: engines[id(backend)] for model_id, backend in backends.items()}
     app.state.owner = name
+    app.state.limits, app.state.access = limits, access
     app.state.created = int(time.time())
     app.middleware("http")(_request_id)
     app.add_exception_handler(APIError, routes.api_error)

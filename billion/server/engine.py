@@ -20,8 +20,10 @@ any request whose prompt starts with one of them (a conversation's next turn), a
 from __future__ import annotations
 
 import asyncio
+import copy
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -48,6 +50,8 @@ class Request:
     cached: int = 0  # prompt tokens found in the prompt cache
     tokens: int = 0
     reason: str = "interrupted"
+    deadline: float | None = None  # time.monotonic() past which the worker ends it ("max_time")
+    timed_out: bool = False
 
 
 _DONE = object()  # the worker's last item for a request: its generation ended without an error
@@ -56,8 +60,14 @@ _DONE = object()  # the worker's last item for a request: its generation ended w
 class Engine:
     """One loaded model on one engine, its requests decoded together by a worker thread."""
 
-    def __init__(self, backend: Backend, parallel: int = 8, queue_size: int = 64):
+    def __init__(self, backend: Backend, parallel: int = 8, queue_size: int = 64, timeout_s: float | None = None):
         self.backend = backend
+        # requests are parsed, rendered and tokenized in other threads: on a copy of the backend with
+        # its own tokenizer (the worker detokenizes with the original at the same time), one at a time
+        self.prep = copy.copy(backend)
+        self.prep.tokenizer = copy.deepcopy(backend.tokenizer)
+        self.prep_lock = threading.Lock()
+        self.timeout_s = timeout_s
         self.batching = backend.can_batch
         self.parallel = parallel if self.batching else 1
         self.queue_size = queue_size
@@ -88,6 +98,8 @@ class Engine:
                 raise QueueFull(f"{self.pending} requests are being served or queued on {self.backend.name}")
             self.pending += 1
         req = Request(list(prompt_ids), gen, put, TextStream(self.backend.tokenizer, self.backend.eos_ids, gen))
+        if self.timeout_s:
+            req.deadline = time.monotonic() + self.timeout_s
         self.commands.put(("add", req))
         return req
 
@@ -108,6 +120,7 @@ class Engine:
             self._take_commands(batch, requests, block=not batch.busy)
             if not batch.busy:
                 continue
+            self._expire(batch, requests)
             try:
                 events = batch.step()
             except BaseException as e:  # noqa: BLE001 - an engine failure fails its requests, not the server
@@ -119,6 +132,14 @@ class Engine:
                 self._deliver(batch, requests, event)
         for req in requests.values():
             self._finish(req, "error", RuntimeError("the server is shutting down"))
+
+    def _expire(self, batch: BatchGenerator, requests: dict) -> None:
+        """Requests past their time (--request-timeout) leave the batch at this step."""
+        now = time.monotonic()
+        for uid, req in requests.items():
+            if req.deadline is not None and now > req.deadline and not req.timed_out:
+                req.timed_out = True
+                batch.cancel(uid)
 
     def _take_commands(self, batch: BatchGenerator, requests: dict, block: bool) -> None:
         while True:
@@ -153,7 +174,8 @@ class Engine:
             for chunk in req.text.close():
                 req.tokens += 1
                 req.put(chunk)
-            self._finish(req, req.text.finished or _REASON.get(event.finish_reason, event.finish_reason))
+            reason = "max_time" if req.timed_out else _REASON.get(event.finish_reason, event.finish_reason)
+            self._finish(req, req.text.finished or reason)
 
     def _finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
         req.reason = reason

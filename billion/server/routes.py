@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from backends.types import GenerationConfig, UserError
@@ -24,7 +25,7 @@ from billion.server.schema import (APIError, ChatRequest, CompletionRequest, Req
 
 router = APIRouter()
 
-FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length"}
+FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length", "max_time": "length"}
 RETRY_AFTER_S = 1  # a slot frees up as soon as any request finishes
 
 # ---------------------------------------------------------------- errors
@@ -66,22 +67,50 @@ async def models(request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    engines = request.app.state.engines
-    req = parse_request(await request.body(), ChatRequest, engines)
-    engine = engines[req.model]
-    prompt_ids, stops = chat_prompt(req, engine.backend)
-    gen = generation_config(req, engine.backend, prompt_ids, stops)
+    req, engine, prompt_ids, gen = await _prepared(request, ChatRequest)
     return await respond(request, req, engine, prompt_ids, gen, "chat")
 
 
 @router.post("/v1/completions")
 async def completions(request: Request):
-    engines = request.app.state.engines
-    req = parse_request(await request.body(), CompletionRequest, engines)
-    engine = engines[req.model]
-    prompt_ids = completion_prompt(req, engine.backend)
-    gen = generation_config(req, engine.backend, prompt_ids)
+    req, engine, prompt_ids, gen = await _prepared(request, CompletionRequest)
     return await respond(request, req, engine, prompt_ids, gen, "text")
+
+
+async def _prepared(request: Request, model_cls):
+    """(request, engine, prompt ids, generation settings): the body read within the size limit,
+    then parsed, rendered and tokenized in a worker thread (a megabyte of JSON or a long prompt
+    must not stop the event loop), on the engine's own tokenizer copy, never on the tokenizer its
+    batch is detokenizing with at the same moment."""
+    state = request.app.state
+    raw = await read_body(request, state.limits.max_body_bytes)
+    return await run_in_threadpool(_prepare, raw, model_cls, state.engines, state.limits)
+
+
+def _prepare(raw: bytes, model_cls, engines: dict, limits):
+    req = parse_request(raw, model_cls, engines, limits)
+    engine = engines[req.model]
+    with engine.prep_lock:  # one request at a time on the copy (a Rust tokenizer is not re-entrant)
+        prep = engine.prep
+        if isinstance(req, ChatRequest):
+            prompt_ids, stops = chat_prompt(req, prep)
+        else:
+            prompt_ids, stops = completion_prompt(req, prep), ()
+    return req, engine, prompt_ids, generation_config(req, prep, prompt_ids, stops, limits)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (not after reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # ---------------------------------------------------------------- answers
@@ -151,6 +180,8 @@ async def _answer(request: Request, reply: Reply, chunks: Generation) -> JSONRes
         raise APIError(400, str(e)) from None
     finally:
         await chunks.aclose()
+    if chunks.request.reason == "max_time":
+        reply.reason = "max_time"
     content = "".join(text)
     choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if reply.kind == "chat"
               else {"index": 0, "text": content, "logprobs": None})
@@ -191,6 +222,8 @@ async def _events(request: Request, reply: Reply, chunks: Generation) -> AsyncIt
             # the ASGI server reports it
             if await request.is_disconnected():
                 return
+        if chunks.request.reason == "max_time":
+            reply.reason = "max_time"
         yield _event(reply, None, FINISH[reply.reason])
         if reply.include_usage:
             last = {**reply.head(_chunk_object(reply)), "choices": [], "usage": reply.usage()}

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import Backend
 from backends.types import GenerationConfig, UserError
+from billion.server.limits import Limits
 from billion.tasks.chat import FALLBACK_STOPS, render
 
 # ---------------------------------------------------------------- errors
@@ -140,7 +141,7 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_request(raw: bytes, model_cls: type[RequestBase], models) -> RequestBase:
+def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limits = Limits()) -> RequestBase:
     """The request body as `model_cls`, for one of `models` (the served model ids), or a 4xx.
     The checks run in this order, so a request with several faults gets the first one's error."""
     try:
@@ -165,6 +166,9 @@ def parse_request(raw: bytes, model_cls: type[RequestBase], models) -> RequestBa
                        param="model", code="model_not_found")
     if req.n != 1:
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+    if isinstance(req, ChatRequest) and len(req.messages) > limits.max_messages:
+        raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages",
+                       code="invalid_value")
     return req
 
 
@@ -200,12 +204,16 @@ def completion_prompt(req: CompletionRequest, backend: Backend) -> list[int]:
     return prompt_ids
 
 
-def generation_config(req: RequestBase, backend: Backend, prompt_ids: list[int],
-                      extra_stops: tuple = ()) -> GenerationConfig:
+def generation_config(req: RequestBase, backend: Backend, prompt_ids: list[int], extra_stops: tuple = (),
+                      limits: Limits = Limits()) -> GenerationConfig:
     """The sampling settings for `req`, once the prompt is known to leave room in the context."""
     room = backend.context_length - len(prompt_ids)
     if not prompt_ids:
         raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+    if limits.max_prompt_tokens and len(prompt_ids) > limits.max_prompt_tokens:
+        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
+                            f"{limits.max_prompt_tokens}", param="messages" if isinstance(req, ChatRequest)
+                       else "prompt", code="context_length_exceeded")
     wanted = req.max_completion_tokens or req.max_tokens
     if room < 1 or (wanted and wanted > room):
         raise APIError(400, f"this model's maximum context length is {backend.context_length} tokens; the "
@@ -214,10 +222,13 @@ def generation_config(req: RequestBase, backend: Backend, prompt_ids: list[int],
                        param="messages" if isinstance(req, ChatRequest) else "prompt",
                        code="context_length_exceeded")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > 4:
-        raise APIError(400, "at most 4 stop sequences", param="stop", code="invalid_value")
+    if len(stops) > limits.max_stops:
+        raise APIError(400, f"at most {limits.max_stops} stop sequences", param="stop", code="invalid_value")
+    if any(len(s) > limits.max_stop_length for s in stops):
+        raise APIError(400, f"a stop sequence is at most {limits.max_stop_length} characters", param="stop",
+                       code="invalid_value")
     return GenerationConfig(
-        max_tokens=wanted or room, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+        max_tokens=wanted or min(room, limits.max_tokens), temperature=req.temperature, top_p=req.top_p, seed=req.seed,
         ignore_eos=req.ignore_eos, top_k=max(req.top_k, 0), min_p=req.min_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, stop=tuple(stops) + extra_stops)
