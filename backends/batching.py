@@ -95,6 +95,7 @@ class _Request:
     logits: np.ndarray | None = None  # for the next token
     proposer: object | None = None  # prompt lookup (speculation.NgramProposer), when the batch drafts
     failed: bool = False  # its sampling failed: it leaves, and its cache is not worth keeping
+    salt: str | None = None  # its prompt-cache partition: it reuses only rows cached under the same salt
 
 
 class BatchGenerator:
@@ -115,7 +116,8 @@ class BatchGenerator:
         self.max_batch = max_batch
         self.waiting: deque[_Request] = deque()
         self.rows: list[_Request] = []  # in the cache's row order
-        self.prompt_cache: OrderedDict[tuple[int, ...], object] = OrderedDict()  # fed ids -> one-row cache
+        # (salt, fed ids) -> one-row cache: a request sees only rows cached under its own salt
+        self.prompt_cache: OrderedDict[tuple, object] = OrderedDict()
         self.prompt_cache_size = prompt_cache_size
         self._uids = itertools.count()
         self._cancelled: set[int] = set()
@@ -124,12 +126,13 @@ class BatchGenerator:
     def busy(self) -> bool:
         return bool(self.rows or self.waiting)
 
-    def add(self, prompt_ids: Sequence[int], gen: GenerationConfig) -> int:
+    def add(self, prompt_ids: Sequence[int], gen: GenerationConfig, salt: str | None = None) -> int:
+        """Queue a request; `salt` partitions the prompt cache (the server's cache_salt, or API key)."""
         if not prompt_ids:
             raise ValueError("an empty prompt has no next token")
         uid = next(self._uids)
         gen = sampling.normalized(gen)
-        request = _Request(uid, list(prompt_ids), gen, np.random.default_rng(gen.seed))
+        request = _Request(uid, list(prompt_ids), gen, np.random.default_rng(gen.seed), salt=salt)
         if self.draft is not None and not sampling.uses_history(gen):  # penalties: plain steps (as speculation)
             from backends.speculation import NgramProposer
 
@@ -202,8 +205,13 @@ class BatchGenerator:
         self._drop_finished(events)
         return events
 
+    @property
+    def queued(self) -> list[int]:
+        """The uids still waiting for a slot."""
+        return [r.uid for r in self.waiting]
+
     def _admit(self, r: _Request) -> BatchEvent:
-        prefix, reused = self._cached_prefix(r.prompt)
+        prefix, reused = self._cached_prefix(r.prompt, r.salt)
         row, r.logits = self.cache.prefill(r.prompt[reused:], prefix)
         self.cache.add(row)
         self.rows.append(r)
@@ -247,7 +255,7 @@ class BatchGenerator:
             return
         for i, r in enumerate(self.rows):
             if r.uid in done and not r.failed:  # its cache holds the prompt and every output token but the last
-                self._remember(r.prompt + r.output[:-1], self.cache.extract(i))
+                self._remember((r.salt, *r.prompt, *r.output[:-1]), self.cache.extract(i))
         self._keep([i for i, r in enumerate(self.rows) if r.uid not in done])
 
     def _keep(self, keep: list[int]) -> None:
@@ -255,22 +263,24 @@ class BatchGenerator:
             self.cache.keep(keep)
             self.rows = [self.rows[i] for i in keep]
 
-    def _remember(self, ids: list[int], row) -> None:
+    def _remember(self, key: tuple, row) -> None:
         if self.prompt_cache_size <= 0:
             return
-        self.prompt_cache[tuple(ids)] = row
-        self.prompt_cache.move_to_end(tuple(ids))
+        self.prompt_cache[key] = row
+        self.prompt_cache.move_to_end(key)
         while len(self.prompt_cache) > self.prompt_cache_size:
             self.prompt_cache.popitem(last=False)
 
-    def _cached_prefix(self, prompt: list[int]) -> tuple[object | None, int]:
-        """The longest cached prefix of `prompt` (all but its last token, which is fed again for the
-        next-token logits), as a one-row cache of its own, and its length."""
+    def _cached_prefix(self, prompt: list[int], salt: str | None) -> tuple[object | None, int]:
+        """The longest prefix of `prompt` cached under `salt` (all but its last token, which is fed
+        again for the next-token logits), as a one-row cache of its own, and its length."""
         best, best_n = None, 0
-        for ids in self.prompt_cache:
-            n = _common_prefix(ids, prompt, len(prompt) - 1)
+        for key in self.prompt_cache:
+            if key[0] != salt:
+                continue
+            n = _common_prefix(key[1:], prompt, len(prompt) - 1)
             if n > best_n:
-                best, best_n = ids, n
+                best, best_n = key, n
         if best is None:
             return None, 0
         row = self.prompt_cache[best] if self.cache.crop_copies else self.prompt_cache.pop(best)

@@ -216,3 +216,21 @@ def test_the_event_loop_never_blocks(guarded):
     t.join()
     assert done[0].status_code == 400  # too many messages (parsed off the event loop)
     assert worst < 0.1, worst
+
+
+def test_the_prompt_cache_is_no_side_channel(guarded):
+    """A cached prefix is reused (and reported) only under the same salt: cache_salt, and with
+    several API keys each key is its own salt."""
+    first = {"model": "tiny", "prompt": "The secret plan is to meet at noon by the old", "max_tokens": 2}
+    assert call(guarded, first, key="k1").status_code == 200
+
+    def cached(key, **extra):
+        r = call(guarded, {**first, "prompt": first["prompt"] + " bridge", **extra}, key=key)
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    # another key learns nothing of k1's prompt (at most the BOS its own earlier requests share)
+    assert cached("k2") <= 1
+    assert cached("k1", cache_salt="other") == 0  # another salt, same key: nothing
+    assert cached("k1") > 5  # the same key, no salt: its own earlier prompt
+    call(guarded, {**first, "cache_salt": "s"}, key="k1")
+    assert cached("k1", cache_salt="s") > 5

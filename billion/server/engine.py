@@ -14,7 +14,10 @@ same worker, on their KV session (SessionBatchCache).
 
 The prompt cache is the batch generator's: the KV rows of recently finished requests, reused by
 any request whose prompt starts with one of them (a conversation's next turn), and reported as
-`usage.prompt_tokens_details.cached_tokens`. It is shared by every client of the engine.
+`usage.prompt_tokens_details.cached_tokens`. It is partitioned by salt: a request with a
+`cache_salt` (vLLM's field) reuses only rows cached under the same salt, and with several API keys
+each key is a salt of its own; requests with neither share one partition, so such a client can
+learn from cached_tokens (and from its TTFT) how much of its prompt an earlier client sent.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Request:
     cached: int = 0  # prompt tokens found in the prompt cache
     tokens: int = 0
     reason: str = "interrupted"
+    salt: str | None = None  # its prompt-cache partition (cache_salt, and the API key when there are several)
     deadline: float | None = None  # time.monotonic() past which the worker ends it ("max_time")
     timed_out: bool = False
 
@@ -90,14 +94,15 @@ class Engine:
 
     # ------------------------------------------------------------ event-loop side
 
-    def submit(self, prompt_ids: list[int], gen: GenerationConfig, put: Callable) -> Request:
+    def submit(self, prompt_ids: list[int], gen: GenerationConfig, put: Callable, salt: str | None = None) -> Request:
         """Queue a request (QueueFull when every slot and queue place is taken)."""
         self.backend.check_fits(len(prompt_ids), gen.max_tokens)
         with self.pending_lock:
             if self.pending >= self.parallel + self.queue_size:
                 raise QueueFull(f"{self.pending} requests are being served or queued on {self.backend.name}")
             self.pending += 1
-        req = Request(list(prompt_ids), gen, put, TextStream(self.backend.tokenizer, self.backend.eos_ids, gen))
+        req = Request(list(prompt_ids), gen, put, TextStream(self.backend.tokenizer, self.backend.eos_ids, gen),
+                      salt=salt)
         if self.timeout_s:
             req.deadline = time.monotonic() + self.timeout_s
         self.commands.put(("add", req))
@@ -149,7 +154,7 @@ class Engine:
                 return
             block = False
             if kind == "add":
-                req.uid = batch.add(req.prompt_ids, req.gen)
+                req.uid = batch.add(req.prompt_ids, req.gen, req.salt)
                 requests[req.uid] = req
             elif kind == "cancel" and req.uid in requests:
                 batch.cancel(req.uid)
@@ -226,11 +231,11 @@ class Generation:
     """One request's chunks as an async iterator, fed by the engine's worker. Closing it early (a
     client gone) cancels the request: it leaves the batch at the next step."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], gen: GenerationConfig):
+    def __init__(self, engine: Engine, prompt_ids: list[int], gen: GenerationConfig, salt: str | None = None):
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.request = engine.submit(prompt_ids, gen, self._put)
+        self.request = engine.submit(prompt_ids, gen, self._put, salt)
         self.ended = False
 
     def _put(self, item) -> None:  # from the worker thread: asyncio.Queue is not thread-safe

@@ -42,6 +42,17 @@ async def unexpected_error(request: Request, e: Exception) -> JSONResponse:
     return response
 
 
+def cache_salt(request: Request, req: RequestBase) -> str | None:
+    """The request's prompt-cache partition: its cache_salt, and its API key when the server has
+    several (each key its own salt by default); None shares the cache with every such request."""
+    parts = []
+    if len(request.app.state.access.api_keys) > 1:
+        parts.append("key:" + request.state.api_key)
+    if req.cache_salt:
+        parts.append("salt:" + req.cache_salt)
+    return "\0".join(parts) or None
+
+
 def request_id(request: Request) -> str | None:
     """The id the server gave this request (app.py's middleware): in the X-Request-ID header of
     every answer, in a 500's message, and in the server log beside the traceback."""
@@ -154,7 +165,7 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
     """kind: "chat" or "text". A JSON answer, or an SSE stream."""
     reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage)
     try:  # queued before any answer starts, so a full queue is a 429 status, not an event
-        generation = Generation(engine, prompt_ids, gen)
+        generation = Generation(engine, prompt_ids, gen, cache_salt(request, req))
     except QueueFull as e:
         raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None

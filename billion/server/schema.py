@@ -81,6 +81,8 @@ class RequestBase(BaseModel):
     # a tiny or huge penalty scales logits past float range; vLLM accepts (0, 2], llama.cpp more
     repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
     ignore_eos: bool = False
+    # vLLM's: the prompt cache reuses (and reports) only prefixes cached under the same salt
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
     @property
     def include_usage(self) -> bool:
