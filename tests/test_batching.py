@@ -185,16 +185,29 @@ def test_concurrent_streams_join_leave_stop_and_overflow(served, tiny_model):
 def test_a_full_queue_is_a_429_with_retry_after(served):
     model, url, client = served
     body = {"model": model, "prompt": "a", "max_tokens": 480, "ignore_eos": True, "stream": True}
-    streams = [httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) for _ in range(10)]
+    stop = threading.Event()
+
+    def hold():  # a stream read slowly: its slot (or queue place) stays taken until `stop`
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for _ in r.iter_lines():
+                if stop.wait(0.05):
+                    return
+
+    holders = [threading.Thread(target=hold, daemon=True) for _ in range(10)]
+    for t in holders:
+        t.start()
     try:
-        opened = [s.__enter__() for s in streams]  # 8 slots and 2 queue places taken
-        assert [r.status_code for r in opened] == [200] * 10
+        deadline = time.time() + 30  # 8 slots and 2 queue places taken
+        while httpx.get(url + "/health").json()["requests"][model] < 10:
+            assert time.time() < deadline, httpx.get(url + "/health").json()
+            time.sleep(0.02)
         r = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=30)
         assert r.status_code == 429 and r.headers.get("retry-after") == "1"
         assert r.json()["error"]["type"] == "rate_limit_error"
     finally:
-        for s in streams:
-            s.__exit__(None, None, None)
+        stop.set()
+        for t in holders:
+            t.join(30)
     deadline = time.time() + 30  # the streams' clients are gone: their slots come back
     while True:
         r = httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)

@@ -234,3 +234,53 @@ def test_the_prompt_cache_is_no_side_channel(guarded):
     assert cached("k1") > 5  # the same key, no salt: its own earlier prompt
     call(guarded, {**first, "cache_salt": "s"}, key="k1")
     assert cached("k1", cache_salt="s") > 5
+
+
+def test_ctrl_c_refuses_the_queue_lets_in_flight_finish_and_exits(tiny_folder):
+    """SIGINT: queued requests are answered 503 at once, the one decoding finishes, the process
+    exits cleanly (the engine's worker stops before the model is closed)."""
+    import signal
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "billion", "serve", "-m", str(tiny_folder("tinyllama")), "-b",
+                             "torch", "--device", "cpu", "--dtype", "float32", "--port", "0", "--parallel", "1",
+                             "--shutdown-timeout", "20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    try:
+        url, seen, deadline = None, [], time.time() + 90
+        while url is None:
+            line = proc.stdout.readline()
+            assert line and time.time() < deadline, "".join(seen)
+            seen.append(line)
+            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            url = m.group(1) if m else None
+        threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True).start()
+        model = tiny_folder("tinyllama").name
+        body = {"model": model, "prompt": "a", "max_tokens": 480, "ignore_eos": True}
+        answers: dict = {}
+
+        def send(i):
+            answers[i] = httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        threads[0].start()
+        time.sleep(0.1)  # the first is decoding (480 tokens take the tiny model about a second)
+        for t in threads[1:]:
+            t.start()  # and the others queue behind the one slot
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        for t in threads:
+            t.join(60)
+        codes = [answers[i].status_code for i in range(3)]
+        assert codes[0] == 200 and 503 in codes and set(codes) <= {200, 503}, [r.text[:200] for r in answers.values()]
+        for r in answers.values():
+            if r.status_code == 200:  # in flight: finished, not cut
+                assert r.json()["usage"]["completion_tokens"] == 480
+            else:
+                assert r.json()["error"]["code"] == "shutting_down"
+        assert proc.wait(30) == 130, "".join(seen)  # Ctrl-C ends a billion command with 130, as every one
+        assert "Traceback" not in "".join(seen)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

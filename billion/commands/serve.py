@@ -23,6 +23,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def DrainingServer(config):
+    """uvicorn's server, which at the first Ctrl-C (or SIGTERM) also tells every engine to refuse
+    queued and new requests (503) while in-flight ones finish within --shutdown-timeout."""
+    import uvicorn
+
+    class Draining(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:  # the first signal (a second one forces the exit, as uvicorn does)
+                self.config.app.state.drain()  # flags and a command queue: safe from a signal handler
+            super().handle_exit(sig, frame)
+
+    return Draining(config)
+
+
 def read_keys(path: str) -> tuple[str, ...]:
     """API keys from a file: one per line, blank lines and # comments skipped."""
     try:
@@ -68,10 +82,14 @@ def served_name(model: str) -> str:
               help="Messages per chat request.")
 @click.option("--max-stop-length", type=click.IntRange(1), default=Limits.max_stop_length, show_default=True,
               help="Characters per stop string (at most 4 of them, as OpenAI).")
+@click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="At Ctrl-C: seconds in-flight requests may take to finish (queued ones get 503 at once); "
+                   "then they are cancelled.")
 @click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=Limits.request_timeout_s,
               show_default=True, help="Seconds a generation may run; then it ends with finish_reason length.")
 def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys, api_key_file, allowed_origins,
-          max_body_bytes, max_prompt_tokens, max_tokens_cap, max_messages, max_stop_length, request_timeout, **opts):
+          max_body_bytes, max_prompt_tokens, max_tokens_cap, max_messages, max_stop_length, shutdown_timeout,
+          request_timeout, **opts):
     """Serve a model over an OpenAI-compatible HTTP API.
 
     Routes: /v1/chat/completions and /v1/completions (streamed as server-sent events with
@@ -117,4 +135,6 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys,
         app = create_app(served, name="billion", parallel=parallel, queue_size=queue_size, limits=limits,
                          access=access)
         console.print(f"serving {', '.join(served)} on http://{host}:{port}/v1", markup=False, soft_wrap=True)
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                               timeout_graceful_shutdown=shutdown_timeout))
+        server.run()  # the engines' workers stop in the app's lifespan, before the ExitStack closes them

@@ -84,6 +84,7 @@ def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel:
     app.state.engines = {model_id: engines[id(backend)] for model_id, backend in backends.items()}
     app.state.owner = name
     app.state.limits, app.state.access = limits, access
+    app.state.drain = lambda: [engine.drain() for engine in engines.values()]  # shutdown begins
     app.state.created = int(time.time())
     app.middleware("http")(_request_id)
     app.add_exception_handler(APIError, routes.api_error)

@@ -41,6 +41,14 @@ class QueueFull(Exception):
     """Every slot is busy and the queue is full: the client should retry later (429)."""
 
 
+class ShuttingDown(Exception):
+    """The server is stopping: no new requests, and queued ones are refused (503)."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request's first token: there is no one to answer."""
+
+
 @dataclass
 class Request:
     """One request as the worker sees it: what to generate, where its chunks go, its text side."""
@@ -56,6 +64,7 @@ class Request:
     salt: str | None = None  # its prompt-cache partition (cache_salt, and the API key when there are several)
     deadline: float | None = None  # time.monotonic() past which the worker ends it ("max_time")
     timed_out: bool = False
+    refused: bool = False  # still queued when shutdown began
 
 
 _DONE = object()  # the worker's last item for a request: its generation ended without an error
@@ -81,6 +90,7 @@ class Engine:
         self.done: deque = deque(maxlen=100)
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.closing = False
+        self.draining = False  # shutting down: in-flight requests finish, queued and new ones are refused
         self.thread = threading.Thread(target=self._run, name=f"billion-{backend.name}", daemon=True)
         self.thread.start()
 
@@ -97,6 +107,8 @@ class Engine:
     def submit(self, prompt_ids: list[int], gen: GenerationConfig, put: Callable, salt: str | None = None) -> Request:
         """Queue a request (QueueFull when every slot and queue place is taken)."""
         self.backend.check_fits(len(prompt_ids), gen.max_tokens)
+        if self.draining:
+            raise ShuttingDown("the server is shutting down")
         with self.pending_lock:
             if self.pending >= self.parallel + self.queue_size:
                 raise QueueFull(f"{self.pending} requests are being served or queued on {self.backend.name}")
@@ -111,11 +123,17 @@ class Engine:
     def cancel(self, req: Request) -> None:
         self.commands.put(("cancel", req))
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the worker (after its current step); requests still there get an error."""
+    def drain(self) -> None:
+        """Shutdown begins: refuse new requests and the queued ones (503); in-flight ones go on."""
+        self.draining = True
+        self.commands.put(("drain", None))
+
+    def close(self) -> None:
+        """Stop the worker after its current step (requests still there get an error) and wait for
+        it: the backend may be closed only once no step can be running on it."""
         self.closing = True
         self.commands.put(("wake", None))
-        self.thread.join(timeout)
+        self.thread.join()
 
     # ------------------------------------------------------------ the worker thread
 
@@ -136,7 +154,7 @@ class Engine:
             for event in events:
                 self._deliver(batch, requests, event)
         for req in requests.values():
-            self._finish(req, "error", RuntimeError("the server is shutting down"))
+            self._finish(req, "error", ShuttingDown("the server is shutting down"))
 
     def _expire(self, batch: BatchGenerator, requests: dict) -> None:
         """Requests past their time (--request-timeout) leave the batch at this step."""
@@ -158,6 +176,10 @@ class Engine:
                 requests[req.uid] = req
             elif kind == "cancel" and req.uid in requests:
                 batch.cancel(req.uid)
+            elif kind == "drain":
+                for uid in batch.queued:
+                    requests[uid].refused = True
+                    batch.cancel(uid)
 
     def _deliver(self, batch: BatchGenerator, requests: dict, event) -> None:
         req = requests.get(event.uid)
@@ -174,6 +196,9 @@ class Engine:
         if event.finish_reason == "error":  # this request's sampling failed; the batch goes on
             del requests[event.uid]
             self._finish(req, "error", UserError(event.error))
+        elif req.refused:  # queued when shutdown began
+            del requests[event.uid]
+            self._finish(req, "refused", ShuttingDown("the server is shutting down"))
         elif event.finish_reason:
             del requests[event.uid]
             for chunk in req.text.close():
@@ -261,6 +286,20 @@ class Generation:
                 raise StopAsyncIteration
             raise item
         return item
+
+    async def first(self, disconnected) -> Chunk | None:
+        """The first chunk (None: the generation ended without one), waited for while checking
+        `disconnected()` (an awaitable): a client that leaves while queued leaves the queue, and a
+        refusal or an error before the first token can still be answered with its own status."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.__anext__(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await disconnected():
+                    await self.aclose()
+                    raise ClientGone() from None
+            except StopAsyncIteration:
+                return None
 
     async def aclose(self) -> None:
         """Stop early (the client is gone): the request leaves the batch at the next step. Nothing

@@ -16,10 +16,10 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from backends.types import GenerationConfig, UserError
-from billion.server.engine import Engine, Generation, QueueFull
+from billion.server.engine import ClientGone, Engine, Generation, QueueFull, ShuttingDown
 from billion.server.schema import (APIError, ChatRequest, CompletionRequest, RequestBase, chat_prompt,
                                    completion_prompt, generation_config, internal_error, parse_request)
 
@@ -66,7 +66,8 @@ def request_id(request: Request) -> str | None:
 async def health(request: Request):
     engines = request.app.state.engines
     return {"status": "ok", "models": list(engines),
-            "busy": sorted({k for k, v in engines.items() if v.busy})}
+            "busy": sorted({k for k, v in engines.items() if v.busy}),
+            "requests": {k: v.pending for k, v in engines.items()}}  # decoding or queued, per model id
 
 
 @router.get("/v1/models")
@@ -164,31 +165,47 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
                   kind: str):
     """kind: "chat" or "text". A JSON answer, or an SSE stream."""
     reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage)
-    try:  # queued before any answer starts, so a full queue is a 429 status, not an event
+    # No answer starts before the first token exists: a full queue (429), a shutdown that refuses
+    # the queued request (503) or an error before any token (400) is the answer's status, not an event.
+    try:
         generation = Generation(engine, prompt_ids, gen, cache_salt(request, req))
+        first = await generation.first(request.is_disconnected)
     except QueueFull as e:
         raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except ShuttingDown as e:
+        raise APIError(503, str(e), type="server_error", code="shutting_down") from None
     except UserError as e:
         raise APIError(400, str(e)) from None
+    except ClientGone:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
     if not req.stream:
-        return await _answer(request, reply, generation)
-    return StreamingResponse(_events(request, reply, generation),
+        return await _answer(request, reply, generation, first)
+    return StreamingResponse(_events(request, reply, generation, first),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _answer(request: Request, reply: Reply, chunks: Generation) -> JSONResponse:
+async def _with_first(first, chunks: Generation):
+    if first is not None:
+        yield first
+    async for chunk in chunks:
+        yield chunk
+
+
+async def _answer(request: Request, reply: Reply, chunks: Generation, first) -> JSONResponse:
     """The whole completion as one JSON body."""
     text = []
     try:
-        async for chunk in chunks:
+        async for chunk in _with_first(first, chunks):
             reply.count(chunk, chunks)
             text.append(chunk.text)
             if await request.is_disconnected():  # nobody will read the answer: free the engine
                 break
     except UserError as e:
         raise APIError(400, str(e)) from None
+    except ShuttingDown as e:
+        raise APIError(503, str(e), type="server_error", code="shutting_down") from None
     finally:
         await chunks.aclose()
     if chunks.request.reason == "max_time":
@@ -218,14 +235,14 @@ def _chunk_object(reply: Reply) -> str:
     return "chat.completion.chunk" if reply.kind == "chat" else "text_completion"
 
 
-async def _events(request: Request, reply: Reply, chunks: Generation) -> AsyncIterator[str]:
+async def _events(request: Request, reply: Reply, chunks: Generation, first) -> AsyncIterator[str]:
     """The completion as server-sent events, ending with the finish reason, the usage chunk (when
     asked for) and [DONE]. The status line is already sent when an error comes, so an error is an
     event too."""
     try:
         if reply.kind == "chat":
             yield _event(reply, None, None, first=True)
-        async for chunk in chunks:
+        async for chunk in _with_first(first, chunks):
             reply.count(chunk, chunks)
             if chunk.text:
                 yield _event(reply, chunk.text, None)
@@ -241,7 +258,9 @@ async def _events(request: Request, reply: Reply, chunks: Generation) -> AsyncIt
             yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
     except Exception as e:  # the status line is sent: report the error in the stream
-        err = APIError(400, str(e)) if isinstance(e, UserError) else internal_error(e, request_id(request))
+        err = (APIError(400, str(e)) if isinstance(e, UserError) else
+               APIError(503, str(e), type="server_error", code="shutting_down") if isinstance(e, ShuttingDown) else
+               internal_error(e, request_id(request)))
         yield f"data: {json.dumps(err.body())}\n\n"
     finally:
         await chunks.aclose()  # a client gone: stop the engine's stream, free the engine
