@@ -33,30 +33,32 @@ class StopText:
 
 
 class IncrementalDetokenizer:
-    """Turns a token stream into text pieces.
+    """Turns a token stream into text pieces, at a bounded cost per token.
 
-    Decodes the tokens of the current line together (SentencePiece drops a
-    leading space when a token is decoded alone) and holds text back while it
-    ends in an incomplete UTF-8 character (U+FFFD), like transformers'
-    TextStreamer; the cost per token is one decode of the current line.
+    Each new token is decoded together with the token(s) before it (SentencePiece drops a leading
+    space when a token is decoded alone, and a character can span tokens), as text-generation-
+    inference and vLLM do: `before` = the window up to the last emitted token, `after` = the same
+    window plus what came since; the new text is what `after` adds. The window then moves on, so a
+    token costs a decode of a few tokens however long the line (not the whole line again). Text is
+    held back while it ends in an incomplete UTF-8 character (U+FFFD). The pieces add up to the
+    decoding of all the tokens.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.line: list[int] = []
-        self.emitted = 0
+        self.tokens: list[int] = []
+        self.prefix = 0  # the window's first token
+        self.read = 0  # tokens whose text has been emitted
 
     def add(self, token: int) -> str:
-        self.line.append(token)
-        text = self.tokenizer.decode(self.line, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        piece = text[self.emitted :]
-        if text.endswith("\n"):
-            self.line, self.emitted = [], 0
-        else:
-            self.emitted = len(text)
-        return piece
+        self.tokens.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        after = decode(self.tokens[self.prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # nothing new yet (a special token, or half a character)
+        self.prefix, self.read = self.read, len(self.tokens)
+        return after[len(before):]
 
 
 def untagged(tokens: Iterator[int]) -> Iterator[tuple[int, bool]]:
