@@ -41,16 +41,45 @@ _NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
 
 
 def _header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and where its data starts; a damaged one is a UserError."""
+    damaged = f"{path}: unreadable safetensors file, truncated or damaged"
     with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(n)), 8 + n
+        first = f.read(8)
+        if len(first) < 8:
+            raise UserError(damaged)
+        n = struct.unpack("<Q", first)[0]
+        text = f.read(min(n, 100_000_000))
+    try:
+        if len(text) != n:
+            raise ValueError
+        header = json.loads(text)
+    except (ValueError, RecursionError):
+        raise UserError(damaged) from None
+    if not isinstance(header, dict):
+        raise UserError(damaged)
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str)
+                and isinstance(meta.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in meta["shape"])
+                and isinstance(meta.get("data_offsets"), list) and len(meta["data_offsets"]) == 2
+                and all(isinstance(o, int) for o in meta["data_offsets"])):
+            raise UserError(f"{damaged} (tensor {name})")
+    return header, 8 + n
 
 
-def _decode(blob: bytes, meta: dict) -> np.ndarray:
-    if meta["dtype"] == "BF16":  # numpy has no bfloat16: widen (exact)
+def _decode(blob: bytes, meta: dict, where: str = "") -> np.ndarray:
+    """One tensor's bytes as numpy; `where` ("file: tensor name") names it in errors."""
+    dtype = meta["dtype"]
+    if dtype != "BF16" and dtype not in _NP:
+        raise UserError(f"{where}: unknown dtype {dtype!r} (known: BF16, {', '.join(_NP)})")
+    item = 2 if dtype == "BF16" else np.dtype(_NP[dtype]).itemsize
+    if len(blob) != item * math.prod(meta["shape"]):
+        raise UserError(f"{where}: {len(blob)} bytes do not hold a {dtype} tensor of shape {meta['shape']}")
+    if dtype == "BF16":  # numpy has no bfloat16: widen (exact)
         arr = (np.frombuffer(blob, np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
-        arr = np.frombuffer(blob, _NP[meta["dtype"]])
+        arr = np.frombuffer(blob, _NP[dtype])
     return arr.reshape(meta["shape"])
 
 
@@ -58,7 +87,8 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a file as numpy (bfloat16 widened to float32)."""
     header, start = _header(path)
     raw = Path(path).read_bytes()
-    return {name: _decode(raw[start + meta["data_offsets"][0]:start + meta["data_offsets"][1]], meta)
+    return {name: _decode(raw[start + meta["data_offsets"][0]:start + meta["data_offsets"][1]], meta,
+                          f"{path}: tensor {name}")
             for name, meta in header.items() if name != "__metadata__"}
 
 
@@ -126,35 +156,72 @@ def read_lora(folder: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], f
     """transformers module name -> (A [r, in], B [out, r]) in float32, the scale, and the config."""
     folder = Path(folder)
     kind = detect(folder)
-    config = json.loads((folder / CONFIG_FILE).read_text())
+    config_file = folder / CONFIG_FILE
+    try:
+        config = json.loads(config_file.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{config_file}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file}: expected a JSON object")
+
+    def number(value, what: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{config_file}: {what} must be a number, found {value!r}")
+        return value
+
     pairs: dict[str, dict] = {}
     if kind == "mlx":
         if config.get("fine_tune_type", "lora") != "lora":
             raise UserError(f"{folder}: only LoRA adapters convert (this is {config['fine_tune_type']})")
-        tensors = read_tensors(folder / MLX_FILE)
+        params = config.get("lora_parameters")
+        if not isinstance(params, dict) or "scale" not in params:
+            raise UserError(f"{config_file}: no lora_parameters.scale")
+        if "rank" in params and number(params["rank"], "lora_parameters.rank") <= 0:
+            raise UserError(f"{config_file}: LoRA rank must be at least 1, found {params['rank']}")
+        weights = folder / MLX_FILE
+        tensors = read_tensors(weights)
         for name, arr in tensors.items():
+            if "." not in name or arr.ndim != 2:
+                raise UserError(f"{weights}: {name} is not a LoRA matrix ([in, r] lora_a or [r, out] lora_b; "
+                                f"shape {list(arr.shape)})")
             module, leaf = name.rsplit(".", 1)
             pairs.setdefault(_to_hf_name(module), {})[leaf] = arr.astype(np.float32).T
-        scale = float(config["lora_parameters"]["scale"])
+        scale = float(number(params["scale"], "lora_parameters.scale"))
         keys = ("lora_a", "lora_b")
     else:
         if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
             raise UserError(f"{folder}: only plain LoRA adapters convert")
-        tensors = read_tensors(folder / PEFT_FILE)
+        for key in ("r", "lora_alpha"):
+            if key not in config:
+                raise UserError(f"{config_file}: no {key!r}")
+        r, alpha = number(config["r"], "r"), number(config["lora_alpha"], "lora_alpha")
+        if r <= 0:
+            raise UserError(f"{config_file}: LoRA r must be at least 1, found {config['r']}")
+        weights = folder / PEFT_FILE
+        tensors = read_tensors(weights)
         for name, arr in tensors.items():
             stem = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-            module, leaf = stem.rsplit(".", 2)[0], stem.rsplit(".", 2)[1]
-            if leaf not in ("lora_A", "lora_B"):
+            parts = stem.rsplit(".", 2)
+            if len(parts) != 3 or parts[1] not in ("lora_A", "lora_B"):
                 raise UserError(f"{folder}: {name} is not a LoRA weight (only LoRA A/B matrices convert)")
+            if arr.ndim != 2:
+                raise UserError(f"{weights}: {name} has shape {list(arr.shape)}; a LoRA matrix has two dimensions")
+            module, leaf = parts[0], parts[1]
             pairs.setdefault(module, {})[leaf] = arr.astype(np.float32)
-        r, alpha = config["r"], config["lora_alpha"]
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         keys = ("lora_A", "lora_B")
+    weights = folder / (MLX_FILE if kind == "mlx" else PEFT_FILE)
     out = {}
     for module, p in pairs.items():
         if set(p) != set(keys):
             raise UserError(f"{folder}: {module} lacks one of {', '.join(keys)}")
-        out[module] = (p[keys[0]], p[keys[1]])
+        a, b = p[keys[0]], p[keys[1]]  # [r, in], [out, r] whichever the format
+        if a.shape[0] == 0 or a.shape[0] != b.shape[1]:
+            raise UserError(f"{weights}: {module}: A is [r={a.shape[0]}, in={a.shape[1]}] and B is "
+                            f"[out={b.shape[0]}, r={b.shape[1]}]; LoRA needs the same r of at least 1")
+        out[module] = (a, b)
+    if not out:
+        raise UserError(f"{weights}: no LoRA weights")
     return out, scale, config
 
 
@@ -238,7 +305,12 @@ def fuse(base: Path, adapter: Path, out: Path) -> Path:
             blob = raw[start + a:start + b]
             if name in wanted:
                 lo_a, lo_b = lora[wanted[name]]
-                fused = _decode(blob, meta).astype(np.float32) + scale * (lo_b @ lo_a)
+                if list(meta["shape"]) != [lo_b.shape[0], lo_a.shape[1]]:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise UserError(f"{adapter}: {wanted[name]} is [out={lo_b.shape[0]}, in={lo_a.shape[1]}] "
+                                    f"but the base model's {name} is {list(meta['shape'])}: "
+                                    f"not an adapter for this model")
+                fused = _decode(blob, meta, f"{shard}: tensor {name}").astype(np.float32) + scale * (lo_b @ lo_a)
                 blob = _encode(fused, meta["dtype"])
                 found.add(name)
             tensors[name] = (meta["dtype"], blob, meta["shape"])

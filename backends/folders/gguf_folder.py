@@ -16,7 +16,6 @@ loads it names them.
 from __future__ import annotations
 
 import json
-import struct
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,22 +49,31 @@ def read_header(path: Path) -> dict:
         import gguf
     except ImportError:
         raise UserError(f"reading {path.name} needs the gguf package: {INSTALL_GGUF}") from None
+
     try:
+        # A file cut short or damaged anywhere in its header or tensor table fails inside gguf's
+        # reader with whatever the bytes it got lead to (ValueError, IndexError, KeyError,
+        # struct.error, OverflowError...): all of them mean the same thing here.
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, IndexError, struct.error, OSError) as e:
-        raise UserError(f"{path}: unreadable GGUF file, truncated or damaged ({e})") from None
 
-    def field(key, default=None):
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else default
+        def field(key, default=None):
+            f = reader.fields.get(key)
+            return f.contents() if f is not None else default
 
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-    file_type = field("general.file_type")
+        types = Counter(t.tensor_type.name for t in reader.tensors)
+        file_type = field("general.file_type")
+        architecture, name = field("general.architecture", "?"), field("general.name")
+        quantization = (FILE_TYPES.get(file_type, f"file type {file_type}") if file_type is not None
+                        else types.most_common(1)[0][0] if types else None)
+    except Exception as e:  # noqa: BLE001 -- see above
+        why = (str(e).splitlines() or [""])[0][:160] or type(e).__name__
+        raise UserError(f"{path}: unreadable GGUF file, truncated or damaged ({why})") from None
+    if quantization is None:
+        raise UserError(f"{path}: a GGUF file with no tensors")
     return {
-        "architecture": field("general.architecture", "?"),
-        "name": field("general.name"),
-        "quantization": FILE_TYPES.get(file_type, f"file type {file_type}") if file_type is not None
-        else types.most_common(1)[0][0],
+        "architecture": architecture,
+        "name": name,
+        "quantization": quantization,
         "tensor_types": dict(types),
     }
 

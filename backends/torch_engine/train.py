@@ -153,7 +153,7 @@ def _train(backend, train_set: list[Example], val_set: list[Example], cfg: Train
     for printer in (PrinterCallback, ProgressCallback):  # billion streams its own progress
         trainer.remove_callback(printer)
     trainer.add_callback(_Metrics(backend, peft_model, plan, train_set, val_set, cfg, result, on_step, pad_id))
-    checkpoint = training.latest_checkpoint(out_dir) if resume else None
+    checkpoint = last_complete_checkpoint(out_dir) if resume else None
     if checkpoint:
         result.start_step = result.steps_done = checkpoint[0]
     backend.reset_peak_memory()
@@ -171,6 +171,58 @@ def _train(backend, train_set: list[Example], val_set: list[Example], cfg: Train
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(str(out_dir))  # adapter_model.safetensors + adapter_config.json: LoRA only
     return result
+
+
+# what a Trainer checkpoint of a LoRA run holds; trainer_state.json is written last
+CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                    "trainer_state.json")
+
+
+def _incomplete(folder: Path, step: int) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a file missing or cut short), or None."""
+    import json
+    import zipfile
+
+    from backends.folders import adapters
+
+    missing = [n for n in CHECKPOINT_FILES if not (folder / n).is_file()]
+    if missing:
+        return f"no {missing[0]}"
+    try:
+        state = json.loads((folder / "trainer_state.json").read_bytes())
+        json.loads((folder / "adapter_config.json").read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return "a JSON file is damaged"
+    if not isinstance(state, dict) or state.get("global_step") != step:
+        return f"trainer_state.json is not at step {step}"
+    for name in ("optimizer.pt", "scheduler.pt"):  # torch.save writes zip files: a cut one has no directory
+        try:
+            with zipfile.ZipFile(folder / name):
+                pass
+        except (OSError, zipfile.BadZipFile):
+            return f"{name} is cut short"
+    weights = folder / "adapter_model.safetensors"
+    try:
+        header, start = adapters._header(weights)
+    except (OSError, UserError):
+        return "adapter_model.safetensors is damaged"
+    end = max((m["data_offsets"][1] for k, m in header.items() if k != "__metadata__"), default=0)
+    if weights.stat().st_size < start + end:
+        return "adapter_model.safetensors is cut short"
+    return None
+
+
+def last_complete_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
+    """The newest `checkpoint-<step>` folder with every file whole; newer, incomplete ones
+    (a save cut off part way) are skipped with a warning."""
+    import logging
+
+    for step, folder in reversed(training.checkpoints(out_dir)):
+        why = _incomplete(folder, step)
+        if why is None:
+            return step, folder
+        logging.getLogger("billion").warning("skipping %s: incomplete checkpoint (%s)", folder, why)
+    return None
 
 
 def apply_adapter(backend, adapter_dir: Path) -> None:

@@ -15,6 +15,7 @@ import re
 import subprocess
 import tempfile
 import time
+import warnings
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -112,15 +113,35 @@ def write_record(record: dict, results_dir: str | Path) -> Path:
     return path
 
 
+class RecordWarning(UserWarning):
+    """A file among the records that is not one (damaged, or not a JSON object): skipped."""
+
+
 def read_records(paths) -> list[dict]:
+    """The records in `paths` (folders of *.json, or files). A file that cannot be read, is not
+    JSON or not a JSON object is skipped with a `RecordWarning` naming it; a JSON object that is
+    not a valid record is skipped quietly (as before)."""
     records = []
     for p in paths:
         p = Path(p)
         for f in sorted(p.glob("*.json")) if p.is_dir() else [p]:
             try:
-                rec = json.loads(f.read_text())
+                rec = json.loads(f.read_bytes())
+            except OSError as e:
+                warnings.warn(f"{f}: skipped, cannot read it ({e.strerror})", RecordWarning, stacklevel=2)
+                continue
+            except (ValueError, RecursionError) as e:  # invalid JSON, not UTF-8
+                why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 JSON"
+                warnings.warn(f"{f}: skipped, not a JSON record ({why})", RecordWarning, stacklevel=2)
+                continue
+            if not isinstance(rec, dict):
+                kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(rec), "number")
+                warnings.warn(f"{f}: skipped, a JSON {kind} is not a record (a JSON object)",
+                              RecordWarning, stacklevel=2)
+                continue
+            try:
                 validate(rec)
-            except (ValueError, json.JSONDecodeError):
+            except ValueError:
                 continue
             rec["_file"] = str(f)
             records.append(rec)

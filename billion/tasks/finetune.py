@@ -92,7 +92,13 @@ def _check_resume(folder: Path, identity: dict, resume: bool) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         return
     if resume and marker.is_file():
-        before = json.loads(marker.read_text())
+        try:
+            before = json.loads(marker.read_bytes())
+        except (ValueError, RecursionError):
+            before = None
+        if not isinstance(before, dict):
+            raise UserError(f"{marker}: damaged (not a JSON object), so this run cannot be checked as the same; "
+                            f"use another --out or drop --resume")
         changed = [k for k in identity if k != "train" and before.get(k) != identity[k]]
         changed += ["--lr" if k == "learning_rate" else f"--{k.replace('_', '-')}" for k, v in identity["train"].items()
                     if before.get("train", {}).get(k) != v]
@@ -103,7 +109,13 @@ def _check_resume(folder: Path, identity: dict, resume: bool) -> None:
     if not resume and folder.exists() and any(folder.iterdir()):
         raise UserError(f"{folder} already holds a fine-tune; pass --resume to continue it or choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(identity, indent=2))
+    tmp = marker.with_name(f".{marker.name}.tmp")  # atomic: a crash leaves the old marker or the new, never half
+    try:
+        tmp.write_text(json.dumps(identity, indent=2))
+        os.replace(tmp, marker)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def answers(backend, prompts, chat: bool, max_tokens: int) -> list[str]:

@@ -74,15 +74,21 @@ def read_validation_rows(source: str) -> list[Row] | None:
 
 def read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except (ValueError, RecursionError) as e:  # an over-long integer, nesting too deep
+                raise UserError(f"{where}: not readable JSON ({str(e).splitlines()[0][:120]})") from None
             rows.append(Row(where, data))
             shape_of(rows[-1])
     if not rows:
@@ -186,6 +192,18 @@ def _chat_example(backend, messages: list[dict]) -> tuple[list[int], list[int]]:
 
 
 def encode_row(backend, row: Row, chat: bool) -> tuple[list[int], list[int]]:
+    try:
+        return _encode_row(backend, row, chat)
+    except UserError:
+        raise
+    except Exception as e:  # a chat template that raises on this row (jinja2, the template's raise_exception)
+        if not (chat or shape_of(row) == "messages"):
+            raise
+        why = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+        raise UserError(f"{row.where}: the model's chat template fails on this row ({why})") from None
+
+
+def _encode_row(backend, row: Row, chat: bool) -> tuple[list[int], list[int]]:
     shape, d = shape_of(row), row.data
     if shape == "messages":
         if not backend.has_chat_template:

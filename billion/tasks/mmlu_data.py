@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import os
 import warnings
@@ -146,9 +147,15 @@ def _csv_root(folder: Path) -> Path | None:
 def read_csv(path: Path) -> tuple[Question, ...]:
     """One subject's CSV file; a malformed row is an error naming the file and line."""
     questions = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        line = 1  # the physical line where the next row starts (a quoted field may span lines)
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    line = 1  # the physical line where the next row starts (a quoted field may span lines)
+    try:
         for row in reader:
             where = f"{path}:{line}"
             line = reader.line_num + 1
@@ -158,6 +165,8 @@ def read_csv(path: Path) -> tuple[Question, ...]:
                 raise UserError(f"{where}: expected 6 columns (question, 4 choices, answer letter), "
                                 f"found {len(row)}")
             questions.append(_question(row[0], row[1:5], row[5], where))
+    except csv.Error as e:
+        raise UserError(f"{path}:{line}: unreadable CSV ({e})") from None
     return tuple(questions)
 
 
@@ -304,6 +313,8 @@ def _parse_jsonl(path: Path, stamp: tuple) -> tuple[dict[str, tuple[Question, ..
                 row = json.loads(text)
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+            except (ValueError, RecursionError) as e:  # an over-long integer, nesting too deep
+                raise UserError(f"{where}: not readable JSON ({str(e).splitlines()[0][:120]})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{where}: expected a JSON object with {', '.join(JSONL_KEYS)}, "
                                 f"found {type(row).__name__}")
