@@ -156,60 +156,8 @@ def read_lora(folder: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], f
     """transformers module name -> (A [r, in], B [out, r]) in float32, the scale, and the config."""
     folder = Path(folder)
     kind = detect(folder)
-    config_file = folder / CONFIG_FILE
-    try:
-        config = json.loads(config_file.read_bytes())
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{config_file}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_file}: expected a JSON object")
-
-    def number(value, what: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"{config_file}: {what} must be a number, found {value!r}")
-        return value
-
-    pairs: dict[str, dict] = {}
-    if kind == "mlx":
-        if config.get("fine_tune_type", "lora") != "lora":
-            raise UserError(f"{folder}: only LoRA adapters convert (this is {config['fine_tune_type']})")
-        params = config.get("lora_parameters")
-        if not isinstance(params, dict) or "scale" not in params:
-            raise UserError(f"{config_file}: no lora_parameters.scale")
-        if "rank" in params and number(params["rank"], "lora_parameters.rank") <= 0:
-            raise UserError(f"{config_file}: LoRA rank must be at least 1, found {params['rank']}")
-        weights = folder / MLX_FILE
-        tensors = read_tensors(weights)
-        for name, arr in tensors.items():
-            if "." not in name or arr.ndim != 2:
-                raise UserError(f"{weights}: {name} is not a LoRA matrix ([in, r] lora_a or [r, out] lora_b; "
-                                f"shape {list(arr.shape)})")
-            module, leaf = name.rsplit(".", 1)
-            pairs.setdefault(_to_hf_name(module), {})[leaf] = arr.astype(np.float32).T
-        scale = float(number(params["scale"], "lora_parameters.scale"))
-        keys = ("lora_a", "lora_b")
-    else:
-        if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-            raise UserError(f"{folder}: only plain LoRA adapters convert")
-        for key in ("r", "lora_alpha"):
-            if key not in config:
-                raise UserError(f"{config_file}: no {key!r}")
-        r, alpha = number(config["r"], "r"), number(config["lora_alpha"], "lora_alpha")
-        if r <= 0:
-            raise UserError(f"{config_file}: LoRA r must be at least 1, found {config['r']}")
-        weights = folder / PEFT_FILE
-        tensors = read_tensors(weights)
-        for name, arr in tensors.items():
-            stem = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-            parts = stem.rsplit(".", 2)
-            if len(parts) != 3 or parts[1] not in ("lora_A", "lora_B"):
-                raise UserError(f"{folder}: {name} is not a LoRA weight (only LoRA A/B matrices convert)")
-            if arr.ndim != 2:
-                raise UserError(f"{weights}: {name} has shape {list(arr.shape)}; a LoRA matrix has two dimensions")
-            module, leaf = parts[0], parts[1]
-            pairs.setdefault(module, {})[leaf] = arr.astype(np.float32)
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        keys = ("lora_A", "lora_B")
+    config = _read_config(folder / CONFIG_FILE)
+    pairs, scale, keys = (_mlx_pairs if kind == "mlx" else _peft_pairs)(folder, config)
     weights = folder / (MLX_FILE if kind == "mlx" else PEFT_FILE)
     out = {}
     for module, p in pairs.items():
@@ -223,6 +171,68 @@ def read_lora(folder: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], f
     if not out:
         raise UserError(f"{weights}: no LoRA weights")
     return out, scale, config
+
+
+def _read_config(config_file: Path) -> dict:
+    try:
+        config = json.loads(config_file.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{config_file}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file}: expected a JSON object")
+    return config
+
+
+def _number(value, what: str, config_file: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{config_file}: {what} must be a number, found {value!r}")
+    return value
+
+
+def _mlx_pairs(folder: Path, config: dict) -> tuple[dict, float, tuple[str, str]]:
+    """mlx-lm's adapter: module -> {lora_a, lora_b} transposed to [r, in] and [out, r], its scale."""
+    config_file = folder / CONFIG_FILE
+    if config.get("fine_tune_type", "lora") != "lora":
+        raise UserError(f"{folder}: only LoRA adapters convert (this is {config['fine_tune_type']})")
+    params = config.get("lora_parameters")
+    if not isinstance(params, dict) or "scale" not in params:
+        raise UserError(f"{config_file}: no lora_parameters.scale")
+    if "rank" in params and _number(params["rank"], "lora_parameters.rank", config_file) <= 0:
+        raise UserError(f"{config_file}: LoRA rank must be at least 1, found {params['rank']}")
+    weights = folder / MLX_FILE
+    pairs: dict[str, dict] = {}
+    for name, arr in read_tensors(weights).items():
+        if "." not in name or arr.ndim != 2:
+            raise UserError(f"{weights}: {name} is not a LoRA matrix ([in, r] lora_a or [r, out] lora_b; "
+                            f"shape {list(arr.shape)})")
+        module, leaf = name.rsplit(".", 1)
+        pairs.setdefault(_to_hf_name(module), {})[leaf] = arr.astype(np.float32).T
+    return pairs, float(_number(params["scale"], "lora_parameters.scale", config_file)), ("lora_a", "lora_b")
+
+
+def _peft_pairs(folder: Path, config: dict) -> tuple[dict, float, tuple[str, str]]:
+    """peft's adapter: module -> {lora_A, lora_B}, its scale (alpha / r, or / sqrt(r) with rsLoRA)."""
+    config_file = folder / CONFIG_FILE
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        raise UserError(f"{folder}: only plain LoRA adapters convert")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise UserError(f"{config_file}: no {key!r}")
+    r, alpha = _number(config["r"], "r", config_file), _number(config["lora_alpha"], "lora_alpha", config_file)
+    if r <= 0:
+        raise UserError(f"{config_file}: LoRA r must be at least 1, found {config['r']}")
+    weights = folder / PEFT_FILE
+    pairs: dict[str, dict] = {}
+    for name, arr in read_tensors(weights).items():
+        stem = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        parts = stem.rsplit(".", 2)
+        if len(parts) != 3 or parts[1] not in ("lora_A", "lora_B"):
+            raise UserError(f"{folder}: {name} is not a LoRA weight (only LoRA A/B matrices convert)")
+        if arr.ndim != 2:
+            raise UserError(f"{weights}: {name} has shape {list(arr.shape)}; a LoRA matrix has two dimensions")
+        pairs.setdefault(parts[0], {})[parts[1]] = arr.astype(np.float32)
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return pairs, scale, ("lora_A", "lora_B")
 
 
 def write_peft(folder: Path, lora: dict, scale: float, base: str = "") -> None:
