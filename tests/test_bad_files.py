@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -412,3 +415,41 @@ def test_finetune_json_is_written_atomically_and_a_damaged_one_is_one_line(tmp_p
     with pytest.raises(UserError, match=r"finetune.json: damaged") as err:
         finetune._check_resume(folder, identity, resume=True)
     one_line(err, "finetune.json")
+
+
+def test_a_damaged_count_or_length_in_a_gguf_is_refused_before_the_reader_runs(tmp_path, monkeypatch):
+    """A flipped byte in a count or a length of the real GGUF's header (its tensor and key counts,
+    the vocabulary array's count, a string's length) is a one-line error from read_header's own
+    walk through the header, before gguf's reader would allocate what the damaged number says
+    (a bare reader grew past 7 GB on such a file)."""
+    import struct
+
+    import gguf
+
+    from backends.folders import gguf_folder
+    from billion.models import MODELS, bundled_gguf
+
+    src = bundled_gguf(MODELS["smollm2-135m"])
+    field = gguf.GGUFReader(str(src)).fields["tokenizer.ggml.tokens"]
+    array_count = field.offset + 8 + len(field.name.encode()) + 4 + 4  # key length, key, type, item type
+    first_string = array_count + 8  # the first token's length
+    data = src.read_bytes()
+    assert struct.unpack_from("<Q", data, array_count)[0] == 49152
+    readers = []
+    real_reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **kw: readers.append(a) or real_reader(*a, **kw))
+    bad = tmp_path / "bad.gguf"
+    shutil.copy(src, bad)
+    with open(bad, "r+b") as f:
+        for where in [*range(8, 24), array_count + 3, array_count + 5, first_string + 4]:
+            f.seek(where)
+            f.write(b"\x7f")
+            f.flush()
+            with pytest.raises(UserError) as err:
+                gguf_folder.read_header(bad)
+            one_line(err, "bad.gguf")
+            assert not readers, f"gguf's reader ran on a file damaged at byte {where}"
+            f.seek(where)
+            f.write(data[where:where + 1])
+            f.flush()
+    assert gguf_folder.read_header(bad)["quantization"] == "Q4_1" and readers  # repaired: it reads

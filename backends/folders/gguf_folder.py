@@ -32,6 +32,71 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
 INSTALL_GGUF = "pip install gguf"
 
 
+# GGUF value types (gguf-py's GGUFValueType) -> their size in bytes; 8 is a string, 9 an array
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_lengths(path: Path) -> None:
+    """Walk the header and the tensor table, checking every count and length against the bytes the
+    file has, before gguf's reader sees them: a damaged length (a flipped byte) would otherwise have
+    that reader allocate whatever it says, gigabytes, before failing. A UserError on the first
+    count or length the file cannot hold."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        size, pos = len(m), 4
+
+        def take(fmt: str):
+            nonlocal pos
+            need = struct.calcsize(fmt)
+            if pos + need > size:
+                raise UserError(f"{path}: unreadable GGUF file, truncated or damaged (ends inside its header)")
+            value = struct.unpack_from("<" + fmt, m, pos)
+            pos += need
+            return value[0] if len(value) == 1 else value
+
+        def skip(n: int, what: str) -> None:
+            nonlocal pos
+            if n < 0 or pos + n > size:
+                raise UserError(f"{path}: unreadable GGUF file, truncated or damaged ({what} of {n} bytes "
+                                f"at byte {pos}, in a file of {size})")
+            pos += n
+
+        def value(kind: int, depth: int = 0) -> None:
+            if kind in _SCALAR_SIZES:
+                skip(_SCALAR_SIZES[kind], "a value")
+            elif kind == _STRING:
+                skip(take("Q"), "a string")
+            elif kind == _ARRAY and depth == 0:
+                item, count = take("I"), take("Q")
+                if item in _SCALAR_SIZES:
+                    skip(count * _SCALAR_SIZES[item], "an array")
+                elif count * 8 > size - pos:  # every item takes at least 8 bytes (a length)
+                    skip(count * 8, "an array")
+                else:
+                    for _ in range(count):
+                        value(item, depth + 1)
+            else:
+                raise UserError(f"{path}: unreadable GGUF file, truncated or damaged (value type {kind})")
+
+        take("I")  # version
+        tensors, kvs = take("Q"), take("Q")
+        if kvs * 12 > size or tensors * 24 > size:  # a key-value pair takes >= 12 bytes, a tensor's info >= 24
+            raise UserError(f"{path}: unreadable GGUF file, truncated or damaged ({kvs} keys and {tensors} tensors "
+                            f"do not fit in {size} bytes)")
+        for _ in range(kvs):
+            skip(take("Q"), "a key")
+            value(take("I"))
+        for _ in range(tensors):
+            skip(take("Q"), "a tensor name")
+            dims = take("I")
+            if dims > 8:
+                raise UserError(f"{path}: unreadable GGUF file, truncated or damaged (a tensor of {dims} dimensions)")
+            skip(8 * dims + 4 + 8, "a tensor's shape, type and offset")
+
+
 def read_header(path: Path) -> dict:
     """What the file says about itself: architecture, name, quantization type, tensor types.
 
@@ -50,6 +115,7 @@ def read_header(path: Path) -> dict:
     except ImportError:
         raise UserError(f"reading {path.name} needs the gguf package: {INSTALL_GGUF}") from None
 
+    check_lengths(path)
     try:
         # A file cut short or damaged anywhere in its header or tensor table fails inside gguf's
         # reader with whatever the bytes it got lead to (ValueError, IndexError, KeyError,
