@@ -27,6 +27,7 @@ import numpy as np
 
 from backends.types import UserError
 from backends.training import Example
+from billion.tasks.jsonl import json_lines
 
 SAMPLE = Path(__file__).parent.parent / "data" / "sample_instructions.jsonl"
 
@@ -74,23 +75,9 @@ def read_validation_rows(source: str) -> list[Row] | None:
 
 def read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except (ValueError, RecursionError) as e:  # an over-long integer, nesting too deep
-                raise UserError(f"{where}: not readable JSON ({str(e).splitlines()[0][:120]})") from None
-            rows.append(Row(where, data))
-            shape_of(rows[-1])
+    for n, data in json_lines(path):
+        rows.append(Row(f"{path}:{n}", data))
+        shape_of(rows[-1])
     if not rows:
         raise UserError(f"{path} has no examples")
     return rows

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.types import UserError
+from billion.tasks.jsonl import json_lines
 
 HUB_DATASET = "cais/mmlu"
 LETTERS = "ABCD"
@@ -300,40 +301,27 @@ def _parse_jsonl(path: Path, stamp: tuple) -> tuple[dict[str, tuple[Question, ..
     """(subject -> its questions in file order, line numbers of skipped header rows); `stamp` keys the cache."""
     by_subject: dict[str, list[Question]] = {}
     headers, unknown = [], {}  # unknown topic -> its first line
-    with open(path, "rb") as f:
-        for line, raw in enumerate(f, 1):
-            where = f"{path}:{line}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{where}: not UTF-8 text") from None
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            except (ValueError, RecursionError) as e:  # an over-long integer, nesting too deep
-                raise UserError(f"{where}: not readable JSON ({str(e).splitlines()[0][:120]})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object with {', '.join(JSONL_KEYS)}, "
-                                f"found {type(row).__name__}")
-            missing = [k for k in JSONL_KEYS if k not in row]
-            if missing:
-                raise UserError(f"{where}: no {', '.join(repr(k) for k in missing)} "
-                                f"(each line needs {', '.join(JSONL_KEYS)})")
-            wrong = [k for k in JSONL_KEYS if not isinstance(row[k], str)]
-            if wrong:
-                raise UserError(f"{where}: {wrong[0]!r} must be a string, found {type(row[wrong[0]]).__name__}")
-            if _is_header(row):
-                headers.append(line)
-                continue
-            name = _subject_name(row["topic"])
-            if name not in ALL_SUBJECTS:
-                unknown.setdefault(row["topic"], line)
-                continue
-            q = _question(row["question"], [row[f"answer_{x}"] for x in "abcd"], row["correct_answer"], where)
-            by_subject.setdefault(name, []).append(q)
+    for line, row in json_lines(path):
+        where = f"{path}:{line}"
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object with {', '.join(JSONL_KEYS)}, "
+                            f"found {type(row).__name__}")
+        missing = [k for k in JSONL_KEYS if k not in row]
+        if missing:
+            raise UserError(f"{where}: no {', '.join(repr(k) for k in missing)} "
+                            f"(each line needs {', '.join(JSONL_KEYS)})")
+        wrong = [k for k in JSONL_KEYS if not isinstance(row[k], str)]
+        if wrong:
+            raise UserError(f"{where}: {wrong[0]!r} must be a string, found {type(row[wrong[0]]).__name__}")
+        if _is_header(row):
+            headers.append(line)
+            continue
+        name = _subject_name(row["topic"])
+        if name not in ALL_SUBJECTS:
+            unknown.setdefault(row["topic"], line)
+            continue
+        q = _question(row["question"], [row[f"answer_{x}"] for x in "abcd"], row["correct_answer"], where)
+        by_subject.setdefault(name, []).append(q)
     if unknown:
         (topic, line), *more = unknown.items()
         others = f"; other unknown topics: {', '.join(f'{t!r} (line {n})' for t, n in more)}" if more else ""
