@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from billion.runner import EngineRun, Runner
+from billion.runner import EngineRun, Runner, end_checkpoint
 from billion.tasks import mmlu, mmlu_data
 from billion.ui import console, progress_bar
 
@@ -44,13 +44,7 @@ def evaluate_mmlu(runner: Runner, run: EngineRun, subjects, cfg: mmlu.MMLUConfig
 
         with runner.until_interrupted(run):
             mmlu.run_mmlu(run.backend, subjects, cfg, done=checkpoint.load(), on_scored=scored, result=result)
-    resumed = len(result.scored) - result.new
-    if resumed:
-        console.print(f"  resumed {resumed} questions already scored ({checkpoint.path})")
-    if run.interrupted:
-        console.print(f"  interrupted: {len(result.scored)}/{total} scored; rerun the same command to resume")
-    else:
-        checkpoint.remove()
+    end_checkpoint(run, checkpoint, len(result.scored), result.new, total, "questions", "scored")
     return result
 
 

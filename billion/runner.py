@@ -185,6 +185,18 @@ class Runner:
         return checkpoint
 
 
+def end_checkpoint(run: EngineRun, checkpoint: Checkpoint, done: int, new: int, total: int, noun: str,
+                   verb: str) -> None:
+    """After a resumable run: say what came from the checkpoint, and either how far an interrupted
+    run got (its checkpoint stays for the rerun) or remove the checkpoint of a complete one."""
+    if done - new:
+        console.print(f"  resumed {done - new} {noun} already {verb} ({checkpoint.path})")
+    if run.interrupted:
+        console.print(f"  interrupted: {done}/{total} {verb}; rerun the same command to resume")
+    else:
+        checkpoint.remove()
+
+
 def _model_info(info: ModelInfo | None) -> dict:
     return {"model_info": info.__dict__} if info else {}
 

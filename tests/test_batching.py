@@ -5,10 +5,6 @@ joining mid-batch, one disconnecting, one stopped by a stop string, and a full q
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,6 +15,7 @@ import pytest
 from backends.sessions import session_tokens
 from backends.types import GenerationConfig
 from tests.conftest import ENGINES
+from tests.servers import serve_process
 
 try:
     import httpx
@@ -106,24 +103,9 @@ def test_cancel_eos_and_the_prompt_cache(engine, tiny_model):
 def served(tiny_folder):
     """`billion serve` as a process: tiny Llama on torch, 8 slots, a queue of 2."""
     folder = tiny_folder("tinyllama")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "billion", "serve", "-m", str(folder), "-b", "torch", "--device",
-                             "cpu", "--dtype", "float32", "--port", "0", "--parallel", "8", "--queue-size", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        url, seen, deadline = None, [], time.time() + 90
-        while url is None:
-            line = proc.stdout.readline()
-            assert line and time.time() < deadline, "".join(seen)
-            seen.append(line)
-            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-            url = m.group(1) if m else None
-        # the log is not read any more: let it flow away rather than fill the pipe
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
-        yield folder.name, url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    finally:
-        proc.terminate()
-        proc.wait(20)
+    with serve_process(folder, "--parallel", "8", "--queue-size", "2") as served:
+        yield folder.name, served.url, openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0,
+                                                     timeout=120)
 
 
 def stream_text(client, model, prompt, max_tokens, **kw):

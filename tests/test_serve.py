@@ -4,10 +4,6 @@ models, driven by the official `openai` client; errors, disconnects, concurrency
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,6 +16,7 @@ import pytest
 
 from backends.types import GenerationConfig
 from tests.conftest import ENGINES
+from tests.servers import serve_process
 
 QUESTION = "Why is the sky blue?"
 
@@ -213,24 +210,10 @@ def test_cli_serves_one_engine_under_the_plain_name_too(tiny_folder):
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
     folder = tiny_folder("tinyllama")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "billion", "serve", "-m", str(folder), "-b", "torch", "--device",
-                             "cpu", "--dtype", "float32", "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        url, seen = None, []
-        deadline = time.time() + 90
-        while url is None:
-            line = proc.stdout.readline()
-            assert line and time.time() < deadline, "".join(seen)
-            seen.append(line)
-            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-            url = m.group(1) if m else None
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    with serve_process(folder) as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == [f"{folder.name}@torch", folder.name]
-        assert "serving" in "".join(seen) and "warning" not in "".join(seen).lower()
+        seen = "".join(served.log)
+        assert "serving" in seen and "warning" not in seen.lower()
         r = ask(client, folder.name, max_tokens=5)
         assert r.usage.completion_tokens == 5 and r.model == folder.name
-    finally:
-        proc.terminate()
-        proc.wait(20)

@@ -5,10 +5,6 @@ error's answer carries a request id and no exception text."""
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,28 +15,14 @@ try:
 except ImportError:  # openai 3 depends on httpx's successor, httpx2 (the same API)
     import httpx2 as httpx
 
+from tests.servers import serve_process
+
 
 @pytest.fixture(scope="module")
 def served(tiny_folder):
     folder = tiny_folder("tinyllama")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "billion", "serve", "-m", str(folder), "-b", "torch", "--device",
-                             "cpu", "--dtype", "float32", "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        url, seen, deadline = None, [], time.time() + 90
-        while url is None:
-            line = proc.stdout.readline()
-            assert line and time.time() < deadline, "".join(seen)
-            seen.append(line)
-            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-            url = m.group(1) if m else None
-        log: list[str] = []
-        threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
-        yield folder.name, url, log
-    finally:
-        proc.terminate()
-        proc.wait(20)
+    with serve_process(folder) as served:
+        yield folder.name, served.url, served.log
 
 
 def post(url, body, raw=False, path="/v1/completions"):
@@ -241,20 +223,8 @@ def test_ctrl_c_refuses_the_queue_lets_in_flight_finish_and_exits(tiny_folder):
     exits cleanly (the engine's worker stops before the model is closed)."""
     import signal
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "billion", "serve", "-m", str(tiny_folder("tinyllama")), "-b",
-                             "torch", "--device", "cpu", "--dtype", "float32", "--port", "0", "--parallel", "1",
-                             "--shutdown-timeout", "20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    try:
-        url, seen, deadline = None, [], time.time() + 90
-        while url is None:
-            line = proc.stdout.readline()
-            assert line and time.time() < deadline, "".join(seen)
-            seen.append(line)
-            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-            url = m.group(1) if m else None
-        threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True).start()
+    with serve_process(tiny_folder("tinyllama"), "--parallel", "1", "--shutdown-timeout", "20") as served:
+        url, proc = served.url, served.proc
         model = tiny_folder("tinyllama").name
         body = {"model": model, "prompt": "a", "max_tokens": 480, "ignore_eos": True}
         answers: dict = {}
@@ -278,9 +248,6 @@ def test_ctrl_c_refuses_the_queue_lets_in_flight_finish_and_exits(tiny_folder):
                 assert r.json()["usage"]["completion_tokens"] == 480
             else:
                 assert r.json()["error"]["code"] == "shutting_down"
-        assert proc.wait(30) == 130, "".join(seen)  # Ctrl-C ends a billion command with 130, as every one
-        assert "Traceback" not in "".join(seen)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        seen = served.output()
+        assert proc.returncode == 130, seen  # Ctrl-C ends a billion command with 130, as every one
+        assert "Traceback" not in seen

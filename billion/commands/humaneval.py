@@ -71,6 +71,7 @@ def humaneval(model, backend, limit, max_tokens, timeout_s, confirm_run_unsafe_c
 
 def _solve(runner, run, problems, cfg, resume: bool):
     """The problems on one engine with a progress bar, resumed from (and kept in) the checkpoint."""
+    from billion.runner import end_checkpoint
     from billion.tasks import humaneval as task
 
     identity = {"max_tokens": cfg.max_tokens, "timeout_s": cfg.timeout_s}
@@ -88,13 +89,7 @@ def _solve(runner, run, problems, cfg, resume: bool):
 
         with runner.until_interrupted(run):
             task.run(run.backend, problems, cfg, done=previous, on_solved=solved, result=result)
-    resumed = len(result.solved) - result.new
-    if resumed:
-        console.print(f"  resumed {resumed} problems already solved ({checkpoint.path})")
-    if run.interrupted:
-        console.print(f"  interrupted: {len(result.solved)}/{total} solved; rerun the same command to resume")
-    else:
-        checkpoint.remove()
+    end_checkpoint(run, checkpoint, len(result.solved), result.new, total, "problems", "solved")
     return result
 
 
