@@ -99,8 +99,9 @@ class Engine:
         return self.pending > 0
 
     def new_batch(self) -> BatchGenerator:
-        cache = self.backend.batch_cache() if self.batching else SessionBatchCache(self.backend)
-        return BatchGenerator(cache, self.backend.eos_ids, max_batch=self.parallel, prompt_cache_size=self.parallel)
+        if self.batching:
+            return self.backend.batch(max_batch=self.parallel, prompt_cache_size=self.parallel)
+        return BatchGenerator(SessionBatchCache(self.backend), self.backend.eos_ids, max_batch=1, prompt_cache_size=1)
 
     # ------------------------------------------------------------ event-loop side
 

@@ -24,7 +24,7 @@ model_args="pretrained=<spec>")` works too.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from backends.types import UserError
@@ -208,11 +208,6 @@ def _same(x, y) -> bool:
         return abs(x - y) <= 1e-3 * max(1.0, abs(x))
     return x == y
 
-
-def config_dict(cfg: EvalConfig) -> dict:
-    d = asdict(cfg)
-    d["tasks"] = list(cfg.tasks)
-    return d
 
 
 def lm_eval_version() -> str | None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from backends.base import Backend
@@ -276,9 +276,3 @@ def agreement(a: MMLUResult, b: MMLUResult) -> dict:
              for x, y in zip(a.scored[k].logprobs, b.scored[k].logprobs)]
     out["max_abs_loglik_diff"] = max(diffs) if diffs else None
     return out
-
-
-def config_dict(cfg: MMLUConfig) -> dict:
-    d = asdict(cfg)
-    d["subjects"] = list(cfg.subjects)
-    return d
