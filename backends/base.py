@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from backends import host, sampling, scoring, text_stream
+from backends import constraints, host, sampling, scoring, text_stream
 from backends.folders import hf_folder
 from backends.sessions import KVSession, PromptCache, session_tokens
 from backends.speculation import NgramDraft, speculative_tokens
@@ -47,6 +47,7 @@ class Backend(ABC):
         self.context_length: int = hf_folder.context_length(config)
         self.vocab_size: int = int(config.get("vocab_size") or len(tokenizer))
         self.source: dict | None = hf_folder.provenance(path)
+        self._grammars: constraints.Grammars | None = None
 
     @classmethod
     def load(cls, path: Path, *, device: str | None = None, dtype: str | None = None,
@@ -165,7 +166,15 @@ class Backend(ABC):
         if draft is not None and type(cache).verify is BatchCache.verify:
             raise self._unsupported("prompt lookup inside a batch (--draft ngram with batching)")
         return BatchGenerator(cache, self.eos_ids, max_batch=max_batch, prompt_cache_size=prompt_cache_size,
-                              draft=draft, num_draft=num_draft, vocab_size=self.vocab_size)
+                              draft=draft, num_draft=num_draft, vocab_size=self.vocab_size,
+                              constrain=self.grammars.matcher)
+
+    @property
+    def grammars(self) -> constraints.Grammars:
+        """This model's view for constrained decoding (its tokenizer for llguidance, built on first use)."""
+        if self._grammars is None:
+            self._grammars = constraints.Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._grammars
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -208,6 +217,8 @@ class Backend(ABC):
         self.check_fits(len(prompt_ids), gen.max_tokens)
         gen = sampling.normalized(gen)  # a vanishing temperature is greedy on every path
         if draft is not None:
+            if gen.grammar is not None:
+                raise UserError("a grammar with a draft runs in batched generation only (billion serve --draft)")
             tokens = speculative_tokens(self, draft, list(prompt_ids), gen, num_draft, stats)
         elif cache is not None or sampling.needs_shared_loop(gen):
             tokens = text_stream.untagged(session_tokens(self, list(prompt_ids), gen, cache))

@@ -9,7 +9,11 @@ next step when a slot is free, and leave it when they finish or are cancelled.
 Sampling is billion's one rule (backends/sampling.py), row by row on each row's float32 logits,
 with each request's own numpy generator seeded by its own seed: a request's tokens do not depend
 on what else is in the batch, as far as the engine's logits for it do not. No row sees another's
-tokens, penalties, stop strings or cache.
+tokens, penalties, stop strings, grammar state or cache.
+
+A request with a grammar (gen.grammar) has a matcher of its own (backends/constraints.py): its
+mask goes into the sampling rule, and with prompt lookup a drafted token the grammar forbids is
+rejected like any other the target would not have drawn.
 
 The prompt cache keeps the KV rows of the last finished requests (their prompt and reply): a new
 request whose prompt starts with one of them (the next turn of a conversation) prefills only what
@@ -22,7 +26,7 @@ import itertools
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -83,6 +87,8 @@ class BatchEvent:
     time_s: float = 0.0  # perf_counter after the token was computed
     cached_tokens: int = 0  # prompt tokens the first event's prefill found in the prompt cache
     error: str | None = None  # why, with finish_reason "error" (that request's alone: the batch goes on)
+    # with gen.logprobs: (token's log-probability, ((token, log-probability), ...) the most likely)
+    logprobs: tuple | None = None
 
 
 @dataclass
@@ -96,6 +102,7 @@ class _Request:
     proposer: object | None = None  # prompt lookup (speculation.NgramProposer), when the batch drafts
     failed: bool = False  # its sampling failed: it leaves, and its cache is not worth keeping
     salt: str | None = None  # its prompt-cache partition: it reuses only rows cached under the same salt
+    matcher: object | None = None  # its place in gen.grammar (constraints.Matcher)
 
 
 class BatchGenerator:
@@ -103,8 +110,10 @@ class BatchGenerator:
     server's worker); add() and cancel() are called from that thread between steps."""
 
     def __init__(self, cache: BatchCache, eos_ids: frozenset[int], *, max_batch: int = 8,
-                 prompt_cache_size: int = 8, draft=None, num_draft: int = 4, vocab_size: int = 0):
+                 prompt_cache_size: int = 8, draft=None, num_draft: int = 4, vocab_size: int = 0,
+                 constrain: Callable | None = None):
         self.cache = cache
+        self.constrain = constrain  # grammar text -> constraints.Matcher (Backend.grammars.matcher)
         # prompt lookup inside the batch (a speculation.NgramDraft): each row drafts from its own text
         self.draft, self.num_draft, self.vocab_size = draft, num_draft, vocab_size
         self.stats = None
@@ -133,6 +142,10 @@ class BatchGenerator:
         uid = next(self._uids)
         gen = sampling.normalized(gen)
         request = _Request(uid, list(prompt_ids), gen, np.random.default_rng(gen.seed), salt=salt)
+        if gen.grammar is not None:
+            if self.constrain is None:
+                raise sampling.SamplingError("this batch generator has no grammar support")
+            request.matcher = self.constrain(gen.grammar)
         if self.draft is not None and not sampling.uses_history(gen):  # penalties: plain steps (as speculation)
             from backends.speculation import NgramProposer
 
@@ -185,25 +198,40 @@ class BatchGenerator:
         logits = self.cache.verify([[r.output[-1]] + d for r, d in zip(self.rows, proposals)])
         now = time.perf_counter()
         events = []
-        for i, (r, drafted, rows) in enumerate(zip(self.rows, proposals, logits)):
+        for i, (r, proposed, rows) in enumerate(zip(self.rows, proposals, logits)):
+            # proposals from the first one the grammar forbids on would be rejected: drop them
+            drafted = proposed[:r.matcher.valid_prefix(proposed)] if r.matcher else proposed
             try:
-                p = [sampling.distribution(rows[j], r.gen, r.prompt, r.output + drafted[:j])
-                     for j in range(len(rows))]
+                masks = self._masks(r, drafted)
+                p = [sampling.distribution(rows[j], r.gen, r.prompt, r.output + drafted[:j], masks[j])
+                     for j in range(len(drafted) + 1)]
                 q = [np.eye(1, self.vocab_size, t)[0] for t in drafted]  # a lookup is certain: one-hot
                 accepted, nxt = accept(drafted, q, p, r.rng)
             except sampling.SamplingError as e:
                 events.append(self._fail(r, e, now))
                 continue
-            if drafted:
-                self.stats.record(len(drafted), accepted)
-            self.cache.rewind(i, len(drafted) - accepted)
-            for token in drafted[:accepted] + [nxt]:
-                event = self._emit(r, token, now)
+            if proposed:
+                self.stats.record(len(proposed), accepted)
+            self.cache.rewind(i, len(proposed) - accepted)
+            for j, token in enumerate(drafted[:accepted] + [nxt]):
+                event = self._emit(r, token, now, rows[j])
                 events.append(event)
                 if event.finish_reason:
                     break
         self._drop_finished(events)
         return events
+
+    @staticmethod
+    def _masks(r: _Request, drafted: list[int]) -> list:
+        """The grammar's mask before each drafted token and after the last (None without a grammar)."""
+        if r.matcher is None:
+            return [None] * (len(drafted) + 1)
+        masks = [r.matcher.allowed()]
+        for token in drafted:
+            r.matcher.advance(token)
+            masks.append(r.matcher.allowed())
+        r.matcher.rollback(len(drafted))  # _emit takes the accepted ones
+        return masks
 
     @property
     def queued(self) -> list[int]:
@@ -216,28 +244,32 @@ class BatchGenerator:
         self.cache.add(row)
         self.rows.append(r)
         event = self._sample(r, time.perf_counter())  # the first token comes from the prefill
-        return BatchEvent(event.uid, event.token, event.finish_reason, event.time_s, cached_tokens=reused)
+        return replace(event, cached_tokens=reused)
 
     def _sample(self, r: _Request, now: float) -> BatchEvent:
         try:
-            token = sampling.sample(sampling.distribution(r.logits, r.gen, r.prompt, r.output), r.rng)
+            allowed = r.matcher.allowed() if r.matcher else None
+            token = sampling.sample(sampling.distribution(r.logits, r.gen, r.prompt, r.output, allowed), r.rng)
         except sampling.SamplingError as e:
             return self._fail(r, e, now)
-        return self._emit(r, token, now)
+        return self._emit(r, token, now, r.logits)
 
     def _fail(self, r: _Request, error: Exception, now: float) -> BatchEvent:
         r.failed = True
         return BatchEvent(r.uid, None, "error", now, error=str(error))
 
-    def _emit(self, r: _Request, token: int, now: float) -> BatchEvent:
+    def _emit(self, r: _Request, token: int, now: float, logits: np.ndarray) -> BatchEvent:
         r.output.append(token)
+        if r.matcher is not None:
+            r.matcher.advance(token)
+        logprobs = None if r.gen.logprobs is None else sampling.logprobs(logits, token, r.gen.logprobs)
         if token in self.eos_ids and not r.gen.ignore_eos:
             reason = "eos"
         elif len(r.output) >= r.gen.max_tokens:
             reason = "max_tokens"
         else:
             reason = None
-        return BatchEvent(r.uid, token, reason, now)
+        return BatchEvent(r.uid, token, reason, now, logprobs=logprobs)
 
     def _drop_cancelled(self) -> list[BatchEvent]:
         if not self._cancelled:

@@ -8,6 +8,8 @@ decode loop, whose samplers implement the same temperature and top-p.
 
 The order is vLLM's and transformers' logits processors':
 
+0. a grammar (backends/constraints.py): tokens it does not allow get x = -inf (they can never be
+   drawn, greedy or not; the rest keep their logits);
 1. penalties, on the raw logits x:
    - repetition penalty r (CTRL, Keskar et al. 2019; transformers, vLLM): every token that occurs
      in the prompt or the output so far has x -> x / r if x > 0 else x * r;
@@ -43,6 +45,8 @@ class SamplingError(UserError):
 
 def normalized(gen: GenerationConfig) -> GenerationConfig:
     """`gen` as every decode loop reads it: a temperature below MIN_TEMPERATURE is greedy (0)."""
+    if gen.grammar is not None and gen.ignore_eos:
+        raise UserError("ignore_eos cannot be combined with a grammar: a complete grammar allows only EOS")
     if 0 < gen.temperature < MIN_TEMPERATURE:
         return replace(gen, temperature=0.0)
     return gen
@@ -55,7 +59,7 @@ def uses_history(gen: GenerationConfig) -> bool:
 
 def needs_shared_loop(gen: GenerationConfig) -> bool:
     """Whether `gen` asks for more than the engines' own samplers do (temperature, top-p)."""
-    return gen.top_k > 0 or gen.min_p > 0.0 or uses_history(gen)
+    return gen.top_k > 0 or gen.min_p > 0.0 or uses_history(gen) or gen.grammar is not None
 
 
 def penalize(logits: np.ndarray, gen: GenerationConfig, prompt_ids: Sequence[int] = (),
@@ -76,15 +80,20 @@ def penalize(logits: np.ndarray, gen: GenerationConfig, prompt_ids: Sequence[int
 
 
 def distribution(logits: np.ndarray, gen: GenerationConfig, prompt_ids: Sequence[int] = (),
-                 output_ids: Sequence[int] = ()) -> np.ndarray:
+                 output_ids: Sequence[int] = (), allowed: np.ndarray | None = None) -> np.ndarray:
     """The distribution the next token is drawn from (float64, sums to 1); see the module docstring.
-    Greedy is one-hot, which turns speculative decoding's acceptance rule into exact matching."""
+    Greedy is one-hot, which turns speculative decoding's acceptance rule into exact matching.
+    `allowed`: bool [vocab], the grammar's mask (constraints.Matcher.allowed), None without one."""
     x = penalize(logits, gen, prompt_ids, output_ids) if uses_history(gen) else np.asarray(logits, np.float64)
     vocab = x.shape[-1]
     if not np.isfinite(x).all():
         # an engine's overflow (NaN), or a penalty that pushed a logit to inf: no token can be trusted
         raise SamplingError(f"the model's next-token logits are not finite ({int((~np.isfinite(x)).sum())} of "
                             f"{vocab}); try float32 (--dtype float32) or milder penalties")
+    if allowed is not None:
+        if not allowed.any():
+            raise SamplingError("the grammar allows no next token")
+        x = np.where(allowed[:vocab], x, -np.inf)
     if gen.temperature < MIN_TEMPERATURE:
         p = np.zeros(vocab)
         p[int(np.argmax(x))] = 1.0
@@ -108,6 +117,17 @@ def distribution(logits: np.ndarray, gen: GenerationConfig, prompt_ids: Sequence
         p = np.where(keep, p, 0.0)
         p /= p.sum()
     return p
+
+
+def logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """(log-probability of `token`, the `top` most likely (token, log-probability) pairs, ties by
+    lower id) under log-softmax of the engine's logits, before any sampling rule (vLLM's default,
+    OpenAI's logprobs): what the model thinks, whatever a grammar or a temperature then did."""
+    x = np.asarray(logits, np.float64)
+    m = x.max()
+    lp = x - (m + np.log(np.exp(x - m).sum()))
+    best = np.argsort(-lp, kind="stable")[:top] if top > 0 else ()
+    return float(lp[token]), tuple((int(i), float(lp[i])) for i in best)
 
 
 def sample(weights: np.ndarray, rng: np.random.Generator) -> int:

@@ -77,8 +77,10 @@ def session_tokens(model, prompt_ids: list[int], gen: GenerationConfig,
     loop both engines share, sampling with backends/sampling.py (numpy's generator seeded with
     gen.seed), so both draw the same tokens given the same logits. `model`: anything with
     session() (a Backend). With `cache`, the conversation's session is reused (PromptCache.take)
-    and left holding the prompt and the tokens fed after it."""
+    and left holding the prompt and the tokens fed after it. With gen.grammar, every token is one
+    the grammar allows (model.grammars)."""
     rng = np.random.default_rng(gen.seed)
+    matcher = model.grammars.matcher(gen.grammar) if gen.grammar is not None else None
     session = cache.take(prompt_ids) if cache is not None else model.session()
     fed = cache.ids if cache is not None else []
     output: list[int] = []
@@ -86,7 +88,10 @@ def session_tokens(model, prompt_ids: list[int], gen: GenerationConfig,
         logits = session.feed(prompt_ids[len(fed):], keep=1)[-1]
         fed.extend(prompt_ids[len(fed):])
         for n in range(gen.max_tokens):
-            token = sampling.sample(sampling.distribution(logits, gen, prompt_ids, output), rng)
+            allowed = matcher.allowed() if matcher else None
+            token = sampling.sample(sampling.distribution(logits, gen, prompt_ids, output, allowed), rng)
+            if matcher:
+                matcher.advance(token)
             output.append(token)
             yield token
             if n + 1 == gen.max_tokens:

@@ -22,7 +22,7 @@ class GenerationConfig:
     """How to generate. The sampling rule (order, exact semantics) is backends/sampling.py's.
 
     Plain greedy / temperature / top-p run in each engine's own decode loop; any of top_k,
-    min_p or the penalties send generation through the one KV-session loop (Backend.stream),
+    min_p, the penalties or a grammar send generation through the one KV-session loop (Backend.stream),
     which samples with backends/sampling.py on both engines alike."""
 
     max_tokens: int = 256
@@ -36,6 +36,11 @@ class GenerationConfig:
     presence_penalty: float = 0.0  # OpenAI's: over the output tokens only
     frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one (not included)
+    # llguidance's grammar text (backends/constraints.py): every token is drawn from those it allows
+    grammar: str | None = None
+    # the batch generator reports each token's log-probability and the `logprobs` most likely
+    # tokens' (log-softmax of the engine's float32 logits, before any sampling rule); None: off
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)

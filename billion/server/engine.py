@@ -101,7 +101,8 @@ class Engine:
     def new_batch(self) -> BatchGenerator:
         if self.batching:
             return self.backend.batch(max_batch=self.parallel, prompt_cache_size=self.parallel)
-        return BatchGenerator(SessionBatchCache(self.backend), self.backend.eos_ids, max_batch=1, prompt_cache_size=1)
+        return BatchGenerator(SessionBatchCache(self.backend), self.backend.eos_ids, max_batch=1, prompt_cache_size=1,
+                              constrain=self.backend.grammars.matcher)
 
     # ------------------------------------------------------------ event-loop side
 
