@@ -186,12 +186,14 @@ class Backend(ABC):
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of `messages` under the tokenizer's chat template (UserError without one)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
+        """Token ids of `messages` (and `tools`, for templates that render them) under the
+        tokenizer's chat template (UserError without one)."""
         if not self.has_chat_template:
             raise UserError("this model has no chat template")
         out = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools)
         if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in transformers 5
             out = out["input_ids"]
         return list(out)

@@ -55,6 +55,9 @@ class Chunk:
     # stop string (gen.stop; its text ends before the stop string); None otherwise. A stream that
     # ends with no such chunk stopped at EOS (which is not yielded), unless its consumer stopped it.
     finish_reason: str | None = None
+    # with gen.logprobs, from the server's batch: (token text, log-probability, ((text, log-probability),
+    # ...) the gen.logprobs most likely), sampling.logprobs' values
+    logprobs: tuple | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import check_loopback  # noqa: E402
 
 
+def nested_schema(depth: int) -> dict:
+    """An object schema nested `depth` levels deep (a grammar far larger than any reply needs)."""
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
 def cases(model: str) -> list[tuple[str, dict]]:
     ok = {"model": model, "prompt": "Once upon a time", "max_tokens": 4}
     raw = lambda body: {"content": body, "headers": {"Content-Type": "application/json"}}  # noqa: E731
@@ -39,10 +47,12 @@ def cases(model: str) -> list[tuple[str, dict]]:
                                    + b"0" * 5000 + b"}")),
         ("100000-deep nesting", raw(b"[" * 100000 + b"]" * 100000)),
         ("NaN temperature", raw(b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % model.encode())),
-        ("response_format json_schema", js({**ok, "response_format": {"type": "json_schema",
-                                                                       "json_schema": {"name": "x", "schema": {}}}})),
-        ("tools", js({**ok, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]})),
-        ("logprobs", js({**ok, "logprobs": 2})),
+        ("unenforceable schema", js({**ok, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "array", "uniqueItems": True}}}})),
+        ("schema nested 400 deep", js({**ok, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": nested_schema(400)}}})),
+        ("tools on completions", js({**ok, "tools": [{"type": "function", "function": {"name": "f"}}]})),
+        ("logprobs 2", js({**ok, "logprobs": 2})),
         ("n 2", js({**ok, "n": 2})),
         ("16 MiB body", raw(b'{"prompt": "' + b"a" * (16 * 2**20) + b'"}')),
         ("Host evil.example", js(ok, Host="evil.example")),

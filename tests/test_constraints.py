@@ -177,3 +177,33 @@ def test_logprobs_are_the_log_softmax_of_the_logits():
     assert [t for t, _ in top] == [1, 2, 0]  # ties by lower id
     assert [v for _, v in top] == pytest.approx(direct[[1, 2, 0]].tolist())
     assert sampling.logprobs(logits, 0, 0)[1] == ()
+
+
+def test_chat_cli_json_schema_and_regex_on_both_engines(tiny_folder, results_dir, tmp_path):
+    """billion chat --json-schema FILE / --regex: random weights write valid JSON (and the same on
+    both engines), and a bad schema file is a one-line error naming the file and line."""
+    from click.testing import CliRunner
+
+    from billion.cli import cli
+
+    schema = {"type": "object", "required": ["n", "ok"], "additionalProperties": False,
+              "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}}}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    base = ["chat", "-m", str(tiny_folder("tinyllama")), "-b", "all", "--device", "cpu", "--dtype", "float32",
+            "-p", "Hi", "-n", "24", "--json", "--results-dir", str(results_dir)]
+    result = CliRunner().invoke(cli, base + ["--json-schema", str(path)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert records[0]["reply_token_ids"] == records[1]["reply_token_ids"]
+    assert set(json.loads(records[0]["reply"])) == {"n", "ok"}
+    assert records[0]["config"]["json_schema"] == str(path)
+    result = CliRunner().invoke(cli, base + ["--regex", r"[a-c]{3}-[0-9]{2}"])
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", json.loads(result.stdout.splitlines()[0])["reply"])
+    path.write_text('{"type": "object",\n "properties": }')
+    result = CliRunner().invoke(cli, base + ["--json-schema", str(path)])
+    assert result.exit_code != 0 and f"{path}:2: not JSON" in result.output and "Traceback" not in result.output
+    path.write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    result = CliRunner().invoke(cli, base + ["--json-schema", str(path)])
+    assert result.exit_code != 0 and "uniqueItems" in result.output

@@ -60,12 +60,16 @@ def test_client_mistakes_are_4xx_in_openais_shape(served):
         (b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % model.encode(), None),
         (b'{"model": "%s", "prompt": "hi", "temperature": Infinity}' % model.encode(), None),
         (b"\xff\xfe{}", None),
-        ({**ok, "response_format": {"type": "json_object"}}, "response_format"),
-        ({**ok, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+        ({**ok, "response_format": {"type": "yaml"}}, "response_format"),
+        ({**ok, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({**ok, "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
          "response_format"),
         ({**ok, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({**ok, "tool_choice": "required"}, "tool_choice"),
-        ({**ok, "logprobs": 3}, "logprobs"),
+        ({**ok, "top_logprobs": 2}, "top_logprobs"),
+        ({**ok, "logprobs": 9}, "logprobs"),
+        ({**ok, "response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
         ({**ok, "logit_bias": {"1": 5}}, "logit_bias"),
         ({**ok, "n": 2}, "n"),
         ({**ok, "best_of": 3}, "best_of"),
@@ -80,8 +84,12 @@ def test_client_mistakes_are_4xx_in_openais_shape(served):
         assert "Traceback" not in r.text and "Error:" not in err["message"][:40]
         assert r.headers.get("x-request-id")
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    r = post(url, {**chat, "response_format": {"type": "json_object"}}, path="/v1/chat/completions")
-    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for body, param in (({**chat, "tools": [tool]}, "tools"),  # the tiny model's template renders no tools
+                        ({**chat, "top_logprobs": 2}, "top_logprobs"),
+                        ({**chat, "tools": [tool], "response_format": {"type": "json_object"}}, "response_format")):
+        r = post(url, body, path="/v1/chat/completions")
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     # their "off" values are fine, as is vLLM's top_k = -1
     for body in ({**ok, "response_format": {"type": "text"}}, {**ok, "logprobs": None, "tools": []},
                  {**ok, "top_k": -1}, {**ok, "tool_choice": "none"}):

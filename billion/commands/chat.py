@@ -58,11 +58,16 @@ Ctrl-C during a reply stops that reply and keeps what was said in the conversati
                    "prompt lookup, no model (it proposes what followed an earlier occurrence of the last tokens).")
 @click.option("--num-draft", type=click.IntRange(1), default=4, show_default=True,
               help="Tokens the draft proposes per step.")
+@click.option("--json-schema", "json_schema", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Constrain every reply to JSON valid under this JSON schema (constrained decoding, the same "
+                   "on every engine).")
+@click.option("--regex", default=None, metavar="PATTERN",
+              help="Constrain every reply to text matching this regular expression (Rust syntax).")
 @click.option("--json", "as_json", is_flag=True,
               help="With --prompt: print the records as JSON Lines on stdout (one per model and engine).")
 @results_option
 def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty,
-         stops, no_prompt_cache, compare_models, draft, num_draft, as_json, results_dir, **opts):
+         stops, no_prompt_cache, compare_models, draft, num_draft, json_schema, regex, as_json, results_dir, **opts):
     """Chat with a model in the terminal, or answer one --prompt.
 
     Streams the reply, keeps the conversation, and shows tokens, time to first token
@@ -83,15 +88,20 @@ def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, t
         raise UserError("--json needs --prompt")
     if draft and compare_models:
         raise UserError("--draft drafts for --model; it cannot be combined with --compare")
+    grammar = reply_grammar(json_schema, regex)
+    if grammar and draft:
+        raise UserError("--json-schema and --regex cannot be combined with --draft in chat (billion serve "
+                        "--draft ngram constrains drafts)")
     specs = dict.fromkeys([model] + [m.strip() for spec in compare_models for m in spec.split(",") if m.strip()])
     pair = prepare_pair(model, draft) if draft else None  # as bench: vocabularies checked before any model loads
     models = [pair.target] if pair else [resolve(spec) for spec in specs]  # each resolved once
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, top_k=top_k,
-                           min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(stops))
+                           min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(stops), grammar=grammar)
     config = {"system": system, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
               "seed": seed, "top_k": top_k, "min_p": min_p, "repetition_penalty": repetition_penalty,
               "stop": list(stops), "prompt_cache": not no_prompt_cache,
-              "draft": pair.draft_label if pair else None, "num_draft": num_draft if pair else None}
+              "draft": pair.draft_label if pair else None, "num_draft": num_draft if pair else None,
+              "json_schema": json_schema, "regex": regex}
     runners = [Runner("chat", m, load_options(opts), config, results_dir) for m in models]
     setup = Setup([(name, r) for r in runners for name in engines(backend)], gen, system, pair, num_draft,
                   not no_prompt_cache)
@@ -102,6 +112,28 @@ def chat(model, backend, prompt, system, max_tokens, temperature, top_p, seed, t
             answer_once(setup, prompt, as_json)
         else:
             interactive(setup)
+
+
+def reply_grammar(schema_file: str | None, regex: str | None) -> str | None:
+    """The grammar of --json-schema FILE or --regex (backends/constraints.py), refused with the part
+    llguidance cannot enforce; None without either."""
+    from backends import constraints
+
+    if schema_file and regex:
+        raise UserError("--json-schema and --regex exclude each other")
+    if regex is not None:
+        return constraints.regex(regex)
+    if schema_file is None:
+        return None
+    try:
+        schema = json.loads(Path(schema_file).read_text())
+    except OSError as e:
+        raise UserError(f"{schema_file}: cannot read the schema ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{schema_file}: not a text file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{schema_file}:{e.lineno}: not JSON ({e.msg})") from None
+    return constraints.json_schema(schema, f"the JSON schema in {schema_file}")
 
 
 @dataclass

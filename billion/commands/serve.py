@@ -49,6 +49,26 @@ def read_keys(path: str) -> tuple[str, ...]:
     return keys
 
 
+BUNDLED_TEMPLATES = {"chatml-tools": "chatml_tools.jinja"}  # billion/data/
+
+
+def read_template(value: str) -> str:
+    """--chat-template: a Jinja file, or the name of one billion ships (chatml-tools: ChatML with
+    Hermes-style <tool_call> tools, for ChatML models whose own template has no tools, e.g. SmolLM2)."""
+    from jinja2 import Environment, TemplateSyntaxError
+
+    path = Path(__file__).resolve().parent.parent / "data" / BUNDLED_TEMPLATES[value] \
+        if value in BUNDLED_TEMPLATES else Path(value)
+    try:
+        text = path.read_text()
+        Environment().parse(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{value}: cannot read the chat template ({e})") from None
+    except TemplateSyntaxError as e:
+        raise UserError(f"{value}:{e.lineno}: not a Jinja template ({e.message})") from None
+    return text
+
+
 def served_name(model: str) -> str:
     """The model name clients use: a local folder by its name, any other spec as written."""
     path = Path(model).expanduser()
@@ -85,11 +105,14 @@ def served_name(model: str) -> str:
 @click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
               help="At Ctrl-C: seconds in-flight requests may take to finish (queued ones get 503 at once); "
                    "then they are cancelled.")
+@click.option("--chat-template", default=None, metavar="FILE",
+              help="Render chats with this Jinja template instead of the model's own; chatml-tools is billion's "
+                   "ChatML template with tool calls (for ChatML models without tools, e.g. SmolLM2).")
 @click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=Limits.request_timeout_s,
               show_default=True, help="Seconds a generation may run; then it ends with finish_reason length.")
 def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys, api_key_file, allowed_origins,
           max_body_bytes, max_prompt_tokens, max_tokens_cap, max_messages, max_stop_length, shutdown_timeout,
-          request_timeout, **opts):
+          chat_template, request_timeout, **opts):
     """Serve a model over an OpenAI-compatible HTTP API.
 
     Routes: /v1/chat/completions and /v1/completions (streamed as server-sent events with
@@ -119,6 +142,7 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys,
                     allowed_origins=tuple(o.strip() for o in allowed_origins.split(",") if o.strip()))
     limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_cap,
                     max_messages=max_messages, max_stop_length=max_stop_length, request_timeout_s=request_timeout)
+    template = read_template(chat_template) if chat_template else None
     names = engines(backend)
     runner = Runner("serve", resolve(model), load_options(opts))  # loads and closes; the server writes no records
     if not is_loopback(host):
@@ -130,6 +154,8 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys,
         served = {}
         for engine in names:
             served[f"{name}@{engine}"] = stack.enter_context(runner.loaded(engine))
+            if template is not None:
+                served[f"{name}@{engine}"].tokenizer.chat_template = template
         if len(names) == 1:
             served[name] = served[f"{name}@{names[0]}"]
         app = create_app(served, name="billion", parallel=parallel, queue_size=queue_size, limits=limits,

@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from backends.base import Backend
@@ -65,6 +65,8 @@ class Request:
     deadline: float | None = None  # time.monotonic() past which the worker ends it ("max_time")
     timed_out: bool = False
     refused: bool = False  # still queued when shutdown began
+    # with gen.logprobs: each generated token's entry (Chunk.logprobs), until its chunk takes it
+    logprobs: deque = field(default_factory=deque)
 
 
 _DONE = object()  # the worker's last item for a request: its generation ended without an error
@@ -174,7 +176,11 @@ class Engine:
                 return
             block = False
             if kind == "add":
-                req.uid = batch.add(req.prompt_ids, req.gen, req.salt)
+                try:
+                    req.uid = batch.add(req.prompt_ids, req.gen, req.salt)
+                except UserError as e:  # checked before it was queued: only a bug gets here
+                    self._finish(req, "error", e)
+                    continue
                 requests[req.uid] = req
             elif kind == "cancel" and req.uid in requests:
                 batch.cancel(req.uid)
@@ -190,9 +196,11 @@ class Engine:
         if event.cached_tokens:
             req.cached = event.cached_tokens
         if event.token is not None and not req.text.finished:
+            if event.logprobs is not None:
+                req.logprobs.append(self._logprob_entry(event.token, *event.logprobs))
             for chunk in req.text.push(event.token, event.time_s):
                 req.tokens += 1
-                req.put(chunk)
+                req.put(self._with_logprobs(req, chunk))
             if req.text.finished and not event.finish_reason:  # a stop string: the batch need not go on
                 batch.cancel(event.uid)
         if event.finish_reason == "error":  # this request's sampling failed; the batch goes on
@@ -205,9 +213,20 @@ class Engine:
             del requests[event.uid]
             for chunk in req.text.close():
                 req.tokens += 1
-                req.put(chunk)
+                req.put(self._with_logprobs(req, chunk))
             reason = "max_time" if req.timed_out else _REASON.get(event.finish_reason, event.finish_reason)
             self._finish(req, req.text.finished or reason)
+
+    def _logprob_entry(self, token: int, logprob: float, top: tuple) -> tuple:
+        """(text, log-probability, top alternatives as (text, log-probability)): decoded here, on the
+        worker's thread, which owns the tokenizer."""
+        decode = self.backend.tokenizer.decode
+        return decode([token]), logprob, tuple((decode([t]), lp) for t, lp in top)
+
+    @staticmethod
+    def _with_logprobs(req: Request, chunk: Chunk) -> Chunk:
+        # chunks come one per token in order (EOS makes none), so the oldest entry is this chunk's
+        return replace(chunk, logprobs=req.logprobs.popleft()) if req.logprobs else chunk
 
     def _finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
         req.reason = reason

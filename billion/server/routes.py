@@ -20,12 +20,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from backends.types import GenerationConfig, UserError
 from billion.server.engine import ClientGone, Engine, Generation, QueueFull, ShuttingDown
+from billion.server import tools
 from billion.server.schema import (APIError, ChatRequest, CompletionRequest, RequestBase, chat_prompt,
-                                   completion_prompt, generation_config, internal_error, parse_request)
+                                   completion_prompt, generation_config, internal_error, output_grammar,
+                                   parse_request)
 
 router = APIRouter()
 
-FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length", "max_time": "length"}
+FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length", "max_time": "length", "tool_calls": "tool_calls"}
 RETRY_AFTER_S = 1  # a slot frees up as soon as any request finishes
 
 # ---------------------------------------------------------------- errors
@@ -102,13 +104,20 @@ async def _prepared(request: Request, model_cls):
 def _prepare(raw: bytes, model_cls, engines: dict, limits):
     req = parse_request(raw, model_cls, engines, limits)
     engine = engines[req.model]
+    grammar = output_grammar(req)
     with engine.prep_lock:  # one request at a time on the copy (a Rust tokenizer is not re-entrant)
         prep = engine.prep
         if isinstance(req, ChatRequest):
             prompt_ids, stops = chat_prompt(req, prep)
         else:
             prompt_ids, stops = completion_prompt(req, prep), ()
-    return req, engine, prompt_ids, generation_config(req, prep, prompt_ids, stops, limits)
+        if grammar is not None:
+            try:  # on this model's vocabulary: a 400 now, not a failure once queued
+                prep.grammars.matcher(grammar)
+            except UserError as e:
+                param = "tools" if isinstance(req, ChatRequest) and req.calls_tools else "response_format"
+                raise APIError(400, f"{param}: {e}", param=param, code="unsupported_schema") from None
+    return req, engine, prompt_ids, generation_config(req, prep, prompt_ids, stops, limits, grammar)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -136,12 +145,16 @@ class Reply:
     model: str
     prompt_ids: list[int]
     include_usage: bool = False
+    calls_tools: bool = False  # the reply is parsed for tool calls (tools.py)
+    logprobs: bool = False
     id: str = field(init=False, default="")
     created: int = field(default_factory=lambda: int(time.time()))
     # filled while the generation runs
     tokens: int = 0
     reason: str = "eos"
     cached: int = 0
+    entries: list = field(default_factory=list)  # Chunk.logprobs not yet answered
+    offset: int = 0  # characters of text answered so far (the legacy logprobs' text_offset)
 
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -154,6 +167,23 @@ class Reply:
         self.cached = generation.cached
         self.tokens += 1
         self.reason = chunk.finish_reason or self.reason
+        if chunk.logprobs is not None:
+            self.entries.append((chunk.logprobs, self.offset))
+        self.offset += len(chunk.text)
+
+    def take_logprobs(self) -> dict | None:
+        """The logprobs object of the tokens counted since the last call, in OpenAI's shape for
+        this kind (chat: content entries; completions: the legacy parallel lists)."""
+        if not self.logprobs:
+            return None
+        entries, self.entries = self.entries, []
+        if self.kind == "chat":
+            return {"content": [{**_token(text, lp), "top_logprobs": [_token(t, v) for t, v in top]}
+                                for (text, lp, top), _ in entries]}
+        return {"tokens": [text for (text, _, _), _ in entries],
+                "token_logprobs": [lp for (_, lp, _), _ in entries],
+                "top_logprobs": [{t: v for t, v in top} for (_, _, top), _ in entries],
+                "text_offset": [offset for _, offset in entries]}
 
     def usage(self) -> dict:
         n = len(self.prompt_ids)
@@ -164,7 +194,8 @@ class Reply:
 async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids: list[int], gen: GenerationConfig,
                   kind: str):
     """kind: "chat" or "text". A JSON answer, or an SSE stream."""
-    reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage)
+    reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage,
+                  calls_tools=isinstance(req, ChatRequest) and req.calls_tools, logprobs=gen.logprobs is not None)
     # No answer starts before the first token exists: a full queue (429), a shutdown that refuses
     # the queued request (503) or an error before any token (400) is the answer's status, not an event.
     try:
@@ -211,24 +242,54 @@ async def _answer(request: Request, reply: Reply, chunks: Generation, first) -> 
     if chunks.request.reason == "max_time":
         reply.reason = "max_time"
     content = "".join(text)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if reply.kind == "chat"
-              else {"index": 0, "text": content, "logprobs": None})
+    if reply.kind == "chat":
+        message = {"role": "assistant", "content": content}
+        if reply.calls_tools:
+            message["content"], calls = tools.parse(content)
+            if calls:
+                message["tool_calls"] = calls
+                reply.reason = "tool_calls" if reply.reason == "eos" else reply.reason
+        choice = {"index": 0, "message": message, "logprobs": reply.take_logprobs()}
+    else:
+        choice = {"index": 0, "text": content, "logprobs": reply.take_logprobs()}
     choice["finish_reason"] = FINISH[reply.reason]
     obj = "chat.completion" if reply.kind == "chat" else "text_completion"
     return JSONResponse({**reply.head(obj), "choices": [choice], "usage": reply.usage()})
 
 
-def _event(reply: Reply, delta: str | None, reason: str | None, first: bool = False) -> str:
-    """One SSE chunk: a chat delta (the first one carries the role) or a piece of text."""
+def _token(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def _event(reply: Reply, delta: str | None, reason: str | None, first: bool = False,
+           tool_calls: list | None = None) -> str:
+    """One SSE chunk: a chat delta (the first one carries the role; tool-call deltas as OpenAI
+    streams them) or a piece of text, with the logprobs of the tokens since the last chunk."""
     if reply.kind == "chat":
         d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-        choice = {"index": 0, "delta": d, "finish_reason": reason}
+        if tool_calls:
+            d["tool_calls"] = tool_calls
+        choice = {"index": 0, "delta": d, "logprobs": None if first else reply.take_logprobs(), "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": delta or "", "logprobs": reply.take_logprobs(), "finish_reason": reason}
     out = {**reply.head(_chunk_object(reply)), "choices": [choice]}
     if reply.include_usage:
         out["usage"] = None
     return f"data: {json.dumps(out)}\n\n"
+
+
+def _tool_call_events(reply: Reply, rest: str, calls: list[dict]):
+    """The text held back at the end, then each call as OpenAI streams one: its id, type and name
+    with empty arguments, then its arguments."""
+    if rest:
+        yield _event(reply, rest, None)
+    for i, call in enumerate(calls):
+        head = {"index": i, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""}}
+        yield _event(reply, None, None, tool_calls=[head])
+        yield _event(reply, None, None, tool_calls=[{"index": i, "function": {"arguments": call["function"]["arguments"]}}])
+    if calls and reply.reason == "eos":
+        reply.reason = "tool_calls"
 
 
 def _chunk_object(reply: Reply) -> str:
@@ -239,19 +300,24 @@ async def _events(request: Request, reply: Reply, chunks: Generation, first) -> 
     """The completion as server-sent events, ending with the finish reason, the usage chunk (when
     asked for) and [DONE]. The status line is already sent when an error comes, so an error is an
     event too."""
+    calls = tools.ToolStream() if reply.calls_tools else None
     try:
         if reply.kind == "chat":
             yield _event(reply, None, None, first=True)
         async for chunk in _with_first(first, chunks):
             reply.count(chunk, chunks)
-            if chunk.text:
-                yield _event(reply, chunk.text, None)
+            text = calls.push(chunk.text) if calls else chunk.text
+            if text:
+                yield _event(reply, text, None)
             # Starlette notices a client gone on its own too; this check does not depend on how
             # the ASGI server reports it
             if await request.is_disconnected():
                 return
         if chunks.request.reason == "max_time":
             reply.reason = "max_time"
+        if calls:
+            for event in _tool_call_events(reply, *calls.finish()):
+                yield event
         yield _event(reply, None, FINISH[reply.reason])
         if reply.include_usage:
             last = {**reply.head(_chunk_object(reply)), "choices": [], "usage": reply.usage()}

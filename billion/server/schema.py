@@ -15,8 +15,10 @@ from typing import Any, Literal, Union
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from backends import constraints
 from backends.base import Backend
 from backends.types import GenerationConfig, UserError
+from billion.server import tools
 from billion.server.limits import Limits
 from billion.tasks.chat import FALLBACK_STOPS, render
 
@@ -83,6 +85,8 @@ class RequestBase(BaseModel):
     ignore_eos: bool = False
     # vLLM's: the prompt cache reuses (and reports) only prefixes cached under the same salt
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}
+    response_format: dict | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -96,24 +100,82 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer to one of them
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict:
+        """The message as chat templates read it (tool calls in tools.for_template's shape)."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class Function(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")  # OpenAI's rule
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: Function
+
 
 class ChatRequest(RequestBase):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    tool_choice: Union[Literal["none", "auto", "required"], dict, None] = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether tools go into the prompt and the reply is parsed for calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(RequestBase):
     prompt: Union[str, list[str], list[int]]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API's: how many alternatives per token
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 # ---------------------------------------------------------------- checks
@@ -122,20 +184,23 @@ class CompletionRequest(RequestBase):
 # Fields of OpenAI's API that billion does not implement: a request that sets them (to anything but
 # their "off" value) is refused with a 400 naming the field, never answered as if they were absent.
 UNSUPPORTED = {
-    "response_format": lambda v: v is None or v == {"type": "text"},
-    "tools": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none"),
-    "functions": lambda v: not v,
+    "functions": lambda v: not v,  # the deprecated form of tools
     "function_call": lambda v: v in (None, "none"),
-    "parallel_tool_calls": lambda v: v is None,
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
     "logit_bias": lambda v: not v,
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: v in (None, ""),
     "audio": lambda v: v is None,
     "modalities": lambda v: v in (None, ["text"]),
     "prediction": lambda v: v is None,
+}
+
+
+# Chat fields that /v1/completions has no use for: refused there, not ignored.
+CHAT_ONLY = {
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "parallel_tool_calls": lambda v: v is None,
+    "top_logprobs": lambda v: v in (None, 0),  # the legacy API's logprobs is the count
 }
 
 
@@ -155,7 +220,8 @@ def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limi
         raise APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    for field, off in UNSUPPORTED.items():
+    refused = {**UNSUPPORTED, **(CHAT_ONLY if model_cls is CompletionRequest else {})}
+    for field, off in refused.items():
         if field in body and not off(body[field]):
             raise APIError(400, f"{field} is not supported by this server (billion); the request was not run",
                            param=field, code="unsupported_parameter")
@@ -168,22 +234,66 @@ def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limi
                        param="model", code="model_not_found")
     if req.n != 1:
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
-    if isinstance(req, ChatRequest) and len(req.messages) > limits.max_messages:
-        raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages",
-                       code="invalid_value")
+    if isinstance(req, ChatRequest):
+        if len(req.messages) > limits.max_messages:
+            raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages",
+                           code="invalid_value")
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        if req.calls_tools and req.response_format not in (None, {"type": "text"}):
+            raise APIError(400, "tools and response_format cannot be combined", param="response_format",
+                           code="unsupported_value")
     return req
 
 
 def chat_prompt(req: ChatRequest, backend: Backend) -> tuple[list[int], tuple[str, ...]]:
-    """(prompt token ids, extra stop strings): the messages rendered with the model's chat template,
-    or for a base model the plain transcript, which must also stop at the next "User:" turn."""
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in req.messages]
+    """(prompt token ids, extra stop strings): the messages rendered with the model's chat template
+    (with the tools, when the request may call them), or for a base model the plain transcript,
+    which must also stop at the next "User:" turn."""
+    messages = [m.for_template() for m in req.messages]
+    tool_list = None
+    if req.calls_tools:
+        problem = tools.template_error(getattr(backend.tokenizer, "chat_template", None))
+        if problem:
+            raise APIError(400, problem, param="tools", code="unsupported_value")
+        tool_list = [t.model_dump(exclude_none=True) for t in req.tools]
+    elif any(m.role == "tool" or m.tool_calls for m in req.messages) and not backend.has_chat_template:
+        raise APIError(400, "tool messages need a chat template that renders them", param="messages")
     try:
-        prompt_ids = render(backend, messages)
+        prompt_ids = render(backend, tools.messages_for_template(messages), tools=tool_list)
     except UserError as e:
         raise APIError(400, str(e), param="messages") from None
     return prompt_ids, (() if backend.has_chat_template else FALLBACK_STOPS)
+
+
+def output_grammar(req: RequestBase) -> str | None:
+    """The grammar the reply must follow (backends/constraints.py): response_format's JSON object
+    or schema, or the tool calls tool_choice asks for; None for free text. What cannot be
+    enforced is a 400 naming the part, never an unconstrained reply."""
+    if isinstance(req, ChatRequest) and req.calls_tools:
+        try:
+            return tools.grammar([t.model_dump() for t in req.tools], req.tool_choice or "auto",
+                                 parallel=req.parallel_tool_calls is not False)
+        except UserError as e:
+            raise APIError(400, f"tools: {e}", param="tools", code="unsupported_schema") from None
+    fmt = req.response_format
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    kind = fmt.get("type")
+    try:
+        if kind == "json_object":
+            return constraints.json_object()
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise APIError(400, "response_format.json_schema.schema is missing", param="response_format",
+                               code="missing_required_parameter")
+            what = f"the JSON schema {spec['name']!r}" if spec.get("name") else "the JSON schema"
+            return constraints.json_schema(spec["schema"], what)
+    except UserError as e:
+        raise APIError(400, f"response_format: {e}", param="response_format", code="unsupported_schema") from None
+    raise APIError(400, f"response_format.type must be text, json_object or json_schema, not {kind!r}",
+                   param="response_format", code="invalid_value")
 
 
 def completion_prompt(req: CompletionRequest, backend: Backend) -> list[int]:
@@ -207,7 +317,7 @@ def completion_prompt(req: CompletionRequest, backend: Backend) -> list[int]:
 
 
 def generation_config(req: RequestBase, backend: Backend, prompt_ids: list[int], extra_stops: tuple = (),
-                      limits: Limits = Limits()) -> GenerationConfig:
+                      limits: Limits = Limits(), grammar: str | None = None) -> GenerationConfig:
     """The sampling settings for `req`, once the prompt is known to leave room in the context."""
     room = backend.context_length - len(prompt_ids)
     if not prompt_ids:
@@ -223,6 +333,9 @@ def generation_config(req: RequestBase, backend: Backend, prompt_ids: list[int],
                             + (f" and {wanted} were asked for the completion" if wanted else ""),
                        param="messages" if isinstance(req, ChatRequest) else "prompt",
                        code="context_length_exceeded")
+    if grammar is not None and req.ignore_eos:
+        raise APIError(400, "ignore_eos cannot be combined with response_format or tools", param="ignore_eos",
+                       code="unsupported_value")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > limits.max_stops:
         raise APIError(400, f"at most {limits.max_stops} stop sequences", param="stop", code="invalid_value")
@@ -233,4 +346,5 @@ def generation_config(req: RequestBase, backend: Backend, prompt_ids: list[int],
         max_tokens=wanted or min(room, limits.max_tokens), temperature=req.temperature, top_p=req.top_p, seed=req.seed,
         ignore_eos=req.ignore_eos, top_k=max(req.top_k, 0), min_p=req.min_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, stop=tuple(stops) + extra_stops)
+        frequency_penalty=req.frequency_penalty, stop=tuple(stops) + extra_stops, grammar=grammar,
+        logprobs=req.logprobs_wanted)

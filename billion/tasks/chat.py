@@ -48,14 +48,15 @@ def transcript(messages: list[dict]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
-def render(backend: Backend, messages: list[dict]) -> list[int]:
-    """Token ids of the prompt for `messages`, ending where the assistant's reply begins."""
+def render(backend: Backend, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of the prompt for `messages` (and `tools`, OpenAI-shaped, for a template that
+    renders them), ending where the assistant's reply begins."""
     from jinja2 import TemplateError  # what templates raise, e.g. "System role not supported"
 
     if not backend.has_chat_template:
         return backend.tokenize(transcript(messages))
     try:
-        return backend.apply_chat_template(messages)
+        return backend.apply_chat_template(messages, tools=tools)
     except TemplateError as e:
         raise UserError(f"the model's chat template rejected the conversation: {e}") from None
 

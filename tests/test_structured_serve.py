@@ -1,0 +1,190 @@
+"""Structured output through a real `billion serve` process and the official openai client, on the
+real SmolLM2-135M-Instruct, on both engines at once: JSON schemas, tool calls (with billion's
+chatml-tools template, since SmolLM2's own renders no tools), logprobs; and what cannot be
+enforced refused with a 400."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.servers import serve_process
+
+openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
+
+ENGINES = ("torch", "mlx")
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "address", "pets"],
+          "properties": {"name": {"type": "string", "maxLength": 24},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "address": {"type": "object", "additionalProperties": False, "required": ["city", "zip"],
+                                     "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}},
+                         "pets": {"type": "array", "maxItems": 2,
+                                  "items": {"enum": ["cat", "dog", "fish"]}}}}
+ORDER = {"type": "object", "required": ["items", "total", "paid"], "additionalProperties": False,
+         "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 2,
+                                  "items": {"type": "object", "required": ["sku", "qty"], "additionalProperties": False,
+                                            "properties": {"sku": {"type": "string", "maxLength": 8},
+                                                           "qty": {"type": "integer", "minimum": 1}}}},
+                        "total": {"type": "number"}, "paid": {"type": "boolean"},
+                        "note": {"type": ["string", "null"], "maxLength": 20}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 20},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a timezone",
+    "parameters": {"type": "object", "required": ["timezone"], "additionalProperties": False,
+                   "properties": {"timezone": {"type": "string", "maxLength": 24}}}}}
+
+
+class API(openai.OpenAI):
+    """The client, and the model id of each engine (a folder is served under its name)."""
+
+    def __init__(self, url: str, name: str):
+        super().__init__(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        self.name = name
+
+    def model(self, engine: str) -> str:
+        return f"{self.name}@{engine}"
+
+
+@pytest.fixture(scope="module")
+def client(real_folder):
+    with serve_process(real_folder, "-b", "torch,mlx", "--chat-template", "chatml-tools") as served:
+        yield API(served.url, real_folder.name)
+    assert "Traceback" not in served.output()
+
+
+def ask(client, engine, content, **kw):
+    return client.chat.completions.create(model=client.model(engine), temperature=0,
+                                          messages=[{"role": "user", "content": content}], **kw)
+
+
+@pytest.mark.parametrize("schema, prompt", [(PERSON, "Invent a person and their address."),
+                                            (ORDER, "Write a small shop order.")])
+def test_schema_replies_validate_and_agree_across_engines(client, schema, prompt):
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+    texts = {}
+    for engine in ENGINES:
+        r = ask(client, engine, prompt, response_format=fmt, max_tokens=90)
+        assert r.choices[0].finish_reason == "stop", r
+        texts[engine] = r.choices[0].message.content
+        jsonschema.validate(json.loads(texts[engine]), schema)
+    assert texts["torch"] == texts["mlx"]
+
+
+def test_json_object_on_completions(client):
+    r = client.completions.create(model=client.model("torch"), prompt="A JSON object describing a cat:",
+                                  max_tokens=40, temperature=0, extra_body={"response_format": {"type": "json_object"}})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].text), dict)
+
+
+def test_a_schema_that_cannot_be_enforced_is_refused(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "ids", "schema": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "torch", "List ids.", response_format=fmt, max_tokens=5)
+    assert "uniqueItems" in str(e.value) and e.value.body["param"] == "response_format"
+    bad_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "string", "pattern": "(?=a)a"}}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "torch", "Call f.", tools=[bad_tool], tool_choice="required", max_tokens=5)
+    assert "look-around" in str(e.value) and "'f'" in str(e.value)
+
+
+def check_call(call, tool):
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == tool["function"]["name"]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_required_and_named_tool_calls_are_valid_calls_on_both_engines(client):
+    calls = {}
+    for engine in ENGINES:
+        r = ask(client, engine, "What is the weather like in Paris?", tools=[WEATHER, TIME], tool_choice="required",
+                parallel_tool_calls=False, max_tokens=60)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, r
+        check_call(choice.message.tool_calls[0], WEATHER)
+        calls[engine] = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert calls["torch"] == calls["mlx"]
+    named = ask(client, "torch", "What is the weather like in Paris?", tools=[WEATHER, TIME], max_tokens=60,
+                tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False)
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"]
+    check_call(named.choices[0].message.tool_calls[0], TIME)
+    # parallel calls (the default): SmolLM2 keeps calling until max_tokens; the complete calls are kept
+    r = ask(client, "torch", "What is the weather like in Paris?", tools=[WEATHER, TIME], tool_choice="required",
+            max_tokens=60)
+    assert r.choices[0].message.tool_calls and r.choices[0].finish_reason == "length"
+    for call in r.choices[0].message.tool_calls:
+        check_call(call, WEATHER if call.function.name == "get_weather" else TIME)
+
+
+def test_a_streamed_tool_call_reassembles_to_the_same_call(client):
+    kw = dict(tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=60)
+    whole = ask(client, "torch", "Weather in Rome, in celsius?", **kw).choices[0].message.tool_calls
+    parts, reason = {}, None
+    for chunk in ask(client, "torch", "Weather in Rome, in celsius?", stream=True, **kw):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        for tc in delta.tool_calls or ():
+            got = parts.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            got["id"] = tc.id or got["id"]
+            got["name"] += (tc.function.name or "") if tc.function else ""
+            got["arguments"] += (tc.function.arguments or "") if tc.function else ""
+        reason = chunk.choices[0].finish_reason or reason
+    assert reason == "tool_calls"
+    assert [(p["name"], p["arguments"]) for _, p in sorted(parts.items())] == \
+        [(c.function.name, c.function.arguments) for c in whole]
+    assert all(p["id"].startswith("call_") for p in parts.values())
+
+
+def test_auto_tool_choice_answers_text_or_a_valid_call(client):
+    """auto: free text until the model starts a call, then the call is constrained (lazy grammar)."""
+    for prompt in ("Say hello.", "Call get_weather for Oslo."):
+        r = ask(client, "torch", prompt, tools=[WEATHER], tool_choice="auto", max_tokens=60)
+        choice = r.choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls"
+            for call in choice.message.tool_calls:
+                check_call(call, WEATHER)
+        else:
+            assert choice.message.content and "<tool_call>" not in choice.message.content
+
+
+def test_a_conversation_with_a_tool_result_continues(client):
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 3}'}]
+    r = client.chat.completions.create(model=client.model("torch"), messages=messages, tools=[WEATHER],
+                                       max_tokens=30, temperature=0)
+    assert r.choices[0].message.content or r.choices[0].message.tool_calls
+
+
+def test_logprobs_agree_across_engines(client):
+    got = {}
+    for engine in ENGINES:
+        r = ask(client, engine, "Name a colour.", max_tokens=8, logprobs=True, top_logprobs=3)
+        content = r.choices[0].logprobs.content
+        assert len(content) == r.usage.completion_tokens - (r.choices[0].finish_reason == "stop")
+        assert "".join(c.token for c in content) == r.choices[0].message.content
+        for c in content:
+            assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6  # greedy: the top
+        got[engine] = content
+    for a, b in zip(got["torch"], got["mlx"], strict=True):
+        assert a.token == b.token and abs(a.logprob - b.logprob) < 1e-3
+        assert [t.token for t in a.top_logprobs] == [t.token for t in b.top_logprobs]
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.top_logprobs, b.top_logprobs)) < 1e-3
+    r = client.completions.create(model=client.model("torch"), prompt="The sky is", max_tokens=4,
+                                  temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
