@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from backends.batching import BatchCache
+
 
 class FixedLogits:
     """A stand-in engine whose next-token logits never change: its output tokens are i.i.d."""
@@ -30,3 +32,28 @@ class FixedLogits:
                 self.length = min(self.length, length)
 
         return Session()
+
+
+class FixedBatch(BatchCache):
+    """A batched KV cache whose logits never change: `row` for every row."""
+
+    def __init__(self, row):
+        self.row, self.rows = np.asarray(row, dtype=np.float32), 0
+
+    def prefill(self, ids, prefix=None):
+        return None, self.row
+
+    def add(self, row):
+        self.rows += 1
+
+    def decode(self, tokens):
+        return np.tile(self.row, (len(tokens), 1))
+
+    def keep(self, rows):
+        self.rows = len(rows)
+
+    def extract(self, row):
+        return None
+
+    def crop(self, row_cache, length):
+        return None

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from backends import constraints, sampling
-from backends.batching import BatchCache, BatchGenerator
+from backends.batching import BatchGenerator
 from backends.sessions import session_tokens
 from backends.types import GenerationConfig
-from tests.doubles import FixedLogits
+from tests.doubles import FixedBatch, FixedLogits
 
 EOS = 2  # SmolLM2's <|im_end|>
 
@@ -45,31 +45,6 @@ def until_eos(tokens, limit=60) -> list[int]:
             break
         out.append(t)
     return out
-
-
-class FixedBatch(BatchCache):
-    """A batched cache whose logits never change (FixedLogits' row for every row)."""
-
-    def __init__(self, row):
-        self.row, self.rows = row, 0
-
-    def prefill(self, ids, prefix=None):
-        return None, self.row
-
-    def add(self, row):
-        self.rows += 1
-
-    def decode(self, tokens):
-        return np.tile(self.row, (len(tokens), 1))
-
-    def keep(self, rows):
-        self.rows = len(rows)
-
-    def extract(self, row):
-        return None
-
-    def crop(self, row_cache, length):
-        return None
 
 
 def test_the_mask_is_step_zero_of_the_rule():

@@ -176,10 +176,10 @@ def test_sampling_never_leaves_the_vocabulary():
     """Logits or settings that would make the distribution NaN are an error for that request, never
     a token id equal to the vocabulary size (which the engine would then feed), on every path: the
     rule itself, the shared session loop and the batch scheduler (fixed-logits engines)."""
-    from backends.batching import BatchCache, BatchGenerator
+    from backends.batching import BatchGenerator
     from backends.sampling import MIN_TEMPERATURE, SamplingError, distribution, normalized, sample
     from backends.sessions import session_tokens
-    from tests.doubles import FixedLogits
+    from tests.doubles import FixedBatch, FixedLogits
 
     logits = np.array([1.0, 3.0, 2.0, 0.5], dtype=np.float32)
     rng = np.random.default_rng(0)
@@ -196,30 +196,13 @@ def test_sampling_never_leaves_the_vocabulary():
     with pytest.raises(SamplingError):
         list(session_tokens(FixedLogits([np.nan, 1.0, 2.0, 0.5]), [0], GenerationConfig(temperature=0.7)))
 
-    class Fixed(BatchCache):  # a batched cache over fixed logits: row 1's are broken
-        rows = 0
-
-        def prefill(self, ids, prefix=None):
-            return ids, logits
-
-        def add(self, row):
-            self.rows += 1
-
+    class Broken(FixedBatch):  # row 1's logits are broken
         def decode(self, tokens):
-            out = np.tile(logits, (len(tokens), 1))
+            out = super().decode(tokens)
             out[1:2] = np.nan
             return out
 
-        def keep(self, rows):
-            self.rows = len(rows)
-
-        def extract(self, row):
-            return None
-
-        def crop(self, row_cache, length):
-            return None
-
-    batch = BatchGenerator(Fixed(), frozenset(), max_batch=4, prompt_cache_size=0)
+    batch = BatchGenerator(Broken(logits), frozenset(), max_batch=4, prompt_cache_size=0)
     good = batch.add([0], GenerationConfig(max_tokens=3))
     broken = batch.add([0], GenerationConfig(max_tokens=3))
     events = []

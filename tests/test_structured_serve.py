@@ -183,6 +183,12 @@ def test_logprobs_agree_across_engines(client):
         assert a.token == b.token and abs(a.logprob - b.logprob) < 1e-3
         assert [t.token for t in a.top_logprobs] == [t.token for t in b.top_logprobs]
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.top_logprobs, b.top_logprobs)) < 1e-3
+    streamed = [entry for chunk in ask(client, "torch", "Name a colour.", max_tokens=8, logprobs=True,
+                                       top_logprobs=3, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    # the same tokens; the values within float32 noise (the streamed request's prompt comes from the prompt cache)
+    assert [e.token for e in streamed] == [e.token for e in got["torch"]]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(streamed, got["torch"])) < 1e-4
     r = client.completions.create(model=client.model("torch"), prompt="The sky is", max_tokens=4,
                                   temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
