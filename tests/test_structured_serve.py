@@ -103,16 +103,14 @@ def check_call(call, tool):
     jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
 
 
-def test_required_and_named_tool_calls_are_valid_calls_on_both_engines(client):
-    calls = {}
-    for engine in ENGINES:
-        r = ask(client, engine, "What is the weather like in Paris?", tools=[WEATHER, TIME], tool_choice="required",
-                parallel_tool_calls=False, max_tokens=60)
-        choice = r.choices[0]
-        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, r
-        check_call(choice.message.tool_calls[0], WEATHER)
-        calls[engine] = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
-    assert calls["torch"] == calls["mlx"]
+def test_required_and_named_tool_calls_are_valid_calls(client):
+    """torch only: a call's grammar is masked by the same code on every engine (the schema tests
+    above compare the engines); MLX's CPU prefill of a tools prompt costs ~10 s here."""
+    r = ask(client, "torch", "What is the weather like in Paris?", tools=[WEATHER, TIME], tool_choice="required",
+            parallel_tool_calls=False, max_tokens=40)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, r
+    check_call(choice.message.tool_calls[0], WEATHER)
     named = ask(client, "torch", "What is the weather like in Paris?", tools=[WEATHER, TIME], max_tokens=60,
                 tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False)
     assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"]
