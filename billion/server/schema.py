@@ -220,10 +220,11 @@ def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limi
         raise APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    refused = {**UNSUPPORTED, **(CHAT_ONLY if model_cls is CompletionRequest else {})}
-    for field, off in refused.items():
+    chat_only = CHAT_ONLY if model_cls is CompletionRequest else {}
+    for field, off in {**UNSUPPORTED, **chat_only}.items():
         if field in body and not off(body[field]):
-            raise APIError(400, f"{field} is not supported by this server (billion); the request was not run",
+            where = "on /v1/completions (use /v1/chat/completions)" if field in chat_only else "by this server (billion)"
+            raise APIError(400, f"{field} is not supported {where}; the request was not run",
                            param=field, code="unsupported_parameter")
     try:
         req = model_cls.model_validate(body)
