@@ -192,3 +192,28 @@ def test_logprobs_agree_across_engines(client):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+
+
+def test_served_prompt_lookup_keeps_the_grammar(real_model, tiny_model):
+    """billion serve --draft ngram: a constrained request decodes with prompt lookup inside the batch
+    and answers what it answers without; an engine that cannot draft in a batch is refused at start."""
+    from backends.speculation import NgramDraft
+    from backends.types import UserError
+    from billion.server.app import create_app
+    from tests.test_serve import Server
+
+    backend = real_model("torch")
+    fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER}}
+    replies = []
+    for draft in (None, NgramDraft(2)):
+        srv = Server(create_app({"m": backend}, draft=draft))
+        try:
+            r = srv.client.chat.completions.create(model="m", temperature=0, max_tokens=90, response_format=fmt,
+                                                   messages=[{"role": "user", "content": "Write a small shop order."}])
+            replies.append(r.choices[0].message.content)
+        finally:
+            srv.stop()
+    jsonschema.validate(json.loads(replies[1]), ORDER)
+    assert replies[1] == replies[0]
+    with pytest.raises(UserError, match="prompt lookup inside a batch"):
+        create_app({"m": tiny_model("mlx")}, draft=NgramDraft(2))

@@ -105,6 +105,11 @@ def served_name(model: str) -> str:
 @click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
               help="At Ctrl-C: seconds in-flight requests may take to finish (queued ones get 503 at once); "
                    "then they are cancelled.")
+@click.option("--draft", default=None, metavar="ngram[:N]",
+              help="Prompt lookup inside the batch (torch): each request drafts from its own text, all rows' "
+                   "proposals verified in one pass; lossless, and under a request's grammar too.")
+@click.option("--num-draft", type=click.IntRange(1), default=4, show_default=True,
+              help="Tokens prompt lookup proposes per step.")
 @click.option("--chat-template", default=None, metavar="FILE",
               help="Render chats with this Jinja template instead of the model's own; chatml-tools is billion's "
                    "ChatML template with tool calls (for ChatML models without tools, e.g. SmolLM2).")
@@ -112,7 +117,7 @@ def served_name(model: str) -> str:
               show_default=True, help="Seconds a generation may run; then it ends with finish_reason length.")
 def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys, api_key_file, allowed_origins,
           max_body_bytes, max_prompt_tokens, max_tokens_cap, max_messages, max_stop_length, shutdown_timeout,
-          chat_template, request_timeout, **opts):
+          draft, num_draft, chat_template, request_timeout, **opts):
     """Serve a model over an OpenAI-compatible HTTP API.
 
     Routes: /v1/chat/completions and /v1/completions (streamed as server-sent events with
@@ -143,6 +148,13 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys,
     limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_cap,
                     max_messages=max_messages, max_stop_length=max_stop_length, request_timeout_s=request_timeout)
     template = read_template(chat_template) if chat_template else None
+    lookup = None
+    if draft is not None:
+        from billion.tasks.speculate import ngram_draft
+
+        lookup = ngram_draft(draft)
+        if lookup is None:
+            raise click.UsageError("serve drafts by prompt lookup only: --draft ngram or ngram:N")
     names = engines(backend)
     runner = Runner("serve", resolve(model), load_options(opts))  # loads and closes; the server writes no records
     if not is_loopback(host):
@@ -159,7 +171,7 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys,
         if len(names) == 1:
             served[name] = served[f"{name}@{names[0]}"]
         app = create_app(served, name="billion", parallel=parallel, queue_size=queue_size, limits=limits,
-                         access=access)
+                         access=access, draft=lookup, num_draft=num_draft)
         console.print(f"serving {', '.join(served)} on http://{host}:{port}/v1", markup=False, soft_wrap=True)
         server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                                timeout_graceful_shutdown=shutdown_timeout))

@@ -71,7 +71,7 @@ async def _request_id(request: Request, call_next):
 
 
 def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel: int = 8, queue_size: int = 64,
-               limits: Limits = Limits(), access: Access = Access()) -> FastAPI:
+               limits: Limits = Limits(), access: Access = Access(), draft=None, num_draft: int = 4) -> FastAPI:
     """The server for `backends` ({model id: loaded Backend}; several ids may share one Backend,
     e.g. "m" and "m@torch", and then share one Engine: its batch, worker thread and prompt cache).
     `name` is the model name /v1/models reports as owner; each engine decodes up to `parallel`
@@ -79,7 +79,7 @@ def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel:
     engines: dict[int, Engine] = {}  # by id(backend)
     for backend in backends.values():
         if id(backend) not in engines:
-            engines[id(backend)] = Engine(backend, parallel, queue_size, limits.request_timeout_s)
+            engines[id(backend)] = Engine(backend, parallel, queue_size, limits.request_timeout_s, draft, num_draft)
     app = FastAPI(title="billion", description=__doc__.splitlines()[0], lifespan=_lifespan)
     app.state.engines = {model_id: engines[id(backend)] for model_id, backend in backends.items()}
     app.state.owner = name

@@ -75,10 +75,13 @@ _DONE = object()  # the worker's last item for a request: its generation ended w
 class Engine:
     """One loaded model on one engine, its requests decoded together by a worker thread."""
 
-    def __init__(self, backend: Backend, parallel: int = 8, queue_size: int = 64, timeout_s: float | None = None):
+    def __init__(self, backend: Backend, parallel: int = 8, queue_size: int = 64, timeout_s: float | None = None,
+                 draft=None, num_draft: int = 4):
         self.backend = backend
+        self.draft, self.num_draft = draft, num_draft  # prompt lookup inside the batch (an NgramDraft)
         # requests are parsed, rendered and tokenized in other threads: on a copy of the backend with
-        # its own tokenizer (the worker detokenizes with the original at the same time), one at a time
+        # its own tokenizer (the worker detokenizes with the original at the same time), one at a time;
+        # copied before new_batch() gives the backend its grammar view, so the copy builds its own
         self.prep = copy.copy(backend)
         self.prep.tokenizer = copy.deepcopy(backend.tokenizer)
         self.prep_lock = threading.Lock()
@@ -93,7 +96,8 @@ class Engine:
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.closing = False
         self.draining = False  # shutting down: in-flight requests finish, queued and new ones are refused
-        self.thread = threading.Thread(target=self._run, name=f"billion-{backend.name}", daemon=True)
+        first = self.new_batch()  # here, not in the worker: an engine that cannot is a UserError at start-up
+        self.thread = threading.Thread(target=self._run, args=(first,), name=f"billion-{backend.name}", daemon=True)
         self.thread.start()
 
     @property
@@ -102,7 +106,10 @@ class Engine:
 
     def new_batch(self) -> BatchGenerator:
         if self.batching:
-            return self.backend.batch(max_batch=self.parallel, prompt_cache_size=self.parallel)
+            return self.backend.batch(max_batch=self.parallel, prompt_cache_size=self.parallel, draft=self.draft,
+                                      num_draft=self.num_draft)
+        if self.draft is not None:
+            raise self.backend._unsupported("prompt lookup while serving (it has no batched KV cache)")
         return BatchGenerator(SessionBatchCache(self.backend), self.backend.eos_ids, max_batch=1, prompt_cache_size=1,
                               constrain=self.backend.grammars.matcher)
 
@@ -141,8 +148,8 @@ class Engine:
 
     # ------------------------------------------------------------ the worker thread
 
-    def _run(self) -> None:
-        batch, requests = self.new_batch(), {}
+    def _run(self, batch: BatchGenerator) -> None:
+        requests = {}
         while not self.closing:
             self._take_commands(batch, requests, block=not batch.busy)
             if not batch.busy:
