@@ -223,3 +223,15 @@ def test_template_without_tools_is_smollm2s(tokenizer, template):
     with_system = [{"role": "system", "content": "Be brief."}, *messages]
     assert tokenizer.apply_chat_template(with_system, tokenize=False, chat_template=template).startswith(
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>")
+
+
+def test_serve_chat_template_option_reads_files_and_the_bundled_one(tmp_path):
+    from billion.commands.serve import read_template
+
+    assert "<tool_call>" in read_template("chatml-tools")
+    with pytest.raises(UserError, match="cannot read the chat template"):
+        read_template(str(tmp_path / "missing.jinja"))
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}\n{{ m.content }\n")
+    with pytest.raises(UserError, match=r"bad.jinja:2: not a Jinja template"):
+        read_template(str(bad))

@@ -39,7 +39,7 @@ _WHITESPACE = re.compile(r"\s*")
 def template_error(chat_template: str | None) -> str | None:
     """Why a model with this chat template cannot take `tools` (the 400's message), or None if it
     can: the template must render the tools and teach the <tool_call> format parse() reads."""
-    remedy = "serve it with --chat-template FILE, e.g. billion's chatml_tools.jinja"
+    remedy = "serve it with --chat-template FILE (billion ships chatml-tools, for ChatML models such as SmolLM2)"
     if not chat_template or "tools" not in chat_template:
         return f"this model's chat template does not render tools (needed for `tools`); {remedy}"
     if CALL_START not in chat_template:
