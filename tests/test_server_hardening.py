@@ -87,6 +87,7 @@ def test_client_mistakes_are_4xx_in_openais_shape(served):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     for body, param in (({**chat, "tools": [tool]}, "tools"),  # the tiny model's template renders no tools
                         ({**chat, "top_logprobs": 2}, "top_logprobs"),
+                        ({**chat, "logprobs": "yes please"}, "logprobs"),
                         ({**chat, "tools": [tool], "response_format": {"type": "json_object"}}, "response_format")):
         r = post(url, body, path="/v1/chat/completions")
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
@@ -95,6 +96,9 @@ def test_client_mistakes_are_4xx_in_openais_shape(served):
                  {**ok, "top_k": -1}, {**ok, "tool_choice": "none"}):
         r = post(url, body)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, (body, r.text)
+    for body in ({**chat, "logprobs": None, "tools": None, "tool_choice": None}, {**chat, "logprobs": False}):
+        r = post(url, body, path="/v1/chat/completions")
+        assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None, (body, r.text)
     assert not any("Traceback" in line for line in log)  # no client mistake reached the log as a crash
 
 

@@ -155,7 +155,7 @@ class ChatRequest(RequestBase):
     # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
     tool_choice: Union[Literal["none", "auto", "required"], dict, None] = None
     parallel_tool_calls: bool | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None  # clients send null for off
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @property
