@@ -104,19 +104,13 @@ async def _prepared(request: Request, model_cls):
 def _prepare(raw: bytes, model_cls, engines: dict, limits):
     req = parse_request(raw, model_cls, engines, limits)
     engine = engines[req.model]
-    grammar = output_grammar(req)
     with engine.prep_lock:  # one request at a time on the copy (a Rust tokenizer is not re-entrant)
         prep = engine.prep
         if isinstance(req, ChatRequest):
             prompt_ids, stops = chat_prompt(req, prep)
         else:
             prompt_ids, stops = completion_prompt(req, prep), ()
-        if grammar is not None:
-            try:  # on this model's vocabulary: a 400 now, not a failure once queued
-                prep.grammars.matcher(grammar)
-            except UserError as e:
-                param = "tools" if isinstance(req, ChatRequest) and req.calls_tools else "response_format"
-                raise APIError(400, f"{param}: {e}", param=param, code="unsupported_schema") from None
+        grammar = output_grammar(req, prep)
     return req, engine, prompt_ids, generation_config(req, prep, prompt_ids, stops, limits, grammar)
 
 
@@ -170,6 +164,12 @@ class Reply:
         if chunk.logprobs is not None:
             self.entries.append((chunk.logprobs, self.offset))
         self.offset += len(chunk.text)
+
+    def called(self, calls: list) -> None:
+        """A reply that ended at EOS after tool calls finishes with "tool_calls" (one cut by a
+        limit keeps its own reason)."""
+        if calls and self.reason == "eos":
+            self.reason = "tool_calls"
 
     def take_logprobs(self) -> dict | None:
         """The logprobs object of the tokens counted since the last call, in OpenAI's shape for
@@ -248,7 +248,7 @@ async def _answer(request: Request, reply: Reply, chunks: Generation, first) -> 
             message["content"], calls = tools.parse(content)
             if calls:
                 message["tool_calls"] = calls
-                reply.reason = "tool_calls" if reply.reason == "eos" else reply.reason
+            reply.called(calls)
         choice = {"index": 0, "message": message, "logprobs": reply.take_logprobs()}
     else:
         choice = {"index": 0, "text": content, "logprobs": reply.take_logprobs()}
@@ -288,8 +288,7 @@ def _tool_call_events(reply: Reply, rest: str, calls: list[dict]):
                 "function": {"name": call["function"]["name"], "arguments": ""}}
         yield _event(reply, None, None, tool_calls=[head])
         yield _event(reply, None, None, tool_calls=[{"index": i, "function": {"arguments": call["function"]["arguments"]}}])
-    if calls and reply.reason == "eos":
-        reply.reason = "tool_calls"
+    reply.called(calls)
 
 
 def _chunk_object(reply: Reply) -> str:

@@ -267,32 +267,37 @@ def chat_prompt(req: ChatRequest, backend: Backend) -> tuple[list[int], tuple[st
     return prompt_ids, (() if backend.has_chat_template else FALLBACK_STOPS)
 
 
-def output_grammar(req: RequestBase) -> str | None:
-    """The grammar the reply must follow (backends/constraints.py): response_format's JSON object
-    or schema, or the tool calls tool_choice asks for; None for free text. What cannot be
-    enforced is a 400 naming the part, never an unconstrained reply."""
-    if isinstance(req, ChatRequest) and req.calls_tools:
-        try:
-            return tools.grammar([t.model_dump() for t in req.tools], req.tool_choice or "auto",
+def output_grammar(req: RequestBase, backend: Backend) -> str | None:
+    """The grammar the reply must follow (backends/constraints.py): the tool calls tool_choice asks
+    for, or response_format's JSON object or schema; None for free text. It is also built on this
+    model's vocabulary, so that what cannot be enforced is a 400 naming the part now, never an
+    unconstrained reply and never a failure once queued."""
+    calls_tools = isinstance(req, ChatRequest) and req.calls_tools
+    param = "tools" if calls_tools else "response_format"
+    try:
+        grammar = (tools.grammar([t.model_dump() for t in req.tools], req.tool_choice or "auto",
                                  parallel=req.parallel_tool_calls is not False)
-        except UserError as e:
-            raise APIError(400, f"tools: {e}", param="tools", code="unsupported_schema") from None
-    fmt = req.response_format
+                   if calls_tools else _format_grammar(req.response_format))
+        if grammar is not None:
+            backend.grammars.matcher(grammar)
+    except UserError as e:
+        raise APIError(400, f"{param}: {e}", param=param, code="unsupported_schema") from None
+    return grammar
+
+
+def _format_grammar(fmt: dict | None) -> str | None:
     if fmt is None or fmt == {"type": "text"}:
         return None
     kind = fmt.get("type")
-    try:
-        if kind == "json_object":
-            return constraints.json_object()
-        if kind == "json_schema":
-            spec = fmt.get("json_schema")
-            if not isinstance(spec, dict) or "schema" not in spec:
-                raise APIError(400, "response_format.json_schema.schema is missing", param="response_format",
-                               code="missing_required_parameter")
-            what = f"the JSON schema {spec['name']!r}" if spec.get("name") else "the JSON schema"
-            return constraints.json_schema(spec["schema"], what)
-    except UserError as e:
-        raise APIError(400, f"response_format: {e}", param="response_format", code="unsupported_schema") from None
+    if kind == "json_object":
+        return constraints.json_object()
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise APIError(400, "response_format.json_schema.schema is missing", param="response_format",
+                           code="missing_required_parameter")
+        what = f"the JSON schema {spec['name']!r}" if spec.get("name") else "the JSON schema"
+        return constraints.json_schema(spec["schema"], what)
     raise APIError(400, f"response_format.type must be text, json_object or json_schema, not {kind!r}",
                    param="response_format", code="invalid_value")
 
