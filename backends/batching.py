@@ -86,7 +86,9 @@ class BatchEvent:
     finish_reason: str | None = None  # "eos" | "max_tokens" | "cancelled" | "error"
     time_s: float = 0.0  # perf_counter after the token was computed
     cached_tokens: int = 0  # prompt tokens the first event's prefill found in the prompt cache
-    error: str | None = None  # why, with finish_reason "error" (that request's alone: the batch goes on)
+    # why, with finish_reason "error": that request's alone, the batch goes on. A UserError (a
+    # sampling setting that cannot work) is the client's; anything else is the engine's.
+    error: Exception | None = None
     # with gen.logprobs: (token's log-probability, ((token, log-probability), ...) the most likely)
     logprobs: tuple | None = None
 
@@ -100,7 +102,7 @@ class _Request:
     output: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None  # for the next token
     proposer: object | None = None  # prompt lookup (speculation.NgramProposer), when the batch drafts
-    failed: bool = False  # its sampling failed: it leaves, and its cache is not worth keeping
+    failed: bool = False  # its own work failed: it leaves, and its cache is not worth keeping
     salt: str | None = None  # its prompt-cache partition: it reuses only rows cached under the same salt
     matcher: object | None = None  # its place in gen.grammar (constraints.Matcher)
 
@@ -169,7 +171,12 @@ class BatchGenerator:
         if any(proposals):
             events += self._speculative_step(proposals)
         elif self.rows:
-            logits = self.cache.decode([r.output[-1] for r in self.rows])
+            try:
+                logits = self.cache.decode([r.output[-1] for r in self.rows])
+            except Exception as e:  # noqa: BLE001 - one forward pass for every row: they all fail, the queue goes on
+                failed = [self._fail(r, e, time.perf_counter()) for r in self.rows]
+                self._keep([])
+                return events + failed
             now = time.perf_counter()
             decoded = []
             for r, row_logits in zip(self.rows, logits):
@@ -207,7 +214,7 @@ class BatchGenerator:
                      for j in range(len(drafted) + 1)]
                 q = [np.eye(1, self.vocab_size, t)[0] for t in drafted]  # a lookup is certain: one-hot
                 accepted, nxt = accept(drafted, q, p, r.rng)
-            except sampling.SamplingError as e:
+            except Exception as e:  # noqa: BLE001 - this row's sampling, grammar or logprobs: it fails alone
                 events.append(self._fail(r, e, now))
                 continue
             if proposed:
@@ -239,8 +246,13 @@ class BatchGenerator:
         return [r.uid for r in self.waiting]
 
     def _admit(self, r: _Request) -> BatchEvent:
-        prefix, reused = self._cached_prefix(r.prompt, r.salt)
-        row, r.logits = self.cache.prefill(r.prompt[reused:], prefix)
+        """Prefill the request alone and sample its first token. If its prefill fails (out of
+        memory on a long prompt, say), it fails alone: it never joined the batch."""
+        try:
+            prefix, reused = self._cached_prefix(r.prompt, r.salt)
+            row, r.logits = self.cache.prefill(r.prompt[reused:], prefix)
+        except Exception as e:  # noqa: BLE001 - this request's own work
+            return self._fail(r, e, time.perf_counter())
         self.cache.add(row)
         self.rows.append(r)
         event = self._sample(r, time.perf_counter())  # the first token comes from the prefill
@@ -250,13 +262,13 @@ class BatchGenerator:
         try:
             allowed = r.matcher.allowed() if r.matcher else None
             token = sampling.sample(sampling.distribution(r.logits, r.gen, r.prompt, r.output, allowed), r.rng)
-        except sampling.SamplingError as e:
+            return self._emit(r, token, now, r.logits)
+        except Exception as e:  # noqa: BLE001 - this row's sampling, grammar or logprobs: it fails alone
             return self._fail(r, e, now)
-        return self._emit(r, token, now, r.logits)
 
     def _fail(self, r: _Request, error: Exception, now: float) -> BatchEvent:
         r.failed = True
-        return BatchEvent(r.uid, None, "error", now, error=str(error))
+        return BatchEvent(r.uid, None, "error", now, error=error)
 
     def _emit(self, r: _Request, token: int, now: float, logits: np.ndarray) -> BatchEvent:
         r.output.append(token)
@@ -356,7 +368,7 @@ def generate_all(backend, prompts: Sequence[Sequence[int]], gens: Sequence[Gener
     while batch.busy:
         for e in batch.step():
             if e.finish_reason == "error":
-                raise sampling.SamplingError(e.error)
+                raise e.error
             got, stream = out[e.uid], streams[e.uid]
             if e.token is not None and got.finish_reason is None:
                 for chunk in stream.push(e.token, e.time_s):

@@ -23,18 +23,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def DrainingServer(config):
-    """uvicorn's server, which at the first Ctrl-C (or SIGTERM) also tells every engine to refuse
-    queued and new requests (503) while in-flight ones finish within --shutdown-timeout."""
+def run_server(app, config) -> None:
+    """Run uvicorn until Ctrl-C, SIGTERM or an engine's failure. At the first signal every engine
+    refuses queued and new requests (503) while in-flight ones finish within --shutdown-timeout.
+    Ctrl-C then ends the command as it ends every billion command (exit 130); SIGTERM, the stop that
+    systemd, containers and `kill` ask for, exits 0. An engine whose worker thread died shuts the
+    server down the same way and is a one-line error (exit 1)."""
+    import signal
+
     import uvicorn
 
     class Draining(uvicorn.Server):
         def handle_exit(self, sig, frame):
             if not self.should_exit:  # the first signal (a second one forces the exit, as uvicorn does)
-                self.config.app.state.drain()  # flags and a command queue: safe from a signal handler
+                app.state.drain()  # flags and a command queue: safe from a signal handler
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # uvicorn would raise it again once stopped: killed, exit 143
+                self._captured_signals.remove(sig)
 
-    return Draining(config)
+        async def on_tick(self, counter: int) -> bool:
+            if app.state.failure() and not self.should_exit:  # checked every 0.1 s by uvicorn's main loop
+                app.state.drain()
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    Draining(config).run()
+    if app.state.failure():
+        raise UserError(f"{app.state.failure()}; the server shut down (the log above has the traceback)")
 
 
 def read_keys(path: str) -> tuple[str, ...]:
@@ -173,6 +188,6 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys,
         app = create_app(served, name="billion", parallel=parallel, queue_size=queue_size, limits=limits,
                          access=access, draft=lookup, num_draft=num_draft)
         console.print(f"serving {', '.join(served)} on http://{host}:{port}/v1", markup=False, soft_wrap=True)
-        server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                               timeout_graceful_shutdown=shutdown_timeout))
-        server.run()  # the engines' workers stop in the app's lifespan, before the ExitStack closes them
+        # the engines' workers stop in the app's lifespan, before the ExitStack closes them
+        run_server(app, uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                       timeout_graceful_shutdown=shutdown_timeout))

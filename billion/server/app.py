@@ -41,6 +41,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from starlette.datastructures import MutableHeaders
 
 from backends.base import Backend
 from billion.server import routes
@@ -57,17 +58,34 @@ async def _lifespan(app: FastAPI):
         engine.close()
 
 
-async def _request_id(request: Request, call_next):
+class RequestIds:
     """Every request gets an id, answered as X-Request-ID (a client quotes it; the log has it); then
-    access.py's checks (API key, local names, JSON bodies) answer before any route runs."""
-    request.state.request_id = uuid.uuid4().hex[:16]
-    try:
-        request.state.api_key = request.app.state.access.check(request)
-        response = await call_next(request)
-    except APIError as e:
-        response = e.response()
-    response.headers["X-Request-ID"] = request.state.request_id
-    return response
+    access.py's checks (API key, local names, JSON bodies) answer before any route runs.
+
+    A plain ASGI middleware, not Starlette's BaseHTTPMiddleware (`app.middleware("http")`): that one
+    hands the routes a `receive` wrapped in a task group, through which a client's disconnect is
+    lost (`Request.is_disconnected()` stays False), so abandoned non-streaming requests ran on."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            await send(message)
+
+        try:
+            state["api_key"] = scope["app"].state.access.check(Request(scope))
+        except APIError as e:
+            return await e.response()(scope, receive, send_with_id)
+        await self.app(scope, receive, send_with_id)
 
 
 def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel: int = 8, queue_size: int = 64,
@@ -85,8 +103,10 @@ def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel:
     app.state.owner = name
     app.state.limits, app.state.access = limits, access
     app.state.drain = lambda: [engine.drain() for engine in engines.values()]  # shutdown begins
+    # why an engine's worker died (None while all run): the server then shuts down
+    app.state.failure = lambda: next((e.failure for e in engines.values() if e.failure), None)
     app.state.created = int(time.time())
-    app.middleware("http")(_request_id)
+    app.add_middleware(RequestIds)
     app.add_exception_handler(APIError, routes.api_error)
     app.add_exception_handler(Exception, routes.unexpected_error)
     app.include_router(routes.router)

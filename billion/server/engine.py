@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import queue
 import threading
 import time
@@ -34,7 +35,9 @@ from typing import Callable
 from backends.base import Backend
 from backends.batching import BatchCache, BatchGenerator
 from backends.text_stream import TextStream
-from backends.types import Chunk, GenerationConfig, UserError
+from backends.types import Chunk, GenerationConfig
+
+log = logging.getLogger("billion.server")
 
 
 class QueueFull(Exception):
@@ -45,8 +48,9 @@ class ShuttingDown(Exception):
     """The server is stopping: no new requests, and queued ones are refused (503)."""
 
 
-class ClientGone(Exception):
-    """The client disconnected before its request's first token: there is no one to answer."""
+class EngineFailed(ShuttingDown):
+    """The engine's worker thread died: its requests fail, new ones are refused (503), /health
+    says so and the server shuts down (billion/commands/serve.py)."""
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Request:
     salt: str | None = None  # its prompt-cache partition (cache_salt, and the API key when there are several)
     deadline: float | None = None  # time.monotonic() past which the worker ends it ("max_time")
     timed_out: bool = False
+    finished: bool = False  # answered: its slot is free, nothing more goes to it
     refused: bool = False  # still queued when shutdown began
     # with gen.logprobs: each generated token's entry (Chunk.logprobs), until its chunk takes it
     logprobs: deque = field(default_factory=deque)
@@ -96,6 +101,12 @@ class Engine:
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.closing = False
         self.draining = False  # shutting down: in-flight requests finish, queued and new ones are refused
+        self.failure: str | None = None  # why the worker thread died (it never should)
+        # what /health reports, written by the worker only: batch steps run, tokens generated, and
+        # the sizes of everything kept per request or per prompt (shown bounded by the soak test)
+        self.steps = 0
+        self.generated = 0
+        self.held = {"requests": 0, "prompt_cache": 0}
         first = self.new_batch()  # here, not in the worker: an engine that cannot is a UserError at start-up
         self.thread = threading.Thread(target=self._run, args=(first,), name=f"billion-{backend.name}", daemon=True)
         self.thread.start()
@@ -118,6 +129,8 @@ class Engine:
     def submit(self, prompt_ids: list[int], gen: GenerationConfig, put: Callable, salt: str | None = None) -> Request:
         """Queue a request (QueueFull when every slot and queue place is taken)."""
         self.backend.check_fits(len(prompt_ids), gen.max_tokens)
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
         if self.draining:
             raise ShuttingDown("the server is shutting down")
         with self.pending_lock:
@@ -129,6 +142,8 @@ class Engine:
         if self.timeout_s:
             req.deadline = time.monotonic() + self.timeout_s
         self.commands.put(("add", req))
+        if self.failure is not None:  # the worker died meanwhile: nobody would take the command
+            self._fail_commands()
         return req
 
     def cancel(self, req: Request) -> None:
@@ -149,7 +164,20 @@ class Engine:
     # ------------------------------------------------------------ the worker thread
 
     def _run(self, batch: BatchGenerator) -> None:
-        requests = {}
+        requests: dict[int, Request] = {}  # by uid: the requests the batch holds
+        try:
+            self._serve(batch, requests)
+        except BaseException as e:  # noqa: BLE001 - a bug here must not leave requests waiting forever
+            self.failure = f"the {self.backend.name} engine's worker thread failed ({type(e).__name__}: {e})"
+            log.critical("%s", self.failure, exc_info=(type(e), e, e.__traceback__))
+            for req in requests.values():
+                self._finish(req, "error", e)
+            self._fail_commands()
+            return
+        for req in requests.values():
+            self._finish(req, "error", ShuttingDown("the server is shutting down"))
+
+    def _serve(self, batch: BatchGenerator, requests: dict) -> None:
         while not self.closing:
             self._take_commands(batch, requests, block=not batch.busy)
             if not batch.busy:
@@ -157,15 +185,25 @@ class Engine:
             self._expire(batch, requests)
             try:
                 events = batch.step()
-            except BaseException as e:  # noqa: BLE001 - an engine failure fails its requests, not the server
+            except Exception as e:  # noqa: BLE001 - an engine failure fails its requests, not the server
                 for req in requests.values():
                     self._finish(req, "error", e)
                 batch, requests = self.new_batch(), {}
                 continue
+            self.steps += 1
             for event in events:
                 self._deliver(batch, requests, event)
-        for req in requests.values():
-            self._finish(req, "error", ShuttingDown("the server is shutting down"))
+            self.held = {"requests": len(requests), "prompt_cache": len(batch.prompt_cache)}
+
+    def _fail_commands(self) -> None:
+        """After the worker died: every request it had not taken yet fails too."""
+        while True:
+            try:
+                kind, req = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._finish(req, "error", EngineFailed(self.failure))
 
     def _expire(self, batch: BatchGenerator, requests: dict) -> None:
         """Requests past their time (--request-timeout) leave the batch at this step."""
@@ -185,7 +223,7 @@ class Engine:
             if kind == "add":
                 try:
                     req.uid = batch.add(req.prompt_ids, req.gen, req.salt)
-                except UserError as e:  # checked before it was queued: only a bug gets here
+                except Exception as e:  # noqa: BLE001 - checked before it was queued: only a bug gets here
                     self._finish(req, "error", e)
                     continue
                 requests[req.uid] = req
@@ -197,11 +235,23 @@ class Engine:
                     batch.cancel(uid)
 
     def _deliver(self, batch: BatchGenerator, requests: dict, event) -> None:
+        """One event to its request. A failure here (detokenizing, say) is that request's alone: it
+        leaves the batch and is answered with the error; the others go on."""
         req = requests.get(event.uid)
         if req is None:
             return
+        try:
+            self._apply(batch, requests, req, event)
+        except Exception as e:  # noqa: BLE001 - this request's own text side
+            requests.pop(event.uid, None)
+            batch.cancel(event.uid)
+            self._finish(req, "error", e)
+
+    def _apply(self, batch: BatchGenerator, requests: dict, req: Request, event) -> None:
         if event.cached_tokens:
             req.cached = event.cached_tokens
+        if event.token is not None:
+            self.generated += 1
         if event.token is not None and not req.text.finished:
             if event.logprobs is not None:
                 req.logprobs.append(self._logprob_entry(event.token, *event.logprobs))
@@ -210,9 +260,9 @@ class Engine:
                 req.put(self._with_logprobs(req, chunk))
             if req.text.finished and not event.finish_reason:  # a stop string: the batch need not go on
                 batch.cancel(event.uid)
-        if event.finish_reason == "error":  # this request's sampling failed; the batch goes on
+        if event.finish_reason == "error":  # this request's own work failed; the batch goes on
             del requests[event.uid]
-            self._finish(req, "error", UserError(event.error))
+            self._finish(req, "error", event.error)
         elif req.refused:  # queued when shutdown began
             del requests[event.uid]
             self._finish(req, "refused", ShuttingDown("the server is shutting down"))
@@ -236,6 +286,9 @@ class Engine:
         return replace(chunk, logprobs=req.logprobs.popleft()) if req.logprobs else chunk
 
     def _finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
+        if req.finished:
+            return
+        req.finished = True
         req.reason = reason
         self.done.append((req.tokens, reason))
         with self.pending_lock:  # its slot (or queue place) is free once the worker lets go
@@ -281,8 +334,9 @@ class SessionBatchCache(BatchCache):
 
 
 class Generation:
-    """One request's chunks as an async iterator, fed by the engine's worker. Closing it early (a
-    client gone) cancels the request: it leaves the batch at the next step."""
+    """One request's chunks as an async iterator, fed by the engine's worker. It ends early when its
+    client hangs up (`watch`) or when it is closed (`aclose`): the request leaves the batch at the
+    next step, whatever state it is in (queued, prefilling, decoding; streamed or not)."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], gen: GenerationConfig, salt: str | None = None):
         self.engine = engine
@@ -290,12 +344,29 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.request = engine.submit(prompt_ids, gen, self._put, salt)
         self.ended = False
+        self.client_gone = False
+        self.watcher: asyncio.Task | None = None
 
     def _put(self, item) -> None:  # from the worker thread: asyncio.Queue is not thread-safe
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop is gone (shutdown)
             pass
+
+    def watch(self, receive) -> None:
+        """Cancel the request as soon as its client hangs up. `receive` is the request's ASGI
+        receive, its body already read: the next message it gives is http.disconnect, which uvicorn
+        sends when the connection closes (or once the answer is complete). Waiting on it costs
+        nothing and does not depend on the answer being streamed or on a chunk arriving."""
+
+        async def until_gone():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not self.ended:
+                self.client_gone = True
+                await self.aclose()
+
+        self.watcher = asyncio.create_task(until_gone())
 
     @property
     def cached(self) -> int:
@@ -305,33 +376,31 @@ class Generation:
         return self
 
     async def __anext__(self) -> Chunk:
-        if self.ended:
-            raise StopAsyncIteration
         item = await self.queue.get()
         if item is _DONE or isinstance(item, BaseException):
             self.ended = True
+            if self.watcher is not None:
+                self.watcher.cancel()
             if item is _DONE:
                 raise StopAsyncIteration
             raise item
         return item
 
-    async def first(self, disconnected) -> Chunk | None:
-        """The first chunk (None: the generation ended without one), waited for while checking
-        `disconnected()` (an awaitable): a client that leaves while queued leaves the queue, and a
-        refusal or an error before the first token can still be answered with its own status."""
-        while True:
-            try:
-                return await asyncio.wait_for(self.__anext__(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await disconnected():
-                    await self.aclose()
-                    raise ClientGone() from None
-            except StopAsyncIteration:
-                return None
+    async def first(self) -> Chunk | None:
+        """The first chunk (None: the generation ended without one, e.g. its client left while it
+        was queued), so that a refusal or an error before the first token is answered with its own
+        status."""
+        try:
+            return await self.__anext__()
+        except StopAsyncIteration:
+            return None
 
     async def aclose(self) -> None:
-        """Stop early (the client is gone): the request leaves the batch at the next step. Nothing
-        is awaited here: this runs while Starlette cancels a disconnected client's response."""
+        """Stop early (the client is gone, or the answer stopped reading): the request leaves the
+        batch at the next step. Nothing is awaited here: this runs while Starlette cancels a
+        disconnected client's response."""
+        if self.watcher is not None and self.watcher is not asyncio.current_task():
+            self.watcher.cancel()
         if not self.ended:
             self.ended = True
             self.engine.cancel(self.request)

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from backends.types import GenerationConfig, UserError
-from billion.server.engine import ClientGone, Engine, Generation, QueueFull, ShuttingDown
+from billion.server.engine import Engine, Generation, QueueFull, ShuttingDown
 from billion.server import tools
 from billion.server.schema import (APIError, ChatRequest, CompletionRequest, RequestBase, chat_prompt,
                                    completion_prompt, generation_config, internal_error, output_grammar,
@@ -29,6 +29,10 @@ router = APIRouter()
 
 FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length", "max_time": "length", "tool_calls": "tool_calls"}
 RETRY_AFTER_S = 1  # a slot frees up as soon as any request finishes
+
+
+def gone() -> Response:
+    return Response(status_code=499)  # nginx's "client closed request": the answer to no one
 
 # ---------------------------------------------------------------- errors
 
@@ -66,10 +70,19 @@ def request_id(request: Request) -> str | None:
 
 @router.get("/health")
 async def health(request: Request):
+    """200 while every engine's worker runs, else 503 naming what failed (the server is then shutting
+    down). Per model id: requests in flight or queued; per engine: batch steps run, tokens generated,
+    and what it holds (requests in its batch, prompt-cache rows) as of its last step."""
     engines = request.app.state.engines
-    return {"status": "ok", "models": list(engines),
+    failed = sorted({e.failure for e in engines.values() if e.failure})
+    body = {"status": "error" if failed else "ok", "models": list(engines),
             "busy": sorted({k for k, v in engines.items() if v.busy}),
-            "requests": {k: v.pending for k, v in engines.items()}}  # decoding or queued, per model id
+            "requests": {k: v.pending for k, v in engines.items()},  # decoding or queued, per model id
+            "engines": {k: {"steps": v.steps, "generated_tokens": v.generated, "held": v.held}
+                        for k, v in engines.items()}}
+    if failed:
+        body["failed"] = failed
+    return JSONResponse(body, status_code=503 if failed else 200)
 
 
 @router.get("/v1/models")
@@ -200,7 +213,8 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
     # the queued request (503) or an error before any token (400) is the answer's status, not an event.
     try:
         generation = Generation(engine, prompt_ids, gen, cache_salt(request, req))
-        first = await generation.first(request.is_disconnected)
+        generation.watch(request.receive)  # a client that hangs up, in any state, is cancelled
+        first = await generation.first()
     except QueueFull as e:
         raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -208,8 +222,8 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
         raise APIError(503, str(e), type="server_error", code="shutting_down") from None
     except UserError as e:
         raise APIError(400, str(e)) from None
-    except ClientGone:
-        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+    if generation.client_gone:
+        return gone()
     if not req.stream:
         return await _answer(request, reply, generation, first)
     return StreamingResponse(_events(request, reply, generation, first),
@@ -231,14 +245,14 @@ async def _answer(request: Request, reply: Reply, chunks: Generation, first) -> 
         async for chunk in _with_first(first, chunks):
             reply.count(chunk, chunks)
             text.append(chunk.text)
-            if await request.is_disconnected():  # nobody will read the answer: free the engine
-                break
     except UserError as e:
         raise APIError(400, str(e)) from None
     except ShuttingDown as e:
         raise APIError(503, str(e), type="server_error", code="shutting_down") from None
     finally:
         await chunks.aclose()
+    if chunks.client_gone:
+        return gone()
     if chunks.request.reason == "max_time":
         reply.reason = "max_time"
     content = "".join(text)
@@ -308,10 +322,8 @@ async def _events(request: Request, reply: Reply, chunks: Generation, first) -> 
             text = calls.push(chunk.text) if calls else chunk.text
             if text:
                 yield _event(reply, text, None)
-            # Starlette notices a client gone on its own too; this check does not depend on how
-            # the ASGI server reports it
-            if await request.is_disconnected():
-                return
+        if chunks.client_gone:
+            return
         if chunks.request.reason == "max_time":
             reply.reason = "max_time"
         if calls:

@@ -13,7 +13,7 @@ import logging
 from typing import Any, Literal, Union
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from backends import constraints
 from backends.base import Backend
@@ -53,7 +53,8 @@ def internal_error(e: BaseException, request_id: str | None = None) -> APIError:
 def _validation_error(e: ValidationError) -> APIError:
     first = e.errors()[0]
     param = ".".join(str(p) for p in first.get("loc", ())) or None
-    return APIError(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}", param=param,
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")  # pydantic's word for our own checks
+    return APIError(400, f"{param + ': ' if param else ''}{msg}", param=param,
                     code="invalid_value" if first.get("type") != "missing" else "missing_required_parameter")
 
 
@@ -119,6 +120,14 @@ class Message(BaseModel):
     content: Union[str, list[TextPart], None] = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's answer to one of them
+
+    @model_validator(mode="after")
+    def _has_content(self):
+        # as OpenAI answers: only an assistant's message that calls tools may leave content out
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"expected content, got null (only an assistant message with tool_calls may "
+                             f"leave it out; this is a {self.role} message)")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -91,9 +91,9 @@ def compatible_pairs(target: ModelSpec) -> str:
     drafts = [c.alias for c in MODELS.values() if hub_id in (t.lower() for t in c.drafts_for)]
     if drafts:
         return f"drafts known to share {target.text}'s vocabulary: {', '.join(drafts)}"
-    pairs = "; ".join(f"--draft {c.alias} for {' or '.join(c.drafts_for)}" for c in MODELS.values() if c.drafts_for)
-    return (f"compatible pairs: {pairs}; or --draft layers:N (the target's own first N layers), or --draft ngram "
-            f"(prompt lookup, no model)")
+    # one line: each draft with its first target (`billion models` lists them all)
+    pairs = ", ".join(f"{c.alias} -> {c.drafts_for[0].split('/')[-1]}" for c in MODELS.values() if c.drafts_for)
+    return f"compatible pairs: {pairs} (more: billion models), or --draft layers:N|ngram"
 
 
 def known_mismatch(target: ModelSpec, draft: ModelSpec) -> str | None:
@@ -105,9 +105,9 @@ def known_mismatch(target: ModelSpec, draft: ModelSpec) -> str | None:
         if (target.kind, target.card.family) != (draft.kind, draft.card.family):
             return "synthetic folders of different families or sizes have different vocabularies"
     elif "folder" not in (target.kind, draft.kind) and (target.kind in synthetic) != (draft.kind in synthetic):
-        return "a synthetic tokenizer differs from every real model's"
+        return "a synthetic tokenizer matches no real one"
     elif target.card and draft.card and target.card.tokenizer != draft.card.tokenizer:
-        return f"different tokenizers ({draft.card.tokenizer} vs {target.card.tokenizer})"
+        return "different tokenizers"  # billion models names them: the line stays short
     return None
 
 
