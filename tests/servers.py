@@ -28,10 +28,10 @@ class ServeProcess:
 
 
 @contextmanager
-def serve_process(folder, *args: str):
-    """`billion serve -m folder -b torch` (CPU, float32, one torch thread) with `args`."""
+def serve_process(folder, *args: str, backend: str = "torch"):
+    """`billion serve -m folder -b backend` (CPU, float32, one torch thread) with `args`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "billion", "serve", "-m", str(folder), "-b", "torch", "--device",
+    proc = subprocess.Popen([sys.executable, "-m", "billion", "serve", "-m", str(folder), "-b", backend, "--device",
                              "cpu", "--dtype", "float32", "--port", "0", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:

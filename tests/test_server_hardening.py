@@ -88,9 +88,18 @@ def test_client_mistakes_are_4xx_in_openais_shape(served):
     for body, param in (({**chat, "tools": [tool]}, "tools"),  # the tiny model's template renders no tools
                         ({**chat, "top_logprobs": 2}, "top_logprobs"),
                         ({**chat, "logprobs": "yes please"}, "logprobs"),
-                        ({**chat, "tools": [tool], "response_format": {"type": "json_object"}}, "response_format")):
+                        ({**chat, "tools": [tool], "response_format": {"type": "json_object"}}, "response_format"),
+                        # content null (or missing) as OpenAI answers it: only an assistant calling tools may
+                        ({**chat, "messages": [{"role": "user", "content": None}]}, "messages.0"),
+                        ({**chat, "messages": [{"role": "system", "content": "s"}, {"role": "user"}]}, "messages.1"),
+                        ({**chat, "messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": None}]}, "messages.1")):
         r = post(url, body, path="/v1/chat/completions")
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    called = {**chat, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"}, {"role": "user", "content": "and?"}]}
+    assert post(url, called, path="/v1/chat/completions").status_code == 200
     # their "off" values are fine, as is vLLM's top_k = -1
     for body in ({**ok, "response_format": {"type": "text"}}, {**ok, "logprobs": None, "tools": []},
                  {**ok, "top_k": -1}, {**ok, "tool_choice": "none"}):
@@ -230,9 +239,11 @@ def test_the_prompt_cache_is_no_side_channel(guarded):
     assert cached("k1", cache_salt="s") > 5
 
 
-def test_ctrl_c_refuses_the_queue_lets_in_flight_finish_and_exits(tiny_folder):
-    """SIGINT: queued requests are answered 503 at once, the one decoding finishes, the process
-    exits cleanly (the engine's worker stops before the model is closed)."""
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 0)])
+def test_ctrl_c_and_sigterm_refuse_the_queue_let_in_flight_finish_and_exit(tiny_folder, sig, code):
+    """SIGINT (Ctrl-C) and SIGTERM (systemd, containers, kill): queued requests are answered 503 at
+    once, the one decoding finishes, the process exits cleanly (the engine's worker stops before the
+    model is closed): 130 after Ctrl-C as every billion command, 0 after SIGTERM (a requested stop)."""
     import signal
 
     with serve_process(tiny_folder("tinyllama"), "--parallel", "1", "--shutdown-timeout", "20") as served:
@@ -250,7 +261,7 @@ def test_ctrl_c_refuses_the_queue_lets_in_flight_finish_and_exits(tiny_folder):
         for t in threads[1:]:
             t.start()  # and the others queue behind the one slot
         time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, sig))
         for t in threads:
             t.join(60)
         codes = [answers[i].status_code for i in range(3)]
@@ -261,5 +272,5 @@ def test_ctrl_c_refuses_the_queue_lets_in_flight_finish_and_exits(tiny_folder):
             else:
                 assert r.json()["error"]["code"] == "shutting_down"
         seen = served.output()
-        assert proc.returncode == 130, seen  # Ctrl-C ends a billion command with 130, as every one
+        assert proc.returncode == code, seen
         assert "Traceback" not in seen

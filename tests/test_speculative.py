@@ -193,11 +193,18 @@ def test_mismatched_vocabularies_are_refused_before_loading(tiny_folder):
 
 
 def test_compatible_pairs_come_from_the_registry():
-    from billion.models import parse_spec
-    from billion.tasks.speculate import compatible_pairs
+    from billion.models import MODELS, parse_spec
+    from billion.tasks.speculate import compatible_pairs, prepare_pair
 
     assert "llama-3.2-1b" in compatible_pairs(parse_spec("meta-llama/Llama-3.1-8B-Instruct"))
     assert "tinyllama" in compatible_pairs(parse_spec("meta-llama/Llama-2-7b-chat-hf"))
+    # a mismatched pair of registry models: one line under 300 characters naming every draft's pair
+    for target, draft in (("pythia-1b", "tinyllama"), ("stablelm-2-1.6b", "llama-3.2-1b")):
+        with pytest.raises(UserError) as e:
+            prepare_pair(target, draft)
+        message = str(e.value)
+        assert "\n" not in message and len("Error: " + message) < 300, message
+        assert all(f"{c.alias} -> " in message for c in MODELS.values() if c.drafts_for), message
 
 
 def test_layer_draft_and_damped_target_folders(pair):

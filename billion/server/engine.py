@@ -102,11 +102,9 @@ class Engine:
         self.closing = False
         self.draining = False  # shutting down: in-flight requests finish, queued and new ones are refused
         self.failure: str | None = None  # why the worker thread died (it never should)
-        # what /health reports, written by the worker only: batch steps run, tokens generated, and
-        # the sizes of everything kept per request or per prompt (shown bounded by the soak test)
-        self.steps = 0
-        self.generated = 0
-        self.held = {"requests": 0, "prompt_cache": 0}
+        # what /health reports, replaced whole by the worker after each step (a reader never sees
+        # half of one): batch steps run, tokens generated, and what it holds across requests
+        self.stats = {"steps": 0, "generated_tokens": 0, "held": {"requests": 0, "prompt_cache": 0}}
         first = self.new_batch()  # here, not in the worker: an engine that cannot is a UserError at start-up
         self.thread = threading.Thread(target=self._run, args=(first,), name=f"billion-{backend.name}", daemon=True)
         self.thread.start()
@@ -190,10 +188,11 @@ class Engine:
                     self._finish(req, "error", e)
                 batch, requests = self.new_batch(), {}
                 continue
-            self.steps += 1
             for event in events:
                 self._deliver(batch, requests, event)
-            self.held = {"requests": len(requests), "prompt_cache": len(batch.prompt_cache)}
+            self.stats = {"steps": self.stats["steps"] + 1,
+                          "generated_tokens": self.stats["generated_tokens"] + sum(e.token is not None for e in events),
+                          "held": {"requests": len(requests), "prompt_cache": len(batch.prompt_cache)}}
 
     def _fail_commands(self) -> None:
         """After the worker died: every request it had not taken yet fails too."""
@@ -250,8 +249,6 @@ class Engine:
     def _apply(self, batch: BatchGenerator, requests: dict, req: Request, event) -> None:
         if event.cached_tokens:
             req.cached = event.cached_tokens
-        if event.token is not None:
-            self.generated += 1
         if event.token is not None and not req.text.finished:
             if event.logprobs is not None:
                 req.logprobs.append(self._logprob_entry(event.token, *event.logprobs))

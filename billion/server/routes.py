@@ -78,8 +78,7 @@ async def health(request: Request):
     body = {"status": "error" if failed else "ok", "models": list(engines),
             "busy": sorted({k for k, v in engines.items() if v.busy}),
             "requests": {k: v.pending for k, v in engines.items()},  # decoding or queued, per model id
-            "engines": {k: {"steps": v.steps, "generated_tokens": v.generated, "held": v.held}
-                        for k, v in engines.items()}}
+            "engines": {k: v.stats for k, v in engines.items()}}
     if failed:
         body["failed"] = failed
     return JSONResponse(body, status_code=503 if failed else 200)

@@ -43,9 +43,14 @@ class APIError(Exception):
 
 def internal_error(e: BaseException, request_id: str | None = None) -> APIError:
     """An engine failure (or any bug): a 500 in the same shape, with the request's id; the
-    exception's class and message stay in the server's log (with the traceback), not in the answer."""
+    exception's class and message stay in the server's log (with the traceback), not in the answer.
+    Out of memory (Python's MemoryError, torch's OutOfMemoryError) is a 503 saying so: the request
+    may fit later, or shorter."""
     logging.getLogger("billion.server").error("request %s failed", request_id or "?",
                                               exc_info=(type(e), e, e.__traceback__))
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return APIError(503, f"out of memory for this request (request {request_id or '?'}): retry later, or with "
+                             f"a shorter prompt or max_tokens", type="server_error", code="out_of_memory")
     return APIError(500, f"internal error (request {request_id or '?'}); the server log has the details",
                     type="server_error")
 
