@@ -104,7 +104,7 @@ class Engine:
         self.failure: str | None = None  # why the worker thread died (it never should)
         # what /health reports, replaced whole by the worker after each step (a reader never sees
         # half of one): batch steps run, tokens generated, and what it holds across requests
-        self.stats = {"steps": 0, "generated_tokens": 0, "held": {"requests": 0, "prompt_cache": 0}}
+        self.stats = {"steps": 0, "generated_tokens": 0, "held": {"running": 0, "queued": 0, "prompt_cache": 0}}
         first = self.new_batch()  # here, not in the worker: an engine that cannot is a UserError at start-up
         self.thread = threading.Thread(target=self._run, args=(first,), name=f"billion-{backend.name}", daemon=True)
         self.thread.start()
@@ -192,7 +192,8 @@ class Engine:
                 self._deliver(batch, requests, event)
             self.stats = {"steps": self.stats["steps"] + 1,
                           "generated_tokens": self.stats["generated_tokens"] + sum(e.token is not None for e in events),
-                          "held": {"requests": len(requests), "prompt_cache": len(batch.prompt_cache)}}
+                          "held": {"running": len(batch.rows), "queued": len(batch.waiting),
+                                   "prompt_cache": len(batch.prompt_cache)}}
 
     def _fail_commands(self) -> None:
         """After the worker died: every request it had not taken yet fails too."""
