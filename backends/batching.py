@@ -160,12 +160,16 @@ class BatchGenerator:
         """The request leaves at the next step (queued or decoding), with finish reason "cancelled"."""
         self._cancelled.add(uid)
 
-    def step(self) -> list[BatchEvent]:
+    def step(self, news: Callable[[], bool] | None = None) -> list[BatchEvent]:
         """Admit waiting requests into free rows (each prefilled alone, its first token sampled from
-        the prefill), then decode one token for every row in one forward pass."""
+        the prefill), then decode one token for every row in one forward pass. `news()` true after
+        a prefill stops admitting for this step: the driver has something to say first (the server:
+        a cancel is waiting, so a client that leaves costs at most the prefill under way)."""
         events = self._drop_cancelled()
         while self.waiting and len(self.rows) < self.max_batch:
             events.append(self._admit(self.waiting.popleft()))
+            if news is not None and news():
+                break
         self._drop_finished(events)
         proposals = self._proposals()
         if any(proposals):

@@ -22,10 +22,11 @@ Every request's kind, model, status, latency and verdict are recorded; a sampler
 server's RSS (psutil) and /health (requests in flight, what each engine holds) every
 --sample-s seconds. At the end, once idle, the server must hold no request.
 
-The run fails (exit 1) on any 5xx, any request answered wrongly, any exception in a client,
-RSS growing after --warmup-minutes by more than --max-rss-growth-mb, or per-engine state not
-bounded (more requests held than --parallel plus the queue; more prompt-cache rows than
---parallel). It reports p50/p99 latency of the first and last --window-minutes after warm-up.
+The run fails (exit 1) on any 5xx, any request answered wrongly, any exception in a client, the
+floor of RSS growing by more than --max-rss-growth-mb (the lowest RSS of the last window against
+the lowest of the first after --warmup-minutes: a leak raises the floor, while the prompt caches
+and a long prompt's activations move the peaks and return), or per-engine state not bounded (more
+rows than --parallel decoding or in the prompt cache, more requests queued than clients). It reports p50/p99 latency of the first and last --window-minutes after warm-up.
 
     .venv/bin/python scripts/soak.py --minutes 30                     # the soak
     .venv/bin/python scripts/soak.py -m tiny:tinyllama --minutes 1    # a smoke run
@@ -334,29 +335,35 @@ def summarize(args, results: list, samples: list, idle: dict, duration: float) -
         failures.append(f"{len(wrong)} answers were wrong, e.g. {wrong[0]}")
     if errors:
         failures.append(f"{len(errors)} client errors, e.g. {errors[0]}")
-    warm = args.warmup_minutes * 60
+    warm, window = args.warmup_minutes * 60, args.window_minutes * 60
+    # A leak raises the floor of RSS; the prompt caches (rows of any length, up to --parallel per
+    # engine) and a long prompt's activations move its peaks and return. So the bound is on the
+    # floor: the lowest RSS of the last window against the lowest of the first after warm-up.
+    first_rss = [s["rss_mb"] for s in samples if warm <= s["t"] < warm + window]
+    last_rss = [s["rss_mb"] for s in samples if s["t"] >= duration - window]
+    growth = round(min(last_rss) - min(first_rss), 1) if first_rss and last_rss else None
+    if growth is None or growth > args.max_rss_growth_mb:
+        failures.append(f"RSS floor grew {growth} MB after warm-up (bound {args.max_rss_growth_mb} MB)")
     after = [s for s in samples if s["t"] >= warm]
-    growth = (max(s["rss_mb"] for s in after) - after[0]["rss_mb"]) if after else None
-    if growth is not None and growth > args.max_rss_growth_mb:
-        failures.append(f"RSS grew {growth:.1f} MB after warm-up (bound {args.max_rss_growth_mb} MB)")
     held = [e["held"] for s in samples if s["engines"] for e in s["engines"].values()]
-    most = {k: max((h[k] for h in held), default=0) for k in ("running", "queued", "prompt_cache")}
+    most = {k: max((h[k] for h in held), default=0) for k in ("running", "queued", "prompt_cache",
+                                                              "prompt_cache_tokens")}
     for what, bound in (("running", args.parallel), ("prompt_cache", args.parallel), ("queued", args.clients)):
         if most[what] > bound:
             failures.append(f"an engine held {most[what]} {what} (bound {bound})")
     if any(idle["requests"].values()) or any(e["held"]["running"] or e["held"]["queued"]
                                              for e in idle["engines"].values()):
         failures.append(f"requests still held once idle: {idle}")
-    window = args.window_minutes * 60
     first, last = window_latency(results, warm, warm + window), window_latency(results, duration - window, duration)
     ratio = (last["p99_s"] / first["p99_s"]) if first["p99_s"] and last["p99_s"] else None
     metrics = {
         "requests": len(results), "status_5xx": len(five), "wrong": len(wrong), "client_errors": len(errors),
         "by_kind_status": {f"{k} {s}": n for (k, s), n in sorted(by.items())},
         "rss_mb_start": samples[0]["rss_mb"] if samples else None,
-        "rss_mb_after_warmup": after[0]["rss_mb"] if after else None,
+        "rss_mb_floor_first_window": min(first_rss, default=None), "rss_mb_floor_last_window": min(last_rss, default=None),
+        "rss_mb_peak_after_warmup": max((s["rss_mb"] for s in after), default=None),
         "rss_mb_end": samples[-1]["rss_mb"] if samples else None,
-        "rss_growth_after_warmup_mb": growth, "held_max": most,
+        "rss_floor_growth_mb": growth, "held_max": most,
         "latency_first_window": first, "latency_last_window": last, "p99_ratio_last_to_first": ratio,
     }
     return metrics, failures
@@ -369,10 +376,15 @@ def chart(path: Path, results: list, samples: list, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    top.plot([s["t"] / 60 for s in samples], [s["rss_mb"] for s in samples])
+    minutes = [s["t"] / 60 for s in samples]
+    top.plot(minutes, [s["rss_mb"] for s in samples], label="server RSS")
     top.axvline(args.warmup_minutes, color="grey", linestyle=":", label="end of warm-up")
-    top.set_ylabel("server RSS (MiB)")
-    top.legend()
+    top.set_ylabel("MiB")
+    top.legend(loc="lower left")
+    cached = top.twinx()
+    cached.plot(minutes, [sum(e["held"]["prompt_cache_tokens"] for e in (s["engines"] or {}).values())
+                          for s in samples], color="tab:green", alpha=0.5, linewidth=0.8)
+    cached.set_ylabel("tokens in the prompt caches", color="tab:green")
     step = 60.0
     ends = [step * (i + 1) for i in range(int(max((r["t"] for r in results), default=0) // step) + 1)]
     for q, style in ((50, "-"), (99, "--")):
@@ -448,8 +460,9 @@ def main() -> None:
     for key, n in metrics["by_kind_status"].items():
         kind, status = key.split()
         print(f"{kind:<14} {status:>6} {n:>6}")
-    for key in ("requests", "status_5xx", "wrong", "client_errors", "rss_mb_start", "rss_mb_after_warmup",
-                "rss_mb_end", "rss_growth_after_warmup_mb", "held_max", "latency_first_window",
+    for key in ("requests", "status_5xx", "wrong", "client_errors", "rss_mb_start", "rss_mb_floor_first_window",
+                "rss_mb_floor_last_window", "rss_mb_peak_after_warmup", "rss_mb_end", "rss_floor_growth_mb",
+                "held_max", "latency_first_window",
                 "latency_last_window", "p99_ratio_last_to_first", "prompt_cache_hit_turns"):
         print(f"{key}: {metrics[key]}")
     config = {k: getattr(args, k) for k in ("minutes", "clients", "parallel", "warmup_minutes", "window_minutes",

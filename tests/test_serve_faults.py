@@ -201,6 +201,63 @@ def test_a_client_that_hangs_up_during_its_prefill_leaves_before_decoding(tiny_m
     assert reason == "interrupted" and tokens <= 2 and engine.stats["steps"] - steps <= 2, (tokens, engine.stats["steps"] - steps)
 
 
+def test_a_client_that_leaves_while_others_are_prefilled_is_never_prefilled(tiny_model, monkeypatch, app_server):
+    """Requests admitted in one step are prefilled one after another: a cancel that arrives meanwhile
+    stops the admissions, so the client that left costs at most the prefill under way."""
+    calls, gates = [], [threading.Event() for _ in range(3)]
+
+    def gated(prefill):
+        def run(ids, prefix=None):
+            calls.append(len(calls))
+            gates[calls[-1]].wait(30)
+            return prefill(ids, prefix)
+        return run
+
+    backend = tiny_model("torch")
+    patch_cache(monkeypatch, backend, prefill=gated)
+    srv = app_server(backend)
+    engine = srv.app.state.engines["tiny"]
+    first = send(srv.url, "tiny", 1, False)
+    wait_for(lambda: len(calls) == 1, "the first prefill did not start")
+    others = send(srv.url, "tiny", 2, False)  # they wait for the next step, together
+    wait_for(lambda: engine.commands.qsize() == 2, "the others did not arrive")
+    gates[0].set()
+    wait_for(lambda: len(calls) == 2, "the second prefill did not start")
+    hang_up(others[1:])  # the third leaves while the second is prefilled
+    wait_for(lambda: not engine.commands.empty(), "the server did not see the client leave")
+    gates[1].set()
+    wait_for(lambda: engine.pending == 2, "the client that left was not dropped", timeout=20)
+    assert len(calls) == 2  # it was never prefilled
+    gates[2].set()
+    hang_up(first + others[:1])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_clients_that_hang_up_on_an_engine_without_a_batched_cache(tiny_model, app_server, stream):
+    """The llama.cpp peer's path (one request at a time on its KV session, SessionBatchCache), with
+    the tiny torch model standing in: a decoding and a queued client leave at the next step."""
+    import copy
+
+    from backends.base import Backend
+
+    backend = copy.copy(tiny_model("torch"))
+    backend.__class__ = type("OneAtATime", (type(backend),), {"batch_cache": Backend.batch_cache})
+    assert not backend.can_batch
+    srv = app_server(backend)
+    engine = srv.app.state.engines["tiny"]
+    decoding = send(srv.url, "tiny", 1, stream)
+    wait_for(lambda: engine.stats["generated_tokens"] > 10, "the first request did not start")
+    queued = send(srv.url, "tiny", 1, stream)
+    wait_for(lambda: engine.pending == 2, "the second request was not queued")
+    before = engine.stats
+    hang_up(queued + decoding)
+    wait_for(lambda: not engine.busy, "the requests never left")
+    assert engine.stats["steps"] - before["steps"] <= NEXT_STEP
+    (tokens_a, reason_a), (tokens_b, reason_b) = list(engine.done)[-2:]
+    assert reason_a == reason_b == "interrupted"
+    assert min(tokens_a, tokens_b) == 0 and max(tokens_a, tokens_b) < LONG / 4  # the queued one never began
+
+
 def completion(url, model="tiny", **body):
     return httpx.post(url + "/v1/completions", timeout=60,
                       json={"model": model, "prompt": "a", "max_tokens": 16, "ignore_eos": True, "temperature": 0,

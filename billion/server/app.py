@@ -17,7 +17,8 @@ repetition_penalty and ignore_eos (vLLM's names). Sampling semantics are backend
 Concurrency: continuous batching (engine.py). Each engine decodes up to `parallel` requests
 together in one worker thread (backends/batching.py); more wait in a queue of `queue_size`, and
 beyond that a request gets 429 with Retry-After. A request arriving mid-batch joins at the next
-step; a client that disconnects (decoding or queued) leaves at the next step. The engine's
+step; a client that disconnects (queued, prefilling or decoding; streamed or not) leaves at the
+next step. The engine's
 prompt cache holds the KV rows of its last finished requests: a request that continues an
 earlier conversation computes only its new tokens (`usage.prompt_tokens_details.cached_tokens`).
 The prompt cache is shared by every client of the engine.
@@ -26,8 +27,9 @@ Bad requests (malformed JSON, unknown model, wrong types or out-of-range values,
 than the context, n != 1, fields billion does not implement such as response_format or tools:
 schema.UNSUPPORTED) get OpenAI-style JSON errors {"error": {"message", "type", "param", "code"}}
 with a 4xx status; an engine failure is a 500 with the same shape naming the request's id
-(X-Request-ID on every answer), its traceback in the server log; never a traceback in an answer,
-and the server keeps serving. The server writes no records (scripts/serve_load.py measures it).
+(X-Request-ID on every answer), its traceback in the server log; never a traceback in an answer.
+A failure in one request's work fails that request alone; /health is 503 once an engine's worker
+has died (the CLI then shuts the server down). The server writes no records (scripts/serve_load.py measures it).
 
 The package: app.py builds the app and its state; schema.py parses and checks requests (and
 shapes errors); routes.py holds the route functions and shapes the answers (JSON or SSE);

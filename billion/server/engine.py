@@ -104,7 +104,8 @@ class Engine:
         self.failure: str | None = None  # why the worker thread died (it never should)
         # what /health reports, replaced whole by the worker after each step (a reader never sees
         # half of one): batch steps run, tokens generated, and what it holds across requests
-        self.stats = {"steps": 0, "generated_tokens": 0, "held": {"running": 0, "queued": 0, "prompt_cache": 0}}
+        self.stats = {"steps": 0, "generated_tokens": 0,
+                      "held": {"running": 0, "queued": 0, "prompt_cache": 0, "prompt_cache_tokens": 0}}
         first = self.new_batch()  # here, not in the worker: an engine that cannot is a UserError at start-up
         self.thread = threading.Thread(target=self._run, args=(first,), name=f"billion-{backend.name}", daemon=True)
         self.thread.start()
@@ -182,7 +183,7 @@ class Engine:
                 continue
             self._expire(batch, requests)
             try:
-                events = batch.step()
+                events = batch.step(news=lambda: not self.commands.empty())
             except Exception as e:  # noqa: BLE001 - an engine failure fails its requests, not the server
                 for req in requests.values():
                     self._finish(req, "error", e)
@@ -193,7 +194,9 @@ class Engine:
             self.stats = {"steps": self.stats["steps"] + 1,
                           "generated_tokens": self.stats["generated_tokens"] + sum(e.token is not None for e in events),
                           "held": {"running": len(batch.rows), "queued": len(batch.waiting),
-                                   "prompt_cache": len(batch.prompt_cache)}}
+                                   "prompt_cache": len(batch.prompt_cache),
+                                   # its KV rows' memory follows their tokens (the key: salt, then ids)
+                                   "prompt_cache_tokens": sum(len(key) - 1 for key in batch.prompt_cache)}}
 
     def _fail_commands(self) -> None:
         """After the worker died: every request it had not taken yet fails too."""
