@@ -156,10 +156,11 @@ class Backend(ABC):
         return type(self).batch_cache is not Backend.batch_cache
 
     def batch(self, max_batch: int = 8, prompt_cache_size: int = 8, draft: "NgramDraft | None" = None,
-              num_draft: int = 4) -> "BatchGenerator":
+              num_draft: int = 4, prefill_chunk: int | None = None) -> "BatchGenerator":
         """A continuous-batching generator on this model: up to `max_batch` sequences decoded
         together, joining and leaving between steps (backends/batching.py); with `draft`, each
-        sequence drafts by prompt lookup and the batch verifies every row's proposals in one pass."""
+        sequence drafts by prompt lookup and the batch verifies every row's proposals in one pass;
+        with `prefill_chunk`, at most that many prompt tokens are prefilled per step."""
         from backends.batching import BatchCache, BatchGenerator
 
         cache = self.batch_cache()
@@ -167,7 +168,7 @@ class Backend(ABC):
             raise self._unsupported("prompt lookup inside a batch (--draft ngram with batching)")
         return BatchGenerator(cache, self.eos_ids, max_batch=max_batch, prompt_cache_size=prompt_cache_size,
                               draft=draft, num_draft=num_draft, vocab_size=self.vocab_size,
-                              constrain=self.grammars.matcher)
+                              constrain=self.grammars.matcher, prefill_chunk=prefill_chunk)
 
     @property
     def grammars(self) -> constraints.Grammars:

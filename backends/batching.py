@@ -105,6 +105,11 @@ class _Request:
     failed: bool = False  # its own work failed: it leaves, and its cache is not worth keeping
     salt: str | None = None  # its prompt-cache partition: it reuses only rows cached under the same salt
     matcher: object | None = None  # its place in gen.grammar (constraints.Matcher)
+    # while its prompt goes in chunk by chunk: its one-row cache so far, and how much of the prompt
+    # it holds (the cached prefix included); `reused` is that prefix's length
+    partial: object | None = None
+    fed: int = 0
+    reused: int = 0
 
 
 class BatchGenerator:
@@ -113,8 +118,13 @@ class BatchGenerator:
 
     def __init__(self, cache: BatchCache, eos_ids: frozenset[int], *, max_batch: int = 8,
                  prompt_cache_size: int = 8, draft=None, num_draft: int = 4, vocab_size: int = 0,
-                 constrain: Callable | None = None):
+                 constrain: Callable | None = None, prefill_chunk: int | None = None):
         self.cache = cache
+        # prompt tokens prefilled per step at most (None: each admitted prompt whole). A long prompt
+        # then goes in over several steps, the rows decoding between its chunks, and a request that
+        # leaves while its prompt goes in costs at most one chunk more.
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: _Request | None = None  # a prompt part-way in
         self.constrain = constrain  # grammar text -> constraints.Matcher (Backend.grammars.matcher)
         # prompt lookup inside the batch (a speculation.NgramDraft): each row drafts from its own text
         self.draft, self.num_draft, self.vocab_size = draft, num_draft, vocab_size
@@ -135,7 +145,7 @@ class BatchGenerator:
 
     @property
     def busy(self) -> bool:
-        return bool(self.rows or self.waiting)
+        return bool(self.rows or self.waiting or self.prefilling)
 
     def add(self, prompt_ids: Sequence[int], gen: GenerationConfig, salt: str | None = None) -> int:
         """Queue a request; `salt` partitions the prompt cache (the server's cache_salt, or API key)."""
@@ -166,8 +176,15 @@ class BatchGenerator:
         a prefill stops admitting for this step: the driver has something to say first (the server:
         a cancel is waiting, so a client that leaves costs at most the prefill under way)."""
         events = self._drop_cancelled()
-        while self.waiting and len(self.rows) < self.max_batch:
-            events.append(self._admit(self.waiting.popleft()))
+        budget = self.prefill_chunk or float("inf")
+        while (self.prefilling or self.waiting) and len(self.rows) < self.max_batch and budget > 0:
+            r, self.prefilling = self.prefilling or self.waiting.popleft(), None
+            event, used = self._admit(r, budget)
+            budget -= used
+            if event is None:
+                self.prefilling = r  # its prompt goes on at the next step
+            else:
+                events.append(event)
             if news is not None and news():
                 break
         self._drop_finished(events)
@@ -249,18 +266,29 @@ class BatchGenerator:
         """The uids still waiting for a slot."""
         return [r.uid for r in self.waiting]
 
-    def _admit(self, r: _Request) -> BatchEvent:
-        """Prefill the request alone and sample its first token. If its prefill fails (out of
-        memory on a long prompt, say), it fails alone: it never joined the batch."""
+    def _admit(self, r: _Request, budget: float) -> tuple[BatchEvent | None, int]:
+        """Prefill up to `budget` more of the request's prompt, alone; once all of it is in, it joins
+        the batch and its first token is sampled from the prefill. (its event or None while prompt
+        is left, tokens prefilled). If its prefill fails (out of memory on a long prompt, say), it
+        fails alone: it never joined the batch."""
+        used = 0
         try:
-            prefix, reused = self._cached_prefix(r.prompt, r.salt)
-            row, r.logits = self.cache.prefill(r.prompt[reused:], prefix)
+            if r.partial is None:
+                r.partial, r.reused = self._cached_prefix(r.prompt, r.salt)
+                r.fed = r.reused
+            used = int(min(budget, len(r.prompt) - r.fed))
+            r.partial, r.logits = self.cache.prefill(r.prompt[r.fed:r.fed + used], r.partial)
+            r.fed += used
         except Exception as e:  # noqa: BLE001 - this request's own work
-            return self._fail(r, e, time.perf_counter())
+            r.partial = None
+            return self._fail(r, e, time.perf_counter()), used
+        if r.fed < len(r.prompt):
+            return None, used
+        row, r.partial = r.partial, None
         self.cache.add(row)
         self.rows.append(r)
         event = self._sample(r, time.perf_counter())  # the first token comes from the prefill
-        return replace(event, cached_tokens=reused)
+        return replace(event, cached_tokens=r.reused), used
 
     def _sample(self, r: _Request, now: float) -> BatchEvent:
         try:
@@ -290,9 +318,12 @@ class BatchGenerator:
     def _drop_cancelled(self) -> list[BatchEvent]:
         if not self._cancelled:
             return []
+        part = [self.prefilling] if self.prefilling else []
         events = [BatchEvent(r.uid, None, "cancelled", time.perf_counter())
-                  for r in itertools.chain(self.waiting, self.rows) if r.uid in self._cancelled]
+                  for r in itertools.chain(self.waiting, part, self.rows) if r.uid in self._cancelled]
         self.waiting = deque(r for r in self.waiting if r.uid not in self._cancelled)
+        if self.prefilling and self.prefilling.uid in self._cancelled:
+            self.prefilling = None  # its part-way cache goes with it
         self._keep([i for i, r in enumerate(self.rows) if r.uid not in self._cancelled])
         self._cancelled.clear()
         return events

@@ -66,6 +66,38 @@ def test_each_sequence_gets_its_own_tokens_whatever_shares_the_batch(engine, tin
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_prompt_prefilled_in_chunks_gives_the_tokens_of_a_whole_one(engine, tiny_model):
+    """prefill_chunk (billion serve --prefill-chunk): a long prompt goes in 7 tokens a step while the
+    row already there decodes, and every request's tokens are those of whole prefills (float32,
+    greedy), the next turn's (a cached prefix, then the rest in chunks) too."""
+    b = tiny_model(engine)
+    rng = np.random.default_rng(1)
+    short, long, tail = (rng.integers(0, b.vocab_size, n).tolist() for n in (4, 60, 20))
+    gen = GenerationConfig(max_tokens=8, ignore_eos=True)
+
+    def run(chunk):
+        batch = b.batch(max_batch=4, prefill_chunk=chunk)
+        first, second = batch.add(short, gen), batch.add(long, gen)
+        tokens, order = {first: [], second: []}, []
+        while batch.busy:
+            for e in batch.step():
+                if e.token is not None:
+                    tokens[e.uid].append(e.token)
+                    order.append("short" if e.uid == first else "long")
+        batch.add(long + tokens[second] + tail, gen)  # the next turn
+        events = []
+        while batch.busy:
+            events += batch.step()
+        return tokens[first], tokens[second], [e.token for e in events if e.token is not None], \
+            events[0].cached_tokens, order
+
+    *whole, _ = run(None)
+    *chunked, order = run(7)
+    assert chunked == whole and whole[3] > 60  # the same tokens; the turn's prefix came from the cache
+    assert order[:8] == ["short"] * 8  # the short row decoded all its tokens while the long prompt went in
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_cancel_eos_and_the_prompt_cache(engine, tiny_model):
     b = tiny_model(engine)
     batch = b.batch(max_batch=4)

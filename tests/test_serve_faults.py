@@ -232,6 +232,32 @@ def test_a_client_that_leaves_while_others_are_prefilled_is_never_prefilled(tiny
     hang_up(first + others[:1])
 
 
+def test_a_client_that_leaves_during_a_long_prompt_costs_one_chunk(tiny_model, monkeypatch, app_server):
+    """--prefill-chunk: a long prompt goes in chunk by chunk; a client that leaves meanwhile stops it
+    after the chunk under way."""
+    calls, go_on = [], threading.Event()
+
+    def counted(prefill):
+        def run(ids, prefix=None):
+            calls.append(len(ids))
+            if len(calls) == 2:
+                go_on.wait(30)  # the second chunk runs while the client hangs up
+            return prefill(ids, prefix)
+        return run
+
+    backend = tiny_model("torch")
+    patch_cache(monkeypatch, backend, prefill=counted)
+    srv = app_server(backend, prefill_chunk=8)
+    engine = srv.app.state.engines["tiny"]
+    conns = send(srv.url, "tiny", 1, False, max_tokens=8, prompt="word " * 150)
+    wait_for(lambda: len(calls) == 2, "the second chunk did not start")
+    hang_up(conns)
+    wait_for(lambda: not engine.commands.empty(), "the server did not see the client leave")
+    go_on.set()
+    wait_for(lambda: not engine.busy, "the request never left")
+    assert calls == [8, 8] and engine.done[-1] == (0, "interrupted")  # of its 150+ tokens, two chunks went in
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 def test_clients_that_hang_up_on_an_engine_without_a_batched_cache(tiny_model, app_server, stream):
     """The llama.cpp peer's path (one request at a time on its KV session, SessionBatchCache), with

@@ -128,11 +128,14 @@ def served_name(model: str) -> str:
 @click.option("--chat-template", default=None, metavar="FILE",
               help="Render chats with this Jinja template instead of the model's own; chatml-tools is billion's "
                    "ChatML template with tool calls (for ChatML models without tools, e.g. SmolLM2).")
+@click.option("--prefill-chunk", type=click.IntRange(1), default=256, show_default=True,
+              help="Prompt tokens prefilled per batch step at most: a long prompt goes in over several steps, the "
+                   "other requests decoding between its chunks, and a client that leaves costs at most one chunk.")
 @click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=Limits.request_timeout_s,
               show_default=True, help="Seconds a generation may run; then it ends with finish_reason length.")
 def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys, api_key_file, allowed_origins,
           max_body_bytes, max_prompt_tokens, max_tokens_cap, max_messages, max_stop_length, shutdown_timeout,
-          draft, num_draft, chat_template, request_timeout, **opts):
+          draft, num_draft, chat_template, prefill_chunk, request_timeout, **opts):
     """Serve a model over an OpenAI-compatible HTTP API.
 
     Routes: /v1/chat/completions and /v1/completions (streamed as server-sent events with
@@ -186,7 +189,7 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys,
         if len(names) == 1:
             served[name] = served[f"{name}@{names[0]}"]
         app = create_app(served, name="billion", parallel=parallel, queue_size=queue_size, limits=limits,
-                         access=access, draft=lookup, num_draft=num_draft)
+                         access=access, draft=lookup, num_draft=num_draft, prefill_chunk=prefill_chunk)
         console.print(f"serving {', '.join(served)} on http://{host}:{port}/v1", markup=False, soft_wrap=True)
         # the engines' workers stop in the app's lifespan, before the ExitStack closes them
         run_server(app, uvicorn.Config(app, host=host, port=port, log_level=log_level,

@@ -81,8 +81,9 @@ class Engine:
     """One loaded model on one engine, its requests decoded together by a worker thread."""
 
     def __init__(self, backend: Backend, parallel: int = 8, queue_size: int = 64, timeout_s: float | None = None,
-                 draft=None, num_draft: int = 4):
+                 draft=None, num_draft: int = 4, prefill_chunk: int | None = None):
         self.backend = backend
+        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per step at most
         self.draft, self.num_draft = draft, num_draft  # prompt lookup inside the batch (an NgramDraft)
         # requests are parsed, rendered and tokenized in other threads: on a copy of the backend with
         # its own tokenizer (the worker detokenizes with the original at the same time), one at a time;
@@ -117,11 +118,11 @@ class Engine:
     def new_batch(self) -> BatchGenerator:
         if self.batching:
             return self.backend.batch(max_batch=self.parallel, prompt_cache_size=self.parallel, draft=self.draft,
-                                      num_draft=self.num_draft)
+                                      num_draft=self.num_draft, prefill_chunk=self.prefill_chunk)
         if self.draft is not None:
             raise self.backend._unsupported("prompt lookup while serving (it has no batched KV cache)")
         return BatchGenerator(SessionBatchCache(self.backend), self.backend.eos_ids, max_batch=1, prompt_cache_size=1,
-                              constrain=self.backend.grammars.matcher)
+                              constrain=self.backend.grammars.matcher, prefill_chunk=self.prefill_chunk)
 
     # ------------------------------------------------------------ event-loop side
 
