@@ -95,10 +95,11 @@ def main() -> None:
     p.add_argument("--prefill-close-s", type=float, default=0.2)
     p.add_argument("--decode-close-s", type=float, default=0.5)
     p.add_argument("--gap-s", type=float, default=2.0)
+    p.add_argument("--serve-arg", action="append", default=[], help="one more billion serve argument (repeatable)")
     p.add_argument("--results-dir", default="results")
     args = p.parse_args()
     started = time.time()
-    serve = SimpleNamespace(model=args.model, backend=args.backend, parallel=8, serve_arg=[])
+    serve = SimpleNamespace(model=args.model, backend=args.backend, parallel=8, serve_arg=args.serve_arg)
     proc, url, _ = start_server(serve)
     rows = []
     try:
@@ -116,7 +117,7 @@ def main() -> None:
     worst = max(r["ratio"] for r in rows)
     print(f"worst ratio: {worst}")
     config = {k: getattr(args, k) for k in ("clients", "max_tokens", "long_prompt", "prefill_close_s",
-                                            "decode_close_s", "gap_s")}
+                                            "decode_close_s", "gap_s", "serve_arg")}
     record = make_record("abandoned_clients", args.backend, args.model, config, {"worst_ratio": worst, "rows": rows},
                          started=started)
     print(f"record: {write_record(record, args.results_dir)}")

@@ -422,6 +422,34 @@ def test_a_dead_worker_fails_its_requests_and_health_says_so(tiny_model, app_ser
     assert "simulated bug in the worker" in h.json()["failed"][0]
 
 
+def test_a_failed_step_then_a_dead_worker_still_answers_every_request(tiny_model, monkeypatch, app_server):
+    """A step that raises (here: adding a prefilled row) fails the batch's requests and the worker
+    starts a new batch; if the worker dies after that, the requests of the new batch are answered."""
+    broken = threading.Event()
+
+    def flaky(add):
+        def run(row):
+            if not broken.is_set():
+                broken.set()
+                raise RuntimeError("simulated: the batch cannot take the row")
+            return add(row)
+        return run
+
+    backend = tiny_model("torch")
+    patch_cache(monkeypatch, backend, add=flaky)
+    srv = app_server(backend)
+    engine = srv.app.state.engines["tiny"]
+    assert completion(srv.url).status_code == 500  # the failed step's request
+    assert completion(srv.url).status_code == 200  # a new batch serves the next
+    answers = []
+    t = threading.Thread(target=lambda: answers.append(completion(srv.url, max_tokens=LONG)))
+    t.start()
+    wait_for(lambda: engine.stats["generated_tokens"] > 16 + 5, "the request did not start")
+    break_the_worker(engine)
+    t.join(30)
+    assert answers and answers[0].status_code == 500  # answered, not left waiting
+
+
 def test_a_dead_worker_shuts_the_server_down_with_one_line(tiny_model):
     """billion serve's run_server: the server exits by itself (a UserError: one line, exit 1)."""
     import uvicorn

@@ -188,7 +188,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - an engine failure fails its requests, not the server
                 for req in requests.values():
                     self._finish(req, "error", e)
-                batch, requests = self.new_batch(), {}
+                requests.clear()  # the same dict: _run answers what it holds if the worker dies later
+                batch = self.new_batch()
                 continue
             for event in events:
                 self._deliver(batch, requests, event)

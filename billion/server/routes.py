@@ -71,8 +71,9 @@ def request_id(request: Request) -> str | None:
 @router.get("/health")
 async def health(request: Request):
     """200 while every engine's worker runs, else 503 naming what failed (the server is then shutting
-    down). Per model id: requests in flight or queued; per engine: batch steps run, tokens generated,
-    and what it holds (requests in its batch, prompt-cache rows) as of its last step."""
+    down). Per model id: requests in flight or queued, and its engine's batch steps run, tokens
+    generated and what it holds (rows decoding, requests queued, prompt-cache rows and their tokens)
+    as of its last step."""
     engines = request.app.state.engines
     failed = sorted({e.failure for e in engines.values() if e.failure})
     body = {"status": "error" if failed else "ok", "models": list(engines),
@@ -224,7 +225,7 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
     if generation.client_gone:
         return gone()
     if not req.stream:
-        return await _answer(request, reply, generation, first)
+        return await _answer(reply, generation, first)
     return StreamingResponse(_events(request, reply, generation, first),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -237,7 +238,7 @@ async def _with_first(first, chunks: Generation):
         yield chunk
 
 
-async def _answer(request: Request, reply: Reply, chunks: Generation, first) -> JSONResponse:
+async def _answer(reply: Reply, chunks: Generation, first) -> JSONResponse:
     """The whole completion as one JSON body."""
     text = []
     try:
