@@ -167,7 +167,8 @@ class BatchGenerator:
         return uid
 
     def cancel(self, uid: int) -> None:
-        """The request leaves at the next step (queued or decoding), with finish reason "cancelled"."""
+        """The request leaves at the next step (queued, part-way through its prompt, or decoding), with
+        finish reason "cancelled"."""
         self._cancelled.add(uid)
 
     def step(self, news: Callable[[], bool] | None = None) -> list[BatchEvent]:

@@ -48,8 +48,8 @@ def run_server(app, config) -> None:
             return await super().on_tick(counter)
 
     Draining(config).run()
-    if app.state.failure():
-        raise UserError(f"{app.state.failure()}; the server shut down (the log above has the traceback)")
+    if failure := app.state.failure():
+        raise UserError(f"{failure}; the server shut down (the log above has the traceback)")
 
 
 def read_keys(path: str) -> tuple[str, ...]:
