@@ -100,7 +100,7 @@ def test_no_chart_without_its_records(results_dir):
 
 def test_newest_complete_record_per_series(results_dir):
     """Of several records for one series the newest complete one is drawn; an interrupted one draws nothing."""
-    from billion.records.report import CHARTS, _groups
+    from billion.records.report import CHARTS, groups
     from billion.records.store import read_records
 
     now = time.time()
@@ -112,11 +112,11 @@ def test_newest_complete_record_per_series(results_dir):
     write_record(rec, results_dir)
     records = read_records([results_dir])
     bench, finetune = (next(c for c in CHARTS if c.task == task) for task in ("bench", "finetune"))
-    groups = _groups(records, bench)
+    groups = groups(records, bench)
     assert list(groups) == [("random:tinyllama", "random")]
     assert {k: r["metrics"]["decode_tps"] for k, r in groups["random:tinyllama", "random"].items()} == \
         {("mlx", "float16"): 7.0, ("torch", "float16"): 6.0}
-    assert _groups(records, finetune) == {}
+    assert groups(records, finetune) == {}
 
 
 def test_no_charts_flag(results_dir):
@@ -192,7 +192,7 @@ def test_batch_table_and_chart(results_dir):
 
 
 def test_batch_chart_newest_complete_per_engine_precision_and_size_per_machine(results_dir):
-    from billion.records.report import CHARTS, _groups, charts
+    from billion.records.report import CHARTS, groups, charts
     from billion.records.store import read_records
 
     now = time.time()
@@ -205,7 +205,7 @@ def test_batch_chart_newest_complete_per_engine_precision_and_size_per_machine(r
     _batch(results_dir, "torch", 4, 0.0, started=now - 30)  # nothing measured: not drawn
     records = read_records([results_dir])
     batch = next(c for c in CHARTS if c.task == "bench_batch")
-    groups = _groups(records, batch)
+    groups = groups(records, batch)
     here = next(k for k in groups if k[2] != "Apple M2")
     assert sorted(groups) == sorted([here, (GGUF, "Q4_1 GGUF", "Apple M2")])
     assert {k: r["metrics"]["aggregate_decode_tps"] for k, r in groups[here].items()} == \

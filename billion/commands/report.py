@@ -1,4 +1,5 @@
-"""`billion report`: tables (and, with --markdown, PNG charts) rendered from JSON records."""
+"""`billion report`: tables (and, with --markdown, PNG charts; with --html, one self-contained page)
+rendered from JSON records."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from backends.types import UserError
 from billion.ui import console
 
 
@@ -16,8 +18,10 @@ from billion.ui import console
               help="Also write the tables as Markdown to this file (e.g. results/README.md).")
 @click.option("--charts/--no-charts", "draw_charts", default=True, show_default=True,
               help="With --markdown: also draw PNG charts into charts/ next to the Markdown file and link them.")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write one self-contained HTML page (tables, inline SVG charts, filters; nothing fetched).")
 @click.option("--task", default=None, help="Only records of this task (bench, parity, mmlu, ...).")
-def report(paths, markdown_out, draw_charts, task):
+def report(paths, markdown_out, draw_charts, html_out, task):
     """Show the records under PATHS (default: results/) as one table per task."""
     from billion.records.report import CHARTS_DIR, charts, markdown, rows
     from billion.records.store import read_records
@@ -41,3 +45,11 @@ def report(paths, markdown_out, draw_charts, task):
         out.write_text(markdown(records, charts=drawn))
         count = sum(map(len, drawn.values()))
         console.print(f"wrote {markdown_out}" + (f" and {count} charts in {out.parent / CHARTS_DIR}" if count else ""))
+    if html_out:
+        from billion.records.html import page
+
+        try:
+            Path(html_out).write_text(page(records))
+        except OSError as e:
+            raise UserError(f"{html_out}: cannot write the page ({e.strerror or e})") from None
+        console.print(f"wrote {html_out}")

@@ -52,6 +52,21 @@ def run_server(app, config) -> None:
         raise UserError(f"{failure}; the server shut down (the log above has the traceback)")
 
 
+def server_log(level: str) -> None:
+    """billion.server's messages (a client that left, a failed request and its traceback) at
+    --log-level, shaped as uvicorn's own lines, beside its access log."""
+    import logging
+
+    from uvicorn.logging import DefaultFormatter
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+    log = logging.getLogger("billion.server")
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
 def read_keys(path: str) -> tuple[str, ...]:
     """API keys from a file: one per line, blank lines and # comments skipped."""
     try:
@@ -131,15 +146,18 @@ def served_name(model: str) -> str:
 @click.option("--prefill-chunk", type=click.IntRange(1), default=256, show_default=True,
               help="Prompt tokens prefilled per batch step at most: a long prompt goes in over several steps, the "
                    "other requests decoding between its chunks, and a client that leaves costs at most one chunk.")
+@click.option("--results", "results", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Show the records in DIR at /report (as billion report --html renders them).")
 @click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=Limits.request_timeout_s,
               show_default=True, help="Seconds a generation may run; then it ends with finish_reason length.")
 def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys, api_key_file, allowed_origins,
           max_body_bytes, max_prompt_tokens, max_tokens_cap, max_messages, max_stop_length, shutdown_timeout,
-          draft, num_draft, chat_template, prefill_chunk, request_timeout, **opts):
+          draft, num_draft, chat_template, prefill_chunk, results, request_timeout, **opts):
     """Serve a model over an OpenAI-compatible HTTP API.
 
     Routes: /v1/chat/completions and /v1/completions (streamed as server-sent events with
-    "stream": true), /v1/models, /health. Each engine is the model id <model>@<engine>
+    "stream": true), /v1/models, /health; the arena page at / (every engine answers in its own
+    column) and, with --results, the records at /report. Each engine is the model id <model>@<engine>
     (with one engine, the plain model name works too). Concurrent requests are decoded
     together (continuous batching, up to --parallel per engine; a request arriving mid-batch
     joins at the next step, one whose client is gone leaves at the next step). Any OpenAI
@@ -189,8 +207,12 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys,
         if len(names) == 1:
             served[name] = served[f"{name}@{names[0]}"]
         app = create_app(served, name="billion", parallel=parallel, queue_size=queue_size, limits=limits,
-                         access=access, draft=lookup, num_draft=num_draft, prefill_chunk=prefill_chunk)
-        console.print(f"serving {', '.join(served)} on http://{host}:{port}/v1", markup=False, soft_wrap=True)
+                         access=access, draft=lookup, num_draft=num_draft, prefill_chunk=prefill_chunk,
+                         results=results)
+        console.print(f"serving {', '.join(served)} on http://{host}:{port}/v1; the arena page: "
+                      f"http://{host}:{port}/" + (f", records: http://{host}:{port}/report" if results else ""),
+                      markup=False, soft_wrap=True)
+        server_log(log_level)
         # the engines' workers stop in the app's lifespan, before the ExitStack closes them
         run_server(app, uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                        timeout_graceful_shutdown=shutdown_timeout))

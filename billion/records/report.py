@@ -400,7 +400,7 @@ CHARTS = (
 )
 
 
-def _groups(records: list[dict], chart: Chart) -> dict[tuple, dict]:
+def groups(records: list[dict], chart: Chart) -> dict[tuple, dict]:
     """(model, source, *split) -> {series: the newest complete record of that series}."""
     out: dict[tuple, dict] = {}
     for r in sorted(records, key=lambda r: r["started_at"]):
@@ -409,8 +409,8 @@ def _groups(records: list[dict], chart: Chart) -> dict[tuple, dict]:
     return out
 
 
-def _save(chart: Chart, chosen: dict, path: Path) -> str:
-    """Draw one chart as a PNG at path (Agg); returns its title on one line."""
+def figure(chart: Chart, chosen: dict):
+    """Draw one chart (Agg); returns (the matplotlib Figure, its title on one line)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -425,9 +425,15 @@ def _save(chart: Chart, chosen: dict, path: Path) -> str:
     if ax.get_legend() is None and not fig.legends:  # a chart may have placed its own, outside its data
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return fig, f"{what}: {subject}"
+
+
+def _save(chart: Chart, chosen: dict, path: Path) -> str:
+    """Draw one chart as a PNG at path; returns its title on one line."""
+    fig, title = figure(chart, chosen)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    return f"{what}: {subject}"
+    return title
 
 
 def charts(records: list[dict], md_dir: Path) -> dict[str, list[tuple[str, str]]]:
@@ -436,7 +442,7 @@ def charts(records: list[dict], md_dir: Path) -> dict[str, list[tuple[str, str]]
 
     out: dict[str, list[tuple[str, str]]] = {}
     for chart in CHARTS:
-        for key, chosen in _groups(records, chart).items():
+        for key, chosen in groups(records, chart).items():
             link = f"{CHARTS_DIR}/{chart.task}-{_slug(' '.join(key))}.png"
             out.setdefault(chart.task, []).append((_save(chart, chosen, md_dir / link), link))
     return out

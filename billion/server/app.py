@@ -6,7 +6,10 @@ billion/commands/serve.py, loads them; tests pass tiny models). Routes:
 - POST /v1/chat/completions: `messages` rendered with the model's chat template (base models:
   the plain "User: …\\nAssistant:" transcript of billion/tasks/chat.py, which also stops there);
 - POST /v1/completions: a raw text `prompt` (one string, or a list of one string or of token ids);
-- GET /v1/models, GET /health.
+- GET /v1/models, GET /health;
+- GET /: the arena, a chat page where every served engine answers in its own column (static files
+  in billion/server/page/, nothing fetched from elsewhere); GET /report: the records of
+  `--results DIR` as billion report --html renders them (404 without a folder).
 
 Both completion routes stream as server-sent events when `stream` is true (a final usage chunk
 with `stream_options.include_usage`), and give `usage` token counts. Request fields:
@@ -43,6 +46,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
 
 from backends.base import Backend
@@ -77,6 +81,7 @@ class RequestIds:
         request_id = uuid.uuid4().hex[:16]
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["arrived"] = time.perf_counter()  # the start of the server's own time to first token
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -92,12 +97,12 @@ class RequestIds:
 
 def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel: int = 8, queue_size: int = 64,
                limits: Limits = Limits(), access: Access = Access(), draft=None, num_draft: int = 4,
-               prefill_chunk: int | None = None) -> FastAPI:
+               prefill_chunk: int | None = None, results: str | None = None) -> FastAPI:
     """The server for `backends` ({model id: loaded Backend}; several ids may share one Backend,
     e.g. "m" and "m@torch", and then share one Engine: its batch, worker thread and prompt cache).
     `name` is the model name /v1/models reports as owner; each engine decodes up to `parallel`
     requests together and queues `queue_size` more, prefilling at most `prefill_chunk` prompt tokens
-    per step (None: each prompt whole)."""
+    per step (None: each prompt whole). `results`: the records folder /report shows (None: no report)."""
     engines: dict[int, Engine] = {}  # by id(backend)
     for backend in backends.values():
         if id(backend) not in engines:
@@ -111,8 +116,10 @@ def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel:
     # why an engine's worker died (None while all run): the server then shuts down
     app.state.failure = lambda: next((e.failure for e in engines.values() if e.failure), None)
     app.state.created = int(time.time())
+    app.state.results = results
     app.add_middleware(RequestIds)
     app.add_exception_handler(APIError, routes.api_error)
     app.add_exception_handler(Exception, routes.unexpected_error)
     app.include_router(routes.router)
+    app.mount("/page", StaticFiles(directory=routes.PAGE), name="page")
     return app

@@ -356,7 +356,7 @@ class Generation:
         except RuntimeError:  # the event loop is gone (shutdown)
             pass
 
-    def watch(self, receive) -> None:
+    def watch(self, receive, request_id: str | None = None) -> None:
         """Cancel the request as soon as its client hangs up. `receive` is the request's ASGI
         receive, its body already read: the next message it gives is http.disconnect, which uvicorn
         sends when the connection closes (or once the answer is complete). Waiting on it costs
@@ -367,6 +367,7 @@ class Generation:
                 pass
             if not self.ended:
                 self.client_gone = True
+                log.info("request %s: the client left; the request is cancelled", request_id or "?")
                 await self.aclose()
 
         self.watcher = asyncio.create_task(until_gone())

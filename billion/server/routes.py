@@ -12,11 +12,12 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from backends.types import GenerationConfig, UserError
 from billion.server.engine import Engine, Generation, QueueFull, ShuttingDown
@@ -83,6 +84,33 @@ async def health(request: Request):
     if failed:
         body["failed"] = failed
     return JSONResponse(body, status_code=503 if failed else 200)
+
+
+PAGE = Path(__file__).resolve().parent / "page"  # the arena's static files
+
+
+@router.get("/", include_in_schema=False)
+async def arena():
+    """The arena page: type once, every served engine answers in its own column (page/arena.js)."""
+    return FileResponse(PAGE / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/report", include_in_schema=False)
+async def report(request: Request):
+    """The records of --results as one page, read afresh at each visit (a benchmark that just wrote
+    a record shows up on reload)."""
+    folder = request.app.state.results
+    if folder is None:
+        raise APIError(404, "this server shows no records: start it with --results DIR", code="not_found")
+    return HTMLResponse(await run_in_threadpool(_report_page, folder))
+
+
+def _report_page(folder: str) -> str:
+    from billion.records.html import empty_page, page
+    from billion.records.store import read_records
+
+    records = read_records([folder])
+    return page(records) if records else empty_page(folder)
 
 
 @router.get("/v1/models")
@@ -213,8 +241,9 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
     # the queued request (503) or an error before any token (400) is the answer's status, not an event.
     try:
         generation = Generation(engine, prompt_ids, gen, cache_salt(request, req))
-        generation.watch(request.receive)  # a client that hangs up, in any state, is cancelled
+        generation.watch(request.receive, request_id(request))  # a client that hangs up, in any state, is cancelled
         first = await generation.first()
+        timing = server_timing(request)
     except QueueFull as e:
         raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -225,10 +254,20 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
     if generation.client_gone:
         return gone()
     if not req.stream:
-        return await _answer(reply, generation, first)
+        answer = await _answer(reply, generation, first)
+        answer.headers["Server-Timing"] = timing
+        return answer
     return StreamingResponse(_events(request, reply, generation, first),
                              media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Server-Timing": timing})
+
+
+def server_timing(request: Request) -> str:
+    """The server's own time to first token, from the request's arrival to its first token (queue,
+    tokenizing and prefill included), as a Server-Timing header: browsers show it in their network
+    panel and hand it to pages (PerformanceResourceTiming.serverTiming); the arena page puts it beside
+    the time it measured itself."""
+    return f"ttft;dur={(time.perf_counter() - request.state.arrived) * 1000:.1f}"
 
 
 async def _with_first(first, chunks: Generation):
