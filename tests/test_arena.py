@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get i
 ENGINES = ("mlx", "torch")
 # a reply that lasts: the tiny models decode a token in a few ms, and their context is 512 tokens
 LONG = 440
+KEY = "arena-test-key"  # the server needs an API key: the page sends the one typed in its field
 
 
 def _records(folder) -> None:
@@ -49,7 +50,7 @@ def records(tmp_path_factory):
 def server(tiny_folder, records):
     # one slot per engine and no queue: a second request to a busy engine is a 429
     folder = tiny_folder("tinyllama")
-    with serve_process(folder, "--parallel", "1", "--queue-size", "0", "--results", str(records),
+    with serve_process(folder, "--parallel", "1", "--queue-size", "0", "--results", str(records), "--api-key", KEY,
                        backend="all") as served:
         served.name = folder.name
         yield served
@@ -68,6 +69,7 @@ def browser():
 def page(browser, server):
     """A fresh browser profile on the arena page; afterwards, every request it made went to the server."""
     context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    context.add_init_script(f"localStorage.setItem('billion.apiKey', JSON.stringify({KEY!r}))")  # typed before
     requests, errors = [], []
     context.on("request", lambda r: requests.append(r.url))
     page = context.new_page()
@@ -130,6 +132,7 @@ def test_two_engines_stream_side_by_side_with_their_metrics_and_no_mark_when_equ
     mlx, torch = cols.values()
     assert mlx["tokens"] == torch["tokens"]  # greedy, the same float32 weights: equal replies
     assert mlx["marked"] == torch["marked"] == [] and page.query_selector(".tok.diverge") is None
+    assert "differs" not in mlx["metrics"] + torch["metrics"]
     # a token's probability and the alternatives the server sent (top 5)
     page.hover(".column >> nth=1 >> .tok:not(:empty) >> nth=2")
     tip = page.wait_for_selector("#tip:not([hidden])")
@@ -146,6 +149,7 @@ def test_the_first_differing_token_is_marked_in_each_column(page):
     first = next(i for i, (a, b) in enumerate(zip(mlx["tokens"], torch["tokens"])) if a != b)
     assert mlx["marked"] == torch["marked"] == [first]
     assert mlx["tokens"][:first] == torch["tokens"][:first]
+    assert f"differs from token {first + 1}" in mlx["metrics"] and f"differs from token {first + 1}" in torch["metrics"]
 
 
 def test_stop_and_escape_cancel_the_requests_on_the_server_and_the_page_stays_usable(page, server):
@@ -208,7 +212,7 @@ def busy(server, engine: str):
     done = threading.Event()
 
     def occupy():
-        with httpx.Client(base_url=server.url, timeout=60) as client:
+        with httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
             while not done.is_set():
                 body = {"model": f"{server.name}@{engine}", "prompt": "a", "max_tokens": LONG, "ignore_eos": True,
                         "stream": True}
@@ -290,6 +294,25 @@ def test_regenerate_replaces_the_last_replies(page):
     assert page.eval_on_selector_all(".column >> nth=0 >> .user", "els => els.length") == 1
     assert [c["tokens"] for c in after.values()] != [c["tokens"] for c in before.values()]
     assert all(c["finish"] == "length" for c in after.values())
+
+
+def test_the_api_key_field_opens_a_server_that_needs_one(browser, server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/")
+    notice = page.wait_for_selector("#notice:not([hidden])")
+    assert "needs a valid API key" in notice.inner_text() and page.query_selector(".column") is None
+    page.fill("#api-key", "wrong")
+    page.press("#api-key", "Enter")
+    page.wait_for_function("document.querySelector('#notice').textContent.includes('API key')")
+    assert page.query_selector(".column") is None
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Enter")
+    page.wait_for_selector(".column")
+    assert page.is_hidden("#notice")
+    page.reload()  # the key is kept in the browser
+    page.wait_for_selector(".column")
+    context.close()
 
 
 # ---------------------------------------------------------------- the records page

@@ -112,9 +112,9 @@ def test_newest_complete_record_per_series(results_dir):
     write_record(rec, results_dir)
     records = read_records([results_dir])
     bench, finetune = (next(c for c in CHARTS if c.task == task) for task in ("bench", "finetune"))
-    groups = groups(records, bench)
-    assert list(groups) == [("random:tinyllama", "random")]
-    assert {k: r["metrics"]["decode_tps"] for k, r in groups["random:tinyllama", "random"].items()} == \
+    found = groups(records, bench)
+    assert list(found) == [("random:tinyllama", "random")]
+    assert {k: r["metrics"]["decode_tps"] for k, r in found["random:tinyllama", "random"].items()} == \
         {("mlx", "float16"): 7.0, ("torch", "float16"): 6.0}
     assert groups(records, finetune) == {}
 
@@ -205,10 +205,10 @@ def test_batch_chart_newest_complete_per_engine_precision_and_size_per_machine(r
     _batch(results_dir, "torch", 4, 0.0, started=now - 30)  # nothing measured: not drawn
     records = read_records([results_dir])
     batch = next(c for c in CHARTS if c.task == "bench_batch")
-    groups = groups(records, batch)
-    here = next(k for k in groups if k[2] != "Apple M2")
-    assert sorted(groups) == sorted([here, (GGUF, "Q4_1 GGUF", "Apple M2")])
-    assert {k: r["metrics"]["aggregate_decode_tps"] for k, r in groups[here].items()} == \
+    found = groups(records, batch)
+    here = next(k for k in found if k[2] != "Apple M2")
+    assert sorted(found) == sorted([here, (GGUF, "Q4_1 GGUF", "Apple M2")])
+    assert {k: r["metrics"]["aggregate_decode_tps"] for k, r in found[here].items()} == \
         {("torch", "float32", 1): 12.0, ("torch", "float32", 2): 18.0, ("torch", "float32 int8", 2): 30.0}
     drawn = charts(records, results_dir)["bench_batch"]
     assert len(drawn) == 2 and all((results_dir / link).read_bytes()[:8] == PNG_MAGIC for _, link in drawn)

@@ -18,7 +18,9 @@ STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
 .filters { position: sticky; top: 0; background: #fff; padding: .5em 0; border-bottom: 1px solid #eee; z-index: 1; }
-.filters label { margin-right: 1em; }
+.filters label { margin-right: 1em; } .filters select { max-width: 22em; }
+nav { margin-top: .4em; font-size: 12px; } nav a { margin-right: .8em; }
+section { scroll-margin-top: 6em; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 12px; margin: .5em 0; }
 th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: left; white-space: nowrap; }
@@ -67,12 +69,17 @@ def _chart_svgs(records: list[dict]) -> dict[str, list[str]]:
             svg = buffer.getvalue()
             svg = svg[svg.index("<svg"):]  # no XML prolog or DOCTYPE inside the page
             recs = list(chosen.values())
-            engines = " ".join(sorted({r["backend"] for r in recs}))
+            engines = " ".join(sorted({e for r in recs for e in _engines(r)}))
             precisions = " ".join(sorted({precision(r).replace(" ", "_") for r in recs}))
             out.setdefault(chart.task, []).append(
                 f'<figure data-model="{_e(key[0])}" data-engines="{_e(engines)}" '
                 f'data-precisions="{_e(precisions)}">{svg}<figcaption>{_e(title)}</figcaption></figure>')
     return out
+
+
+def _engines(rec: dict) -> list[str]:
+    """The engines a record ran: one, or several for a comparison (`mlx,torch`)."""
+    return rec["backend"].split(",")
 
 
 def _select(name: str, label: str, values: set[str]) -> str:
@@ -92,16 +99,17 @@ def page(records: list[dict], title: str = "billion: measured records") -> str:
              f"<p>{len(records)} records. Machines: {_e('; '.join(f'{c} ({o})' for c, o in chips))}</p>",
              '<div class="filters">'
              + _select("model", "model", {r["model"] for r in records})
-             + _select("engine", "engine", {r["backend"] for r in records})
+             + _select("engine", "engine", {e for r in records for e in _engines(r)})
              + _select("precision", "precision", {precision(r).replace(" ", "_") for r in records})
-             + "</div>"]
+             + "<nav>sections: " + "".join(f'<a href="#{_e(task)}">{_e(task)}</a>' for task in rows(records))
+             + "</nav></div>"]
     by_task = {task: [r for r in sorted(records, key=lambda r: r["started_at"]) if r["task"] == task]
                for task in rows(records)}
     for task, (header, body) in rows(records).items():
-        lines = [f'<section data-task="{_e(task)}"><h2>{_e(task)}</h2><div class="scroll"><table><thead><tr>'
+        lines = [f'<section data-task="{_e(task)}" id="{_e(task)}"><h2>{_e(task)}</h2><div class="scroll"><table><thead><tr>'
                  + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead><tbody>"]
         for rec, row in zip(by_task[task], body):  # rows() keeps the records' time order
-            lines.append(f'<tr data-model="{_e(rec["model"])}" data-engines="{_e(rec["backend"])}" '
+            lines.append(f'<tr data-model="{_e(rec["model"])}" data-engines="{_e(" ".join(_engines(rec)))}" '
                          f'data-precisions="{_e(precision(rec).replace(" ", "_"))}">'
                          + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>")
         lines.append("</tbody></table></div>")

@@ -209,9 +209,7 @@ function newConversation() {
   return conversation;
 }
 
-function run(conversation, turn, t0) {
-  const settings = readSettings();
-  if (!settings) return;
+function run(conversation, turn, settings, t0) {
   if (!state.selected.length) return notice('Choose at least one engine above.');
   notice('');
   turn.replies = {};
@@ -222,7 +220,9 @@ function run(conversation, turn, t0) {
 function send(t0) {
   const box = $('#prompt');
   const text = box.value.trim();
-  if (!text || state.running.size || !readSettings()) return;
+  if (!text || state.running.size) return;
+  const settings = readSettings();
+  if (!settings) return;
   const conversation = current() || newConversation();
   const turn = { user: text, replies: {} };
   conversation.turns.push(turn);
@@ -230,12 +230,13 @@ function send(t0) {
   box.value = '';
   persist();
   renderSidebar();
-  run(conversation, turn, t0);
+  run(conversation, turn, settings, t0);
 }
 
 function regenerate(t0) {
   const conversation = current();
-  if (conversation?.turns.length && !state.running.size) run(conversation, conversation.turns.at(-1), t0);
+  const settings = !state.running.size && conversation?.turns.length && readSettings();
+  if (settings) run(conversation, conversation.turns.at(-1), settings, t0);
 }
 
 function stop() {
@@ -364,6 +365,7 @@ function update(turn, model) {
   if (reply.error && !view.reply.querySelector('.error')) {
     view.reply.append(Object.assign(document.createElement('div'), { className: 'error', textContent: reply.error }));
   }
+  markDivergence(turn);
   const parts = [];
   if (reply.ttftMs !== null) {
     parts.push(`TTFT ${reply.ttftMs.toFixed(0)} ms` +
@@ -373,11 +375,11 @@ function update(turn, model) {
   if (reply.tokens.length) parts.push(`${reply.tokens.length} tokens`);
   if (reply.finish) parts.push(reply.finish === 'stopped' ? 'stopped' : `finish: ${reply.finish}`);
   if (!parts.length && !reply.error) parts.push('waiting…');
+  if (view.reply.dataset.diverge) parts.push(`differs from token ${Number(view.reply.dataset.diverge) + 1}`);
   view.metrics.textContent = parts.join(' · ');
   Object.assign(view.metrics.dataset, { count: reply.tokens.length, finish: reply.finish || '',
                                         ttft: reply.ttftMs ?? '', serverTtft: reply.serverTtftMs ?? '' });
   view.transcript.scrollTop = view.transcript.scrollHeight;
-  markDivergence(turn);
 }
 
 function markDivergence(turn) {
