@@ -106,7 +106,7 @@ def main() -> None:
             page.screenshot(path=str(images / "arena-alternatives.png"))
             page.goto(url + "/report")
             page.select_option("select[name=model]", args.model)
-            page.click("nav a[href='#bench']")
+            page.locator("section#bench figure:not(.hidden)").first.scroll_into_view_if_needed()  # below the sticky filters
             page.screenshot(path=str(images / "report.png"))
             browser.close()
     finally:

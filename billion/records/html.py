@@ -19,7 +19,7 @@ body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1200px;
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
 .filters { position: sticky; top: 0; background: #fff; padding: .5em 0; border-bottom: 1px solid #eee; z-index: 1; }
 .filters label { margin-right: 1em; } .filters select { max-width: 22em; }
-nav { margin-top: .4em; font-size: 12px; } nav a { margin-right: .8em; }
+nav { margin-top: .4em; font-size: 12px; } nav a { margin-right: .8em; white-space: nowrap; display: inline-block; }
 section { scroll-margin-top: 6em; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 12px; margin: .5em 0; }

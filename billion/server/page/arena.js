@@ -134,16 +134,16 @@ async function stream(conversation, turn, model, settings, t0) {
   const reply = turn.replies[model] = { text: '', tokens: [], finish: null, error: null, ttftMs: null,
                                         serverTtftMs: null, tokS: null, requestId: null };
   const controller = new AbortController();
+  // the request leaves before anything is drawn: drawing is not part of the time to first token
+  const sent = fetch('/v1/chat/completions', {
+    method: 'POST', headers: headers(), signal: controller.signal,
+    body: JSON.stringify({ model, messages: messages(conversation, turn, model, settings.system), stream: true,
+                           stream_options: { include_usage: true }, logprobs: true,
+                           top_logprobs: TOP_ALTERNATIVES, ...settings.fields }) });
   state.running.add(controller);
-  updateButtons();
-  update(turn, model);
   let first = null;
   try {
-    const response = await fetch('/v1/chat/completions', {
-      method: 'POST', headers: headers(), signal: controller.signal,
-      body: JSON.stringify({ model, messages: messages(conversation, turn, model, settings.system), stream: true,
-                             stream_options: { include_usage: true }, logprobs: true,
-                             top_logprobs: TOP_ALTERNATIVES, ...settings.fields }) });
+    const response = await sent;
     reply.requestId = response.headers.get('X-Request-ID');
     if (!response.ok) {
       reply.error = await refusal(response);
@@ -200,21 +200,26 @@ function persist() {
   save(STORE.current, state.current);
 }
 
-function newConversation() {
+function blankConversation() {
   const conversation = { id: crypto.randomUUID(), title: 'New conversation', created: new Date().toISOString(), turns: [] };
   state.conversations.unshift(conversation);
   state.current = conversation.id;
+  return conversation;
+}
+
+function newConversation() {
+  blankConversation();
   persist();
   renderAll();
-  return conversation;
 }
 
 function run(conversation, turn, settings, t0) {
   if (!state.selected.length) return notice('Choose at least one engine above.');
   notice('');
   turn.replies = {};
-  renderColumns();
   for (const model of state.selected) stream(conversation, turn, model, settings, t0);
+  renderColumns();
+  updateButtons();
 }
 
 function send(t0) {
@@ -223,14 +228,14 @@ function send(t0) {
   if (!text || state.running.size) return;
   const settings = readSettings();
   if (!settings) return;
-  const conversation = current() || newConversation();
+  const conversation = current() || blankConversation();
   const turn = { user: text, replies: {} };
   conversation.turns.push(turn);
   if (conversation.turns.length === 1) conversation.title = text.slice(0, 48);
   box.value = '';
+  run(conversation, turn, settings, t0);  // the requests leave first; saving and drawing follow
   persist();
   renderSidebar();
-  run(conversation, turn, settings, t0);
 }
 
 function regenerate(t0) {
