@@ -251,6 +251,22 @@ def test_400_and_429_are_shown_as_messages_in_their_columns(page, server):
     assert "Traceback" not in page.inner_text("body")
 
 
+def test_a_dropped_connection_is_shown_in_its_column(page, server):
+    def drop_torch(route):  # the connection of torch's request fails as a reset socket does
+        if json.loads(route.request.post_data)["model"].endswith("@torch"):
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    page.route("**/v1/chat/completions", drop_torch)
+    settings(page, temperature=0, max_tokens=8)
+    send(page, "Hello")
+    finished(page)
+    cols = columns(page)
+    assert cols[f"{server.name}@torch"]["error"].startswith("The connection to the server was lost")
+    assert cols[f"{server.name}@mlx"]["error"] is None and cols[f"{server.name}@mlx"]["finish"] == "length"
+
+
 def test_conversations_survive_a_reload_and_can_be_renamed_exported_and_deleted(page):
     settings(page, temperature=0, max_tokens=6)
     page.fill("#prompt", "first line")
