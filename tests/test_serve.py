@@ -217,3 +217,56 @@ def test_cli_serves_one_engine_under_the_plain_name_too(tiny_folder):
         assert "serving" in seen and "warning" not in seen.lower()
         r = ask(client, folder.name, max_tokens=5)
         assert r.usage.completion_tokens == 5 and r.model == folder.name
+
+
+# ---------------------------------------------------------------- /tokenize, /detokenize, /metrics
+
+
+def test_tokenize_and_detokenize_agree_with_the_engine_and_the_chat_route(server, tiny_model):
+    backend = tiny_model("torch")
+    r = httpx.post(server.url + "/tokenize", json={"model": "tiny@torch", "prompt": "Once upon a time"}).json()
+    assert r == {"tokens": backend.tokenize("Once upon a time"), "count": len(r["tokens"]),
+                 "max_model_len": backend.context_length}
+    back = httpx.post(server.url + "/detokenize", json={"model": "tiny@torch", "tokens": r["tokens"]}).json()
+    assert back["prompt"].endswith("Once upon a time")
+    # messages count as many tokens as the chat route's usage says
+    messages = [{"role": "user", "content": QUESTION}]
+    counted = httpx.post(server.url + "/tokenize", json={"model": "tiny@mlx", "messages": messages}).json()["count"]
+    assert counted == ask(server.client, "tiny@mlx", max_tokens=2).usage.prompt_tokens
+    for path, body, param in [("/tokenize", {"model": "tiny@torch"}, None),
+                              ("/tokenize", {"model": "nope", "prompt": "a"}, "model"),
+                              ("/detokenize", {"model": "tiny@torch", "tokens": [-1]}, "tokens"),
+                              ("/detokenize", {"model": "tiny@torch", "tokens": "abc"}, "tokens")]:
+        bad = httpx.post(server.url + path, json=body)
+        assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param, (path, body, bad.text)
+
+
+def test_metrics_after_traffic_parse_with_prometheus_client(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = httpx.get(server.url + "/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = scrape()
+    r = ask(server.client, "tiny@torch", max_tokens=6, temperature=1.0, seed=3)
+    streamed = list(ask(server.client, "tiny@torch", max_tokens=6, temperature=1.0, seed=3, stream=True))
+    httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny@torch", "messages": []})  # a 400
+    after = scrape()
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("billion_requests_total", route="/v1/chat/completions", status="200") == 2
+    assert grew("billion_requests_total", route="/v1/chat/completions", status="400") == 1
+    assert grew("billion_prompt_tokens_total", model="tiny@torch") == 2 * r.usage.prompt_tokens
+    assert grew("billion_generation_tokens_total", model="tiny@torch") == 2 * r.usage.completion_tokens
+    assert grew("billion_time_to_first_token_seconds_count", model="tiny@torch") == 2
+    # a token after the first: one inter-token latency each
+    assert grew("billion_inter_token_latency_seconds_count", model="tiny@torch") == 2 * (r.usage.completion_tokens - 1)
+    assert len([e for e in streamed if e.choices and e.choices[0].delta.content]) >= 1
+    for gauge in ("billion_queue_depth", "billion_running_requests", "billion_prompt_cache_rows"):
+        assert (gauge, (("model", "tiny@mlx"),)) in after and (gauge, (("model", "tiny@torch"),)) in after
+    assert after[("billion_running_requests", (("model", "tiny@torch"),))] == 0  # nothing in flight now

@@ -6,7 +6,8 @@ billion/commands/serve.py, loads them; tests pass tiny models). Routes:
 - POST /v1/chat/completions: `messages` rendered with the model's chat template (base models:
   the plain "User: …\\nAssistant:" transcript of billion/tasks/chat.py, which also stops there);
 - POST /v1/completions: a raw text `prompt` (one string, or a list of one string or of token ids);
-- GET /v1/models, GET /health;
+- GET /v1/models, GET /health, GET /metrics (Prometheus' text format: metrics.py);
+- POST /tokenize, POST /detokenize (vLLM's shapes): a prompt or messages to token ids and back;
 - GET /: the arena, a chat page where every served engine answers in its own column (static files
   in billion/server/page/, nothing fetched from elsewhere); GET /report: the records of
   `--results DIR` as billion report --html renders them (404 without a folder).
@@ -54,6 +55,7 @@ from billion.server import routes
 from billion.server.engine import Engine
 from billion.server.access import Access
 from billion.server.limits import Limits
+from billion.server.metrics import ServerMetrics
 from billion.server.schema import APIError
 
 
@@ -86,6 +88,7 @@ class RequestIds:
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 MutableHeaders(scope=message).append("X-Request-ID", request_id)
+                scope["app"].state.metrics.answered(scope["path"], message["status"])
             await send(message)
 
         try:
@@ -117,6 +120,7 @@ def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel:
     app.state.failure = lambda: next((e.failure for e in engines.values() if e.failure), None)
     app.state.created = int(time.time())
     app.state.results = results
+    app.state.metrics = ServerMetrics(app.state.engines)
     app.add_middleware(RequestIds)
     app.add_exception_handler(APIError, routes.api_error)
     app.add_exception_handler(Exception, routes.unexpected_error)

@@ -22,9 +22,10 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from backends.types import GenerationConfig, UserError
 from billion.server.engine import Engine, Generation, QueueFull, ShuttingDown
 from billion.server import tools
-from billion.server.schema import (APIError, ChatRequest, CompletionRequest, RequestBase, chat_prompt,
-                                   completion_prompt, generation_config, internal_error, output_grammar,
-                                   parse_request)
+from billion.server.metrics import CONTENT_TYPE, ServerMetrics
+from billion.server.schema import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, RequestBase,
+                                   TokenizeRequest, chat_prompt, completion_prompt, generation_config, internal_error,
+                                   output_grammar, parse_request)
 
 router = APIRouter()
 
@@ -43,9 +44,10 @@ async def api_error(request: Request, e: APIError) -> JSONResponse:
 
 
 async def unexpected_error(request: Request, e: Exception) -> JSONResponse:
-    # this handler runs outside the middleware that sets the header on every other answer
+    # this handler runs outside the middleware that sets the header (and counts the answer) on every other one
     response = internal_error(e, request_id(request)).response()
     response.headers["X-Request-ID"] = request_id(request) or ""
+    request.app.state.metrics.answered(request.url.path, response.status_code)
     return response
 
 
@@ -111,6 +113,51 @@ def _report_page(folder: str) -> str:
 
     records = read_records([folder])
     return page(records) if records else empty_page(folder)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request):
+    """Prometheus' text format (metrics.py)."""
+    return Response(request.app.state.metrics.text(), media_type=CONTENT_TYPE)
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request):
+    """vLLM's /tokenize: {"model", "prompt", "add_special_tokens"} or {"model", "messages",
+    "add_generation_prompt"} (rendered with the chat template, as /v1/chat/completions renders
+    them) -> {"tokens", "count", "max_model_len"}."""
+    state = request.app.state
+    raw = await read_body(request, state.limits.max_body_bytes)
+    return await run_in_threadpool(_tokenize, raw, state.engines)
+
+
+def _tokenize(raw: bytes, engines: dict) -> dict:
+    req = parse_request(raw, TokenizeRequest, engines)
+    engine = engines[req.model]
+    with engine.prep_lock:
+        if req.messages is not None:
+            ids, _ = chat_prompt(req.as_chat(), engine.prep)
+        else:
+            ids = engine.prep.tokenize(req.prompt, add_special_tokens=req.add_special_tokens)
+    return {"tokens": ids, "count": len(ids), "max_model_len": engine.backend.context_length}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request):
+    """vLLM's /detokenize: {"model", "tokens"} -> {"prompt"} (special tokens kept, as given)."""
+    state = request.app.state
+    raw = await read_body(request, state.limits.max_body_bytes)
+    return await run_in_threadpool(_detokenize, raw, state.engines)
+
+
+def _detokenize(raw: bytes, engines: dict) -> dict:
+    req = parse_request(raw, DetokenizeRequest, engines)
+    engine = engines[req.model]
+    vocab = engine.backend.vocab_size
+    if any(not 0 <= t < vocab for t in req.tokens):
+        raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
+    with engine.prep_lock:
+        return {"prompt": engine.prep.tokenizer.decode(req.tokens)}
 
 
 @router.get("/v1/models")
@@ -182,6 +229,7 @@ class Reply:
     include_usage: bool = False
     calls_tools: bool = False  # the reply is parsed for tool calls (tools.py)
     logprobs: bool = False
+    metrics: ServerMetrics | None = None  # /metrics: its inter-token latencies and token counts
     id: str = field(init=False, default="")
     created: int = field(default_factory=lambda: int(time.time()))
     # filled while the generation runs
@@ -190,6 +238,7 @@ class Reply:
     cached: int = 0
     entries: list = field(default_factory=list)  # Chunk.logprobs not yet answered
     offset: int = 0  # characters of text answered so far (the legacy logprobs' text_offset)
+    last: float | None = None  # when the last chunk came (perf_counter)
 
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -199,6 +248,10 @@ class Reply:
 
     def count(self, chunk, generation: Generation) -> None:
         """Count one generated chunk."""
+        now = time.perf_counter()
+        if self.last is not None and self.metrics is not None:
+            self.metrics.itl.labels(self.model).observe(now - self.last)
+        self.last = now
         self.cached = generation.cached
         self.tokens += 1
         self.reason = chunk.finish_reason or self.reason
@@ -226,6 +279,11 @@ class Reply:
                 "top_logprobs": [{t: v for t, v in top} for (_, _, top), _ in entries],
                 "text_offset": [offset for _, offset in entries]}
 
+    def ended(self) -> None:
+        """The generation is over (finished, failed or abandoned): its tokens go to /metrics."""
+        if self.metrics is not None:
+            self.metrics.ended(self.model, len(self.prompt_ids), self.tokens, self.cached)
+
     def usage(self) -> dict:
         n = len(self.prompt_ids)
         return {"prompt_tokens": n, "completion_tokens": self.tokens, "total_tokens": n + self.tokens,
@@ -236,14 +294,16 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
                   kind: str):
     """kind: "chat" or "text". A JSON answer, or an SSE stream."""
     reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage,
-                  calls_tools=isinstance(req, ChatRequest) and req.calls_tools, logprobs=gen.logprobs is not None)
+                  calls_tools=isinstance(req, ChatRequest) and req.calls_tools, logprobs=gen.logprobs is not None,
+                  metrics=request.app.state.metrics)
     # No answer starts before the first token exists: a full queue (429), a shutdown that refuses
     # the queued request (503) or an error before any token (400) is the answer's status, not an event.
     try:
         generation = Generation(engine, prompt_ids, gen, cache_salt(request, req))
         generation.watch(request.receive, request_id(request))  # a client that hangs up, in any state, is cancelled
         first = await generation.first()
-        timing = server_timing(request)
+        ttft_s = time.perf_counter() - request.state.arrived  # the server's own time to first token
+        request.app.state.metrics.ttft.labels(req.model).observe(ttft_s)
     except QueueFull as e:
         raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -253,6 +313,10 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
         raise APIError(400, str(e)) from None
     if generation.client_gone:
         return gone()
+    # The server's own time to first token (queue, tokenizing and prefill included) as a Server-Timing
+    # header: browsers show it in their network panel and hand it to pages; the arena page puts it
+    # beside the time it measured itself.
+    timing = f"ttft;dur={ttft_s * 1000:.1f}"
     if not req.stream:
         answer = await _answer(reply, generation, first)
         answer.headers["Server-Timing"] = timing
@@ -260,14 +324,6 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
     return StreamingResponse(_events(request, reply, generation, first),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Server-Timing": timing})
-
-
-def server_timing(request: Request) -> str:
-    """The server's own time to first token, from the request's arrival to its first token (queue,
-    tokenizing and prefill included), as a Server-Timing header: browsers show it in their network
-    panel and hand it to pages (PerformanceResourceTiming.serverTiming); the arena page puts it beside
-    the time it measured itself."""
-    return f"ttft;dur={(time.perf_counter() - request.state.arrived) * 1000:.1f}"
 
 
 async def _with_first(first, chunks: Generation):
@@ -290,6 +346,7 @@ async def _answer(reply: Reply, chunks: Generation, first) -> JSONResponse:
         raise APIError(503, str(e), type="server_error", code="shutting_down") from None
     finally:
         await chunks.aclose()
+        reply.ended()
     if chunks.client_gone:
         return gone()
     if chunks.request.reason == "max_time":
@@ -380,3 +437,4 @@ async def _events(request: Request, reply: Reply, chunks: Generation, first) -> 
         yield f"data: {json.dumps(err.body())}\n\n"
     finally:
         await chunks.aclose()  # a client gone: stop the engine's stream, free the engine
+        reply.ended()

@@ -192,6 +192,33 @@ class CompletionRequest(RequestBase):
         return self.logprobs
 
 
+class TokenizeRequest(BaseModel):
+    """/tokenize (vLLM's shape): a `prompt`, or `messages` (and `tools`) rendered exactly as
+    /v1/chat/completions renders them, generation prompt included."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    prompt: str | None = None
+    add_special_tokens: bool = True
+    messages: list[Message] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+    def as_chat(self) -> ChatRequest:
+        return ChatRequest(model=self.model, messages=self.messages, tools=self.tools)
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    tokens: list[int]
+
+
 # ---------------------------------------------------------------- checks
 
 
@@ -247,7 +274,7 @@ def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limi
     if req.model not in models:
         raise APIError(404, f"the model {req.model!r} does not exist; available: {', '.join(models)}",
                        param="model", code="model_not_found")
-    if req.n != 1:
+    if getattr(req, "n", 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
     if isinstance(req, ChatRequest):
         if len(req.messages) > limits.max_messages:
