@@ -311,3 +311,36 @@ def test_mmlu_eval_and_lm_eval_hf_pick_the_same_answers(tmp_path, real_folder, r
                 assert np.allclose(a["loglikelihoods"], result.scored[(subject, i)].logprobs, atol=2e-3)
             assert mine[name]["metrics"]["acc"] == pytest.approx(theirs[name]["metrics"]["acc"])
     assert math.isfinite(mine[names[0]]["metrics"]["acc"])
+
+
+# ---------------------------------------------------------------- lm-eval over HTTP against billion serve
+
+
+@pytest.mark.parametrize("engine", ["torch", "mlx"])
+def test_lm_eval_local_completions_over_http_scores_as_billion_eval_in_process(tmp_path, tiny_model, tiny_folder,
+                                                                               engine):
+    """lm-eval's own `local-completions` model against a real billion serve (echo + logprobs on
+    /v1/completions) picks the same answers with the same log-likelihoods as `billion eval`."""
+    from billion.server.app import create_app
+    from billion.tasks.eval import EvalConfig, evaluate, lm_class, task_samples
+    from tests.test_serve import Server
+
+    folder = write_tasks(tmp_path / "tasks")
+    cfg = EvalConfig(tasks=("tiny_mc",), include_path=str(folder), num_fewshot=1, batch_size=1)
+    backend = tiny_model(engine)
+    in_process = task_samples(evaluate(lm_class()(backend, batch_size=1), cfg), "tiny_mc", ["acc"])
+    server = Server(create_app({"tiny": backend}))
+    try:
+        # lm-eval tokenizes with the model's own tokenizer, special tokens included, as its hf model does
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+        lm = LocalCompletionsAPI(
+            base_url=server.url + "/v1/completions", model="tiny", tokenizer_backend="huggingface",
+            tokenizer=str(tiny_folder()), add_bos_token=True, num_concurrent=1, max_retries=1)
+        over_http = task_samples(evaluate(lm, cfg), "tiny_mc", ["acc"])
+    finally:
+        server.stop()
+    assert len(over_http) == len(in_process) == len(MC_DOCS)
+    for a, b in zip(over_http, in_process):
+        assert a["pred"] == b["pred"]
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)

@@ -233,6 +233,13 @@ def test_tokenize_and_detokenize_agree_with_the_engine_and_the_chat_route(server
     messages = [{"role": "user", "content": QUESTION}]
     counted = httpx.post(server.url + "/tokenize", json={"model": "tiny@mlx", "messages": messages}).json()["count"]
     assert counted == ask(server.client, "tiny@mlx", max_tokens=2).usage.prompt_tokens
+    # lm-eval's remote tokenizer (vLLM's /tokenizer_info, /tokenize, /detokenize, no model named)
+    lm_eval_utils = pytest.importorskip("lm_eval.utils")
+    assert lm_eval_utils.check_remote_tokenizer_support(server.url + "/v1/completions")
+    remote = lm_eval_utils.RemoteTokenizer(server.url + "/v1/completions")
+    assert remote.encode("Once upon a time") == backend.tokenize("Once upon a time", add_special_tokens=False)
+    assert remote.decode(remote.encode("Once upon a time")) == "Once upon a time"
+    assert remote.eos_token == backend.tokenizer.eos_token
     for path, body, param in [("/tokenize", {"model": "tiny@torch"}, None),
                               ("/tokenize", {"model": "nope", "prompt": "a"}, "model"),
                               ("/detokenize", {"model": "tiny@torch", "tokens": [-1]}, "tokens"),

@@ -5,9 +5,11 @@ billion/commands/serve.py, loads them; tests pass tiny models). Routes:
 
 - POST /v1/chat/completions: `messages` rendered with the model's chat template (base models:
   the plain "User: …\\nAssistant:" transcript of billion/tasks/chat.py, which also stops there);
-- POST /v1/completions: a raw text `prompt` (one string, or a list of one string or of token ids);
+- POST /v1/completions: a raw text `prompt` (one string, or a list of one string or of token ids,
+  or a list of one list of ids); `echo` (with `logprobs`, the prompt's own, for lm-eval);
 - GET /v1/models, GET /health, GET /metrics (Prometheus' text format: metrics.py);
-- POST /tokenize, POST /detokenize (vLLM's shapes): a prompt or messages to token ids and back;
+- POST /tokenize, POST /detokenize, GET /tokenizer_info (vLLM's shapes, which lm-eval's remote
+  tokenizer reads): a prompt or messages to token ids and back;
 - GET /: the arena, a chat page where every served engine answers in its own column (static files
   in billion/server/page/, nothing fetched from elsewhere); GET /report: the records of
   `--results DIR` as billion report --html renders them (404 without a folder).

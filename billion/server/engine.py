@@ -32,6 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from backends import sampling
 from backends.base import Backend
 from backends.batching import BatchCache, BatchGenerator
 from backends.text_stream import TextStream
@@ -149,6 +150,25 @@ class Engine:
     def cancel(self, req: Request) -> None:
         self.commands.put(("cancel", req))
 
+    async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[tuple]:
+        """The prompt's own tokens as logprob entries (text, log-probability, top alternatives), the
+        first one's log-probability None (nothing predicts it): what `echo` with `logprobs` answers,
+        so lm-eval scores log-likelihoods over HTTP. One forward pass over the prompt, run by the
+        worker thread (it owns the model) between two batch steps."""
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def work():
+            logits = self.backend.batch_logits([prompt_ids], [range(len(prompt_ids) - 1)])[0]
+            first = (self.backend.tokenizer.decode([prompt_ids[0]]), None, ())
+            return [first] + [self._logprob_entry(token, *sampling.logprobs(logits[p], token, top))
+                              for p, token in enumerate(prompt_ids[1:])]
+
+        self.commands.put(("call", (work, loop, done)))
+        return await done
+
     def drain(self) -> None:
         """Shutdown begins: refuse new requests and the queued ones (503); in-flight ones go on."""
         self.draining = True
@@ -209,6 +229,18 @@ class Engine:
                 return
             if kind == "add":
                 self._finish(req, "error", EngineFailed(self.failure))
+            elif kind == "call":
+                _resolve(req[1], req[2], error=EngineFailed(self.failure))
+
+    @staticmethod
+    def _call(work: Callable, loop, done) -> None:
+        """Work the event loop handed the worker (prompt_logprobs): its result or its error, back."""
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - that request's failure, answered to it
+            _resolve(loop, done, error=e)
+        else:
+            _resolve(loop, done, result)
 
     def _expire(self, batch: BatchGenerator, requests: dict) -> None:
         """Requests past their time (--request-timeout) leave the batch at this step."""
@@ -232,6 +264,8 @@ class Engine:
                     self._finish(req, "error", e)
                     continue
                 requests[req.uid] = req
+            elif kind == "call":
+                self._call(*req)
             elif kind == "cancel" and req.uid in requests:
                 batch.cancel(req.uid)
             elif kind == "drain":
@@ -300,6 +334,17 @@ class Engine:
 
 
 _REASON = {"cancelled": "interrupted"}
+
+
+def _resolve(loop, future, result=None, error: BaseException | None = None) -> None:
+    """Settle an event-loop future from the worker thread (unless its request went away first)."""
+    def settle():
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the event loop is gone (shutdown)
+        pass
 
 
 class SessionBatchCache(BatchCache):

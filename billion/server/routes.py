@@ -142,6 +142,21 @@ def _tokenize(raw: bytes, engines: dict) -> dict:
     return {"tokens": ids, "count": len(ids), "max_model_len": engine.backend.context_length}
 
 
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request, model: str | None = None):
+    """vLLM's /tokenizer_info: the tokenizer's special tokens, chat template and context, which
+    lm-eval's remote tokenizer reads (with /tokenize and /detokenize) instead of loading one."""
+    engines = request.app.state.engines
+    if model is not None and model not in engines:
+        raise APIError(404, f"the model {model!r} does not exist; available: {', '.join(engines)}", param="model",
+                       code="model_not_found")
+    backend = engines[model or next(iter(engines))].backend
+    tokenizer = backend.tokenizer
+    return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
+            "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
+            "chat_template": getattr(tokenizer, "chat_template", None), "model_max_length": backend.context_length}
+
+
 @router.post("/detokenize")
 async def detokenize(request: Request):
     """vLLM's /detokenize: {"model", "tokens"} -> {"prompt"} (special tokens kept, as given)."""
@@ -176,7 +191,17 @@ async def chat_completions(request: Request):
 @router.post("/v1/completions")
 async def completions(request: Request):
     req, engine, prompt_ids, gen = await _prepared(request, CompletionRequest)
-    return await respond(request, req, engine, prompt_ids, gen, "text")
+    echo = await run_in_threadpool(_echo_text, req, engine, prompt_ids) if req.echo else None
+    return await respond(request, req, engine, prompt_ids, gen, "text", echo=echo)
+
+
+def _echo_text(req: CompletionRequest, engine: Engine, prompt_ids: list[int]) -> str:
+    """The prompt as `echo` repeats it: its text as sent, or its token ids decoded."""
+    prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], (str, list)) else req.prompt
+    if isinstance(prompt, str):
+        return prompt
+    with engine.prep_lock:
+        return engine.prep.tokenizer.decode(prompt_ids)
 
 
 async def _prepared(request: Request, model_cls):
@@ -239,6 +264,7 @@ class Reply:
     entries: list = field(default_factory=list)  # Chunk.logprobs not yet answered
     offset: int = 0  # characters of text answered so far (the legacy logprobs' text_offset)
     last: float | None = None  # when the last chunk came (perf_counter)
+    echo: str = ""  # the prompt, repeated before the completion (/v1/completions' echo)
 
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -276,7 +302,8 @@ class Reply:
                                 for (text, lp, top), _ in entries]}
         return {"tokens": [text for (text, _, _), _ in entries],
                 "token_logprobs": [lp for (_, lp, _), _ in entries],
-                "top_logprobs": [{t: v for t, v in top} for (_, _, top), _ in entries],
+                # an echoed prompt's first token: nothing predicts it (null, as vLLM answers)
+                "top_logprobs": [None if lp is None else {t: v for t, v in top} for (_, lp, top), _ in entries],
                 "text_offset": [offset for _, offset in entries]}
 
     def ended(self) -> None:
@@ -291,14 +318,17 @@ class Reply:
 
 
 async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids: list[int], gen: GenerationConfig,
-                  kind: str):
-    """kind: "chat" or "text". A JSON answer, or an SSE stream."""
+                  kind: str, echo: str | None = None):
+    """kind: "chat" or "text". A JSON answer, or an SSE stream. `echo`: the prompt's text, repeated
+    before the completion (with logprobs, the prompt tokens' own come first)."""
     reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage,
                   calls_tools=isinstance(req, ChatRequest) and req.calls_tools, logprobs=gen.logprobs is not None,
                   metrics=request.app.state.metrics)
     # No answer starts before the first token exists: a full queue (429), a shutdown that refuses
     # the queued request (503) or an error before any token (400) is the answer's status, not an event.
     try:
+        if echo is not None:
+            await _echo(reply, engine, prompt_ids, gen, echo)
         generation = Generation(engine, prompt_ids, gen, cache_salt(request, req))
         generation.watch(request.receive, request_id(request))  # a client that hangs up, in any state, is cancelled
         first = await generation.first()
@@ -324,6 +354,16 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
     return StreamingResponse(_events(request, reply, generation, first),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Server-Timing": timing})
+
+
+async def _echo(reply: Reply, engine: Engine, prompt_ids: list[int], gen: GenerationConfig, echo: str) -> None:
+    """The echoed prompt goes first: its text, and with logprobs its own tokens' entries."""
+    reply.echo = echo
+    if reply.logprobs:
+        for entry in await engine.prompt_logprobs(prompt_ids, gen.logprobs):
+            reply.entries.append((entry, reply.offset))
+            reply.offset += len(entry[0])
+    reply.offset = len(echo)  # the completion's text follows the prompt's
 
 
 async def _with_first(first, chunks: Generation):
@@ -361,7 +401,7 @@ async def _answer(reply: Reply, chunks: Generation, first) -> JSONResponse:
             reply.called(calls)
         choice = {"index": 0, "message": message, "logprobs": reply.take_logprobs()}
     else:
-        choice = {"index": 0, "text": content, "logprobs": reply.take_logprobs()}
+        choice = {"index": 0, "text": reply.echo + content, "logprobs": reply.take_logprobs()}
     choice["finish_reason"] = FINISH[reply.reason]
     obj = "chat.completion" if reply.kind == "chat" else "text_completion"
     return JSONResponse({**reply.head(obj), "choices": [choice], "usage": reply.usage()})
@@ -413,6 +453,8 @@ async def _events(request: Request, reply: Reply, chunks: Generation, first) -> 
     try:
         if reply.kind == "chat":
             yield _event(reply, None, None, first=True)
+        elif reply.echo:
+            yield _event(reply, reply.echo, None)  # the prompt (and its logprobs), then the completion
         async for chunk in _with_first(first, chunks):
             reply.count(chunk, chunks)
             text = calls.push(chunk.text) if calls else chunk.text

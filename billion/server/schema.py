@@ -183,8 +183,9 @@ class ChatRequest(RequestBase):
 
 
 class CompletionRequest(RequestBase):
-    prompt: Union[str, list[str], list[int]]
-    echo: bool = False
+    # one prompt: text, token ids, or either in a list of one (lm-eval sends [[ids]])
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False  # the answer repeats the prompt; with logprobs, the prompt's own log-probabilities
     logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API's: how many alternatives per token
 
     @property
@@ -194,10 +195,11 @@ class CompletionRequest(RequestBase):
 
 class TokenizeRequest(BaseModel):
     """/tokenize (vLLM's shape): a `prompt`, or `messages` (and `tools`) rendered exactly as
-    /v1/chat/completions renders them, generation prompt included."""
+    /v1/chat/completions renders them, generation prompt included. Without `model`, the first
+    served one (lm-eval's remote tokenizer sends none; billion serve's engines share one tokenizer)."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: str | None = None
     prompt: str | None = None
     add_special_tokens: bool = True
     messages: list[Message] | None = Field(None, min_length=1)
@@ -215,7 +217,7 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: str | None = None  # as /tokenize's
     tokens: list[int]
 
 
@@ -271,6 +273,8 @@ def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limi
         req = model_cls.model_validate(body)
     except ValidationError as e:
         raise _validation_error(e) from None
+    if req.model is None and model_cls in (TokenizeRequest, DetokenizeRequest):
+        req.model = next(iter(models))
     if req.model not in models:
         raise APIError(404, f"the model {req.model!r} does not exist; available: {', '.join(models)}",
                        param="model", code="model_not_found")
@@ -346,7 +350,7 @@ def _format_grammar(fmt: dict | None) -> str | None:
 def completion_prompt(req: CompletionRequest, backend: Backend) -> list[int]:
     """The prompt's token ids: one string (alone or in a list of one) tokenized, or token ids as given."""
     prompt: Any = req.prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         if len(prompt) != 1:
             raise APIError(400, "only one prompt per request is supported", param="prompt",
                            code="unsupported_value")
@@ -358,8 +362,6 @@ def completion_prompt(req: CompletionRequest, backend: Backend) -> list[int]:
         if any(not 0 <= t < backend.vocab_size for t in prompt_ids):
             raise APIError(400, f"token ids must be in [0, {backend.vocab_size})", param="prompt",
                            code="invalid_value")
-    if req.echo:
-        raise APIError(400, "echo is not supported", param="echo", code="unsupported_value")
     return prompt_ids
 
 
