@@ -168,6 +168,11 @@ def test_keys_names_and_json_bodies(guarded):
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", key
     assert httpx.get(guarded.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert httpx.get(guarded.url + "/health").status_code == 200  # outside /v1: no key
+    # Anthropic's header works as well; a wrong key on /v1/messages is refused in Anthropic's shape
+    messages = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    assert call(guarded, messages, key=None, path="/v1/messages", **{"x-api-key": "k2"}).status_code == 200
+    r = call(guarded, messages, key=None, path="/v1/messages", **{"x-api-key": "k3"})
+    assert r.status_code == 401 and r.json()["type"] == "error" and r.json()["error"]["type"] == "authentication_error"
     # DNS rebinding (a hostile name for 127.0.0.1) and cross-site pages: 403
     r = call(guarded, body, Host="evil.example:8080")
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_host"

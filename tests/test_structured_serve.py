@@ -217,3 +217,65 @@ def test_served_prompt_lookup_keeps_the_grammar(real_model, tiny_model):
     assert replies[1] == replies[0]
     with pytest.raises(UserError, match="prompt lookup inside a batch"):
         create_app({"m": tiny_model("mlx")}, draft=NgramDraft(2))
+
+
+# ---------------------------------------------------------------- Anthropic's Messages API, by its own SDK
+
+WEATHER_TOOL = {"name": "get_weather", "description": WEATHER["function"]["description"],
+                "input_schema": WEATHER["function"]["parameters"]}
+
+
+@pytest.fixture(scope="module")
+def claude(client):
+    """The anthropic SDK pointed at the same server (it appends /v1/messages to the base URL)."""
+    anthropic = pytest.importorskip("anthropic")
+    return anthropic.Anthropic(base_url=str(client.base_url).removesuffix("/").removesuffix("/v1"),
+                               api_key="unused", max_retries=0, timeout=120)
+
+
+def test_anthropic_messages_with_a_tool_streamed_and_not_and_its_result_answered(client, claude):
+    model = client.model("torch")
+    # greedy: temperature is not among this SDK's arguments, so it goes as an extra field of the body
+    ask_weather = dict(model=model, max_tokens=60, extra_body={"temperature": 0}, tools=[WEATHER_TOOL],
+                       tool_choice={"type": "any", "disable_parallel_tool_use": True},  # SmolLM2 calls on, else
+                       system="Use the tools.", messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    message = claude.messages.create(**ask_weather)
+    assert message.type == "message" and message.role == "assistant" and message.stop_reason == "tool_use"
+    (call,) = [b for b in message.content if b.type == "tool_use"]
+    assert call.name == "get_weather" and call.id.startswith("toolu_")
+    jsonschema.validate(call.input, WEATHER_TOOL["input_schema"])
+    assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
+    with claude.messages.stream(**ask_weather) as stream:
+        kinds = [event.type for event in stream]
+        streamed = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
+    (again,) = [b for b in streamed.content if b.type == "tool_use"]
+    assert (again.name, again.input) == (call.name, call.input) and streamed.stop_reason == "tool_use"
+    # the call and its result sent back as Anthropic's blocks: the model answers in text
+    history = [*ask_weather["messages"], {"role": "assistant", "content": [call.model_dump()]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18 C, sunny"}]}]
+    answer = claude.messages.create(model=model, max_tokens=20, extra_body={"temperature": 0}, tools=[WEATHER_TOOL],
+                                    tool_choice={"type": "none"}, messages=history)
+    assert [b.type for b in answer.content] == ["text"] and answer.content[0].text
+    assert answer.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_anthropic_text_on_mlx_count_tokens_and_errors_in_anthropic_shape(client, claude):
+    import anthropic
+
+    model = client.model("mlx")
+    messages = [{"role": "user", "content": "Say hello."}]
+    with claude.messages.stream(model=model, max_tokens=6, extra_body={"temperature": 0}, messages=messages) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == final.content[0].text and final.stop_reason in ("end_turn", "max_tokens")
+    assert claude.messages.count_tokens(model=model, messages=messages).input_tokens == final.usage.input_tokens
+    with pytest.raises(anthropic.NotFoundError) as e:
+        claude.messages.create(model="nope", max_tokens=5, messages=messages)
+    assert e.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model=model, max_tokens=5, messages=[
+            {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                        "data": "AAAA"}}]}])
+    assert e.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message":
+                            "image blocks are not supported by this server (billion) in a user message"}}

@@ -1,6 +1,7 @@
 """Who may use the server (billion serve's --api-key, --allowed-origins), checked before any route.
 
-- With API keys, every /v1/* request needs `Authorization: Bearer <key>`; keys are compared in
+- With API keys, every /v1/* request needs `Authorization: Bearer <key>` (or Anthropic's
+  `x-api-key: <key>`); keys are compared in
   constant time (hmac.compare_digest), a missing or wrong one is a 401 in OpenAI's shape.
 - Bound to a loopback address, requests whose Host or Origin is not a local name get 403: a web
   page the user visits cannot reach the server through DNS rebinding (a hostile name resolving to
@@ -52,12 +53,15 @@ class Access:
 
     def _check_key(self, request: Request) -> str:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if "x-api-key" in request.headers:  # Anthropic's header (its SDK, Claude Code)
+            scheme, given = "bearer", request.headers["x-api-key"]
         given = given.strip().encode()
         found = None
         for key in self.api_keys:  # every key compared, in constant time each: no early exit to time
             if hmac.compare_digest(given, key.encode()) and scheme.lower() == "bearer":
                 found = key
         if found is None:
-            raise APIError(401, "a valid API key is needed: Authorization: Bearer <key>", type="invalid_request_error",
+            raise APIError(401, "a valid API key is needed: Authorization: Bearer <key> (or x-api-key: <key>)",
+                           type="invalid_request_error",
                            code="invalid_api_key")
         return found

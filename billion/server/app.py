@@ -7,6 +7,8 @@ billion/commands/serve.py, loads them; tests pass tiny models). Routes:
   the plain "User: …\\nAssistant:" transcript of billion/tasks/chat.py, which also stops there);
 - POST /v1/completions: a raw text `prompt` (one string, or a list of one string or of token ids,
   or a list of one list of ids); `echo` (with `logprobs`, the prompt's own, for lm-eval);
+- POST /v1/messages, POST /v1/messages/count_tokens: Anthropic's Messages API (messages.py), a
+  translation onto the chat route's request and generation;
 - GET /v1/models, GET /health, GET /metrics (Prometheus' text format: metrics.py);
 - POST /tokenize, POST /detokenize, GET /tokenizer_info (vLLM's shapes, which lm-eval's remote
   tokenizer reads): a prompt or messages to token ids and back;
@@ -53,7 +55,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
 
 from backends.base import Backend
-from billion.server import routes
+from billion.server import messages, routes
 from billion.server.engine import Engine
 from billion.server.access import Access
 from billion.server.limits import Limits
@@ -96,7 +98,7 @@ class RequestIds:
         try:
             state["api_key"] = scope["app"].state.access.check(Request(scope))
         except APIError as e:
-            return await e.response()(scope, receive, send_with_id)
+            return await e.response(scope["path"])(scope, receive, send_with_id)
         await self.app(scope, receive, send_with_id)
 
 
@@ -127,5 +129,6 @@ def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel:
     app.add_exception_handler(APIError, routes.api_error)
     app.add_exception_handler(Exception, routes.unexpected_error)
     app.include_router(routes.router)
+    app.include_router(messages.router)  # Anthropic's Messages API
     app.mount("/page", StaticFiles(directory=routes.PAGE), name="page")
     return app

@@ -40,12 +40,12 @@ def gone() -> Response:
 
 
 async def api_error(request: Request, e: APIError) -> JSONResponse:
-    return e.response()
+    return e.response(request.url.path)
 
 
 async def unexpected_error(request: Request, e: Exception) -> JSONResponse:
     # this handler runs outside the middleware that sets the header (and counts the answer) on every other one
-    response = internal_error(e, request_id(request)).response()
+    response = internal_error(e, request_id(request)).response(request.url.path)
     response.headers["X-Request-ID"] = request_id(request) or ""
     request.app.state.metrics.answered(request.url.path, response.status_code)
     return response
@@ -215,7 +215,11 @@ async def _prepared(request: Request, model_cls):
 
 
 def _prepare(raw: bytes, model_cls, engines: dict, limits):
-    req = parse_request(raw, model_cls, engines, limits)
+    return prepare(parse_request(raw, model_cls, engines, limits), engines, limits)
+
+
+def prepare(req: RequestBase, engines: dict, limits):
+    """A parsed request's engine, prompt ids and generation settings (in a worker thread)."""
     engine = engines[req.model]
     with engine.prep_lock:  # one request at a time on the copy (a Rust tokenizer is not re-entrant)
         prep = engine.prep
@@ -318,9 +322,12 @@ class Reply:
 
 
 async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids: list[int], gen: GenerationConfig,
-                  kind: str, echo: str | None = None):
+                  kind: str, echo: str | None = None, answer=None, events=None):
     """kind: "chat" or "text". A JSON answer, or an SSE stream. `echo`: the prompt's text, repeated
-    before the completion (with logprobs, the prompt tokens' own come first)."""
+    before the completion (with logprobs, the prompt tokens' own come first). `answer(reply,
+    generation, first)` and `events(request, reply, generation, first)` shape the answer and the
+    stream: OpenAI's by default; another API's dialect (messages.py) passes its own."""
+    answer, events = answer or _answer, events or _events
     reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage,
                   calls_tools=isinstance(req, ChatRequest) and req.calls_tools, logprobs=gen.logprobs is not None,
                   metrics=request.app.state.metrics)
@@ -348,10 +355,10 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
     # beside the time it measured itself.
     timing = f"ttft;dur={ttft_s * 1000:.1f}"
     if not req.stream:
-        answer = await _answer(reply, generation, first)
-        answer.headers["Server-Timing"] = timing
-        return answer
-    return StreamingResponse(_events(request, reply, generation, first),
+        response = await answer(reply, generation, first)
+        response.headers["Server-Timing"] = timing
+        return response
+    return StreamingResponse(events(request, reply, generation, first),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Server-Timing": timing})
 
