@@ -279,3 +279,55 @@ def test_anthropic_text_on_mlx_count_tokens_and_errors_in_anthropic_shape(client
                                                                         "data": "AAAA"}}]}])
     assert e.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message":
                             "image blocks are not supported by this server (billion) in a user message"}}
+
+
+# ---------------------------------------------------------------- OpenAI's Responses API, by its own SDK
+
+WEATHER_FUNCTION = {"type": "function", **WEATHER["function"]}  # the Responses API's tools are flat
+
+
+def test_responses_with_a_schema_streamed_and_not(client):
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+    kw = dict(model=client.model("torch"), input="Invent a person and their address.", text=fmt,
+              max_output_tokens=90, temperature=0)
+    r = client.responses.create(**kw)
+    assert r.status == "completed" and r.object == "response" and r.output[0].type == "message"
+    jsonschema.validate(json.loads(r.output_text), PERSON)
+    assert r.usage.input_tokens > 0 and r.usage.output_tokens > 0
+    with client.responses.stream(**kw) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert final.output_text == r.output_text  # greedy: the same reply
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+
+
+def test_responses_with_a_tool_and_its_output_sent_back(client):
+    kw = dict(model=client.model("torch"), instructions="Use the tools.", tools=[WEATHER_FUNCTION],
+              tool_choice="required", parallel_tool_calls=False, max_output_tokens=60, temperature=0,
+              input=[{"role": "user", "content": "What is the weather in Paris?"}])
+    r = client.responses.create(**kw)
+    (call,) = [item for item in r.output if item.type == "function_call"]
+    assert call.name == "get_weather" and r.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+    with client.responses.stream(**kw) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    (again,) = [item for item in final.output if item.type == "function_call"]
+    assert (again.name, again.arguments) == (call.name, call.arguments)
+    assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
+    # the call and its output as input items: the model answers in text
+    answer = client.responses.create(
+        model=client.model("torch"), tools=[WEATHER_FUNCTION], tool_choice="none", max_output_tokens=20,
+        temperature=0, input=[*kw["input"], {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                                             "arguments": call.arguments},
+                              {"type": "function_call_output", "call_id": call.call_id, "output": "18 C, sunny"}])
+    assert answer.output_text and [item.type for item in answer.output] == ["message"]
+    # nothing is stored: a 400 that says so, naming the field
+    for field, value in (("previous_response_id", r.id), ("store", True)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=client.model("torch"), input="Hi", max_output_tokens=2, **{field: value})
+        assert e.value.body["param"] == field and "nothing is stored" in e.value.body["message"]

@@ -156,7 +156,7 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys,
     """Serve a model over an OpenAI-compatible HTTP API.
 
     Routes: /v1/chat/completions and /v1/completions (streamed as server-sent events with
-    "stream": true), Anthropic's /v1/messages, /v1/models, /health, /tokenize, /detokenize,
+    "stream": true), OpenAI's /v1/responses, Anthropic's /v1/messages, /v1/models, /health, /tokenize, /detokenize,
     /metrics (Prometheus); the
     arena page at / (every engine answers in its own
     column) and, with --results, the records at /report. Each engine is the model id <model>@<engine>

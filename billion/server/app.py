@@ -7,6 +7,7 @@ billion/commands/serve.py, loads them; tests pass tiny models). Routes:
   the plain "User: …\\nAssistant:" transcript of billion/tasks/chat.py, which also stops there);
 - POST /v1/completions: a raw text `prompt` (one string, or a list of one string or of token ids,
   or a list of one list of ids); `echo` (with `logprobs`, the prompt's own, for lm-eval);
+- POST /v1/responses: OpenAI's Responses API (responses.py), a translation onto the chat route;
 - POST /v1/messages, POST /v1/messages/count_tokens: Anthropic's Messages API (messages.py), a
   translation onto the chat route's request and generation;
 - GET /v1/models, GET /health, GET /metrics (Prometheus' text format: metrics.py);
@@ -55,7 +56,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
 
 from backends.base import Backend
-from billion.server import messages, routes
+from billion.server import messages, responses, routes
 from billion.server.engine import Engine
 from billion.server.access import Access
 from billion.server.limits import Limits
@@ -130,5 +131,6 @@ def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel:
     app.add_exception_handler(Exception, routes.unexpected_error)
     app.include_router(routes.router)
     app.include_router(messages.router)  # Anthropic's Messages API
+    app.include_router(responses.router)  # OpenAI's Responses API
     app.mount("/page", StaticFiles(directory=routes.PAGE), name="page")
     return app
