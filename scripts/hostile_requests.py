@@ -53,7 +53,7 @@ def cases(model: str) -> list[tuple[str, dict]]:
             "name": "x", "schema": nested_schema(400)}}})),
         ("tools on completions", js({**ok, "tools": [{"type": "function", "function": {"name": "f"}}]})),
         ("logprobs 2", js({**ok, "logprobs": 2})),
-        ("n 2", js({**ok, "n": 2})),
+        ("n 17", js({**ok, "n": 17})),
         ("16 MiB body", raw(b'{"prompt": "' + b"a" * (16 * 2**20) + b'"}')),
         ("Host evil.example", js(ok, Host="evil.example")),
         ("Origin evil.example", js(ok, Origin="http://evil.example")),

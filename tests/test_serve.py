@@ -132,7 +132,7 @@ def test_bad_requests_are_json_errors_and_the_server_goes_on(server):
         ({**chat, "temperature": "hot"}, False, 400, "invalid_value"),
         ({**chat, "messages": "hi"}, False, 400, "invalid_value"),
         ({k: v for k, v in chat.items() if k != "messages"}, False, 400, "missing_required_parameter"),
-        ({**chat, "n": 2}, False, 400, "unsupported_value"),
+        ({**chat, "n": 17}, False, 400, "invalid_value"),
         ({**chat, "messages": [{"role": "user", "content": "Paris is in France. " * 200}]}, False, 400,
          "context_length_exceeded"),
         ({**chat, "max_tokens": 100000}, False, 400, "context_length_exceeded"),
@@ -277,3 +277,27 @@ def test_metrics_after_traffic_parse_with_prometheus_client(server):
     for gauge in ("billion_queue_depth", "billion_running_requests", "billion_prompt_cache_rows"):
         assert (gauge, (("model", "tiny@mlx"),)) in after and (gauge, (("model", "tiny@torch"),)) in after
     assert after[("billion_running_requests", (("model", "tiny@torch"),))] == 0  # nothing in flight now
+
+
+def test_n_choices_are_decoded_together_each_with_its_own_seed(server):
+    """n > 1: each choice is the reply a request with seed + i gets alone; streamed, the choices'
+    chunks interleave under their index and reassemble to the same texts; usage counts them all."""
+    kw = dict(model="tiny@torch", max_tokens=8, temperature=1.0, seed=11)
+    alone = [ask(server.client, text="Tell me a story.", **{**kw, "seed": 11 + i}) for i in range(3)]
+    r = ask(server.client, text="Tell me a story.", n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.message.content for c in r.choices] == [a.choices[0].message.content for a in alone]
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert len({c.message.content for c in r.choices}) > 1  # different seeds: different samples
+    texts, finished = {}, set()
+    for event in ask(server.client, text="Tell me a story.", n=3, stream=True, **kw):
+        for choice in event.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1, 2} and [texts[i] for i in range(3)] == [c.message.content for c in r.choices]
+    # completions too, with each choice's own text
+    c = server.client.completions.create(model="tiny@mlx", prompt="Once upon a time", max_tokens=6, n=2,
+                                         temperature=1.0, seed=5)
+    assert [x.index for x in c.choices] == [0, 1] and all(x.text for x in c.choices)

@@ -104,6 +104,20 @@ def test_clients_that_hang_up_while_decoding_leave_at_the_next_step(served, engi
     assert after["held"]["running"] == after["held"]["queued"] == 0
 
 
+def test_a_client_that_hangs_up_cancels_every_one_of_its_n_choices(served):
+    model = f"{served.name}@torch"
+    start = engine_stats(served, "torch")
+    where = urlsplit(served.url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    body = {"model": model, "prompt": "a", "max_tokens": LONG, "ignore_eos": True, "n": PARALLEL}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    wait_for(lambda: decoding(served, "torch", start, 10 * PARALLEL), "the choices did not start decoding")
+    assert in_flight(served, "torch") == PARALLEL  # one request, a slot per choice
+    hang_up([conn])
+    wait_for(lambda: in_flight(served, "torch") == 0, "the choices never left")
+    assert engine_stats(served, "torch")["generated_tokens"] - start["generated_tokens"] < PARALLEL * LONG / 4
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_clients_that_hang_up_while_queued_leave_the_queue(served, engine, stream):

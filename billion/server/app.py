@@ -20,7 +20,7 @@ billion/commands/serve.py, loads them; tests pass tiny models). Routes:
 Both completion routes stream as server-sent events when `stream` is true (a final usage chunk
 with `stream_options.include_usage`), and give `usage` token counts. Request fields:
 max_tokens (max_completion_tokens), temperature (default 1, as OpenAI's), top_p, seed, stop,
-presence_penalty, frequency_penalty, n (1 only), and the extensions top_k, min_p,
+presence_penalty, frequency_penalty, n (choices decoded together, up to 16), and the extensions top_k, min_p,
 repetition_penalty and ignore_eos (vLLM's names). Sampling semantics are backends/sampling.py's.
 
 Concurrency: continuous batching (engine.py). Each engine decodes up to `parallel` requests
@@ -33,8 +33,8 @@ earlier conversation computes only its new tokens (`usage.prompt_tokens_details.
 The prompt cache is shared by every client of the engine.
 
 Bad requests (malformed JSON, unknown model, wrong types or out-of-range values, a prompt longer
-than the context, n != 1, fields billion does not implement such as response_format or tools:
-schema.UNSUPPORTED) get OpenAI-style JSON errors {"error": {"message", "type", "param", "code"}}
+than the context, n above 16, fields billion does not implement: schema.UNSUPPORTED) get
+OpenAI-style JSON errors {"error": {"message", "type", "param", "code"}}
 with a 4xx status; an engine failure is a 500 with the same shape naming the request's id
 (X-Request-ID on every answer), its traceback in the server log; never a traceback in an answer.
 A failure in one request's work fails that request alone; /health is 503 once an engine's worker

@@ -401,19 +401,23 @@ class Generation:
         except RuntimeError:  # the event loop is gone (shutdown)
             pass
 
-    def watch(self, receive, request_id: str | None = None) -> None:
+    def watch(self, receive, request_id: str | None = None, siblings: tuple = ()) -> None:
         """Cancel the request as soon as its client hangs up. `receive` is the request's ASGI
         receive, its body already read: the next message it gives is http.disconnect, which uvicorn
         sends when the connection closes (or once the answer is complete). Waiting on it costs
-        nothing and does not depend on the answer being streamed or on a chunk arriving."""
+        nothing and does not depend on the answer being streamed or on a chunk arriving.
+        `siblings`: the other generations of the same request (n > 1), cancelled with it (one
+        connection has one disconnect, so one of them watches)."""
 
         async def until_gone():
             while (await receive())["type"] != "http.disconnect":
                 pass
-            if not self.ended:
-                self.client_gone = True
+            group = [g for g in (self, *siblings) if not g.ended]
+            if group:
                 log.info("request %s: the client left; the request is cancelled", request_id or "?")
-                await self.aclose()
+            for generation in group:
+                generation.client_gone = True
+                await generation.aclose()
 
         self.watcher = asyncio.create_task(until_gone())
 

@@ -8,10 +8,11 @@ completion route parses and checks its request (schema.py), then `respond` runs 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -259,6 +260,7 @@ class Reply:
     calls_tools: bool = False  # the reply is parsed for tool calls (tools.py)
     logprobs: bool = False
     metrics: ServerMetrics | None = None  # /metrics: its inter-token latencies and token counts
+    index: int = 0  # the choice this reply is (n > 1: one Reply per choice, one id)
     id: str = field(init=False, default="")
     created: int = field(default_factory=lambda: int(time.time()))
     # filled while the generation runs
@@ -269,6 +271,7 @@ class Reply:
     offset: int = 0  # characters of text answered so far (the legacy logprobs' text_offset)
     last: float | None = None  # when the last chunk came (perf_counter)
     echo: str = ""  # the prompt, repeated before the completion (/v1/completions' echo)
+    gone: bool = False  # its client hung up while it streamed
 
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -328,6 +331,8 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
     generation, first)` and `events(request, reply, generation, first)` shape the answer and the
     stream: OpenAI's by default; another API's dialect (messages.py) passes its own."""
     answer, events = answer or _answer, events or _events
+    if req.n > 1:
+        return await _respond_n(request, req, engine, prompt_ids, gen, kind, echo)
     reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage,
                   calls_tools=isinstance(req, ChatRequest) and req.calls_tools, logprobs=gen.logprobs is not None,
                   metrics=request.app.state.metrics)
@@ -341,13 +346,8 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
         first = await generation.first()
         ttft_s = time.perf_counter() - request.state.arrived  # the server's own time to first token
         request.app.state.metrics.ttft.labels(req.model).observe(ttft_s)
-    except QueueFull as e:
-        raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
-                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    except ShuttingDown as e:
-        raise APIError(503, str(e), type="server_error", code="shutting_down") from None
-    except UserError as e:
-        raise APIError(400, str(e)) from None
+    except (QueueFull, ShuttingDown, UserError) as e:
+        raise _refusal(e) from None
     if generation.client_gone:
         return gone()
     # The server's own time to first token (queue, tokenizing and prefill included) as a Server-Timing
@@ -361,6 +361,83 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
     return StreamingResponse(events(request, reply, generation, first),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Server-Timing": timing})
+
+
+async def _respond_n(request: Request, req: RequestBase, engine: Engine, prompt_ids: list[int],
+                     gen: GenerationConfig, kind: str, echo: str | None):
+    """n choices of one request, decoded together in the engine's batch, each its own generation
+    with its own seed (seed + i when the request has one): one answer whose choices carry their
+    index, streamed interleaved as they come. Each choice takes a slot: with n beyond what the
+    engine can hold or queue, the request gets 429 whole (the choices already queued are cancelled)."""
+    replies = [Reply(kind, req.model, prompt_ids, include_usage=req.include_usage,
+                     calls_tools=isinstance(req, ChatRequest) and req.calls_tools, logprobs=gen.logprobs is not None,
+                     metrics=request.app.state.metrics, index=i) for i in range(req.n)]
+    for reply in replies[1:]:
+        reply.id, reply.created = replies[0].id, replies[0].created
+    generations: list[Generation] = []
+    try:
+        for i, reply in enumerate(replies):
+            if echo is not None:
+                await _echo(reply, engine, prompt_ids, gen, echo)
+            seeded = replace(gen, seed=None if gen.seed is None else gen.seed + i)
+            generations.append(Generation(engine, prompt_ids, seeded, cache_salt(request, req)))
+        generations[0].watch(request.receive, request_id(request), siblings=tuple(generations[1:]))
+        firsts = await asyncio.gather(*(g.first() for g in generations))
+    except (QueueFull, ShuttingDown, UserError) as e:
+        for generation in generations:
+            await generation.aclose()
+        raise _refusal(e) from None
+    if any(g.client_gone for g in generations):
+        return gone()
+    if not req.stream:
+        choices = await asyncio.gather(*(_choice(r, g, f) for r, g, f in zip(replies, generations, firsts)))
+        if any(c is None for c in choices):
+            return gone()
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        return JSONResponse({**replies[0].head(obj), "choices": list(choices), "usage": _usage(replies)})
+    streams = [_choice_events(r, g, f) for r, g, f in zip(replies, generations, firsts)]
+    return StreamingResponse(_stream_of(request, replies, _interleaved(streams)), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _interleaved(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
+    """The items of several async iterators as each comes (an error in one ends them all)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    ended = object()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                await queue.put(item)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put(e)
+        finally:
+            await queue.put(ended)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is ended:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _refusal(e: Exception) -> APIError:
+    """What a request refused before its first token is answered with."""
+    if isinstance(e, QueueFull):
+        return APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(e, ShuttingDown):
+        return APIError(503, str(e), type="server_error", code="shutting_down")
+    return APIError(400, str(e))
 
 
 async def _echo(reply: Reply, engine: Engine, prompt_ids: list[int], gen: GenerationConfig, echo: str) -> None:
@@ -382,6 +459,15 @@ async def _with_first(first, chunks: Generation):
 
 async def _answer(reply: Reply, chunks: Generation, first) -> JSONResponse:
     """The whole completion as one JSON body."""
+    choice = await _choice(reply, chunks, first)
+    if choice is None:
+        return gone()
+    obj = "chat.completion" if reply.kind == "chat" else "text_completion"
+    return JSONResponse({**reply.head(obj), "choices": [choice], "usage": reply.usage()})
+
+
+async def _choice(reply: Reply, chunks: Generation, first) -> dict | None:
+    """One choice of a JSON answer, whole (None: its client is gone)."""
     text = []
     try:
         async for chunk in _with_first(first, chunks):
@@ -395,7 +481,7 @@ async def _answer(reply: Reply, chunks: Generation, first) -> JSONResponse:
         await chunks.aclose()
         reply.ended()
     if chunks.client_gone:
-        return gone()
+        return None
     if chunks.request.reason == "max_time":
         reply.reason = "max_time"
     content = "".join(text)
@@ -406,12 +492,11 @@ async def _answer(reply: Reply, chunks: Generation, first) -> JSONResponse:
             if calls:
                 message["tool_calls"] = calls
             reply.called(calls)
-        choice = {"index": 0, "message": message, "logprobs": reply.take_logprobs()}
+        choice = {"index": reply.index, "message": message, "logprobs": reply.take_logprobs()}
     else:
-        choice = {"index": 0, "text": reply.echo + content, "logprobs": reply.take_logprobs()}
+        choice = {"index": reply.index, "text": reply.echo + content, "logprobs": reply.take_logprobs()}
     choice["finish_reason"] = FINISH[reply.reason]
-    obj = "chat.completion" if reply.kind == "chat" else "text_completion"
-    return JSONResponse({**reply.head(obj), "choices": [choice], "usage": reply.usage()})
+    return choice
 
 
 def _token(text: str, logprob: float) -> dict:
@@ -426,9 +511,10 @@ def _event(reply: Reply, delta: str | None, reason: str | None, first: bool = Fa
         d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
         if tool_calls:
             d["tool_calls"] = tool_calls
-        choice = {"index": 0, "delta": d, "logprobs": None if first else reply.take_logprobs(), "finish_reason": reason}
+        choice = {"index": reply.index, "delta": d, "logprobs": None if first else reply.take_logprobs(),
+                  "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": delta or "", "logprobs": reply.take_logprobs(), "finish_reason": reason}
+        choice = {"index": reply.index, "text": delta or "", "logprobs": reply.take_logprobs(), "finish_reason": reason}
     out = {**reply.head(_chunk_object(reply)), "choices": [choice]}
     if reply.include_usage:
         out["usage"] = None
@@ -456,6 +542,30 @@ async def _events(request: Request, reply: Reply, chunks: Generation, first) -> 
     """The completion as server-sent events, ending with the finish reason, the usage chunk (when
     asked for) and [DONE]. The status line is already sent when an error comes, so an error is an
     event too."""
+    async for event in _stream_of(request, [reply], _choice_events(reply, chunks, first)):
+        yield event
+
+
+async def _stream_of(request: Request, replies: list[Reply], choices: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The choices' events, then the usage chunk (when asked for) and [DONE]; an error as an event."""
+    try:
+        async for event in choices:
+            yield event
+        if any(r.gone for r in replies):
+            return
+        if replies[0].include_usage:
+            last = {**replies[0].head(_chunk_object(replies[0])), "choices": [], "usage": _usage(replies)}
+            yield f"data: {json.dumps(last)}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # the status line is sent: report the error in the stream
+        err = (APIError(400, str(e)) if isinstance(e, UserError) else
+               APIError(503, str(e), type="server_error", code="shutting_down") if isinstance(e, ShuttingDown) else
+               internal_error(e, request_id(request)))
+        yield f"data: {json.dumps(err.body())}\n\n"
+
+
+async def _choice_events(reply: Reply, chunks: Generation, first) -> AsyncIterator[str]:
+    """One choice's events: its role (chat) or echoed prompt, its deltas, its tool calls, its finish."""
     calls = tools.ToolStream() if reply.calls_tools else None
     try:
         if reply.kind == "chat":
@@ -468,6 +578,7 @@ async def _events(request: Request, reply: Reply, chunks: Generation, first) -> 
             if text:
                 yield _event(reply, text, None)
         if chunks.client_gone:
+            reply.gone = True
             return
         if chunks.request.reason == "max_time":
             reply.reason = "max_time"
@@ -475,15 +586,13 @@ async def _events(request: Request, reply: Reply, chunks: Generation, first) -> 
             for event in _tool_call_events(reply, *calls.finish()):
                 yield event
         yield _event(reply, None, FINISH[reply.reason])
-        if reply.include_usage:
-            last = {**reply.head(_chunk_object(reply)), "choices": [], "usage": reply.usage()}
-            yield f"data: {json.dumps(last)}\n\n"
-        yield "data: [DONE]\n\n"
-    except Exception as e:  # the status line is sent: report the error in the stream
-        err = (APIError(400, str(e)) if isinstance(e, UserError) else
-               APIError(503, str(e), type="server_error", code="shutting_down") if isinstance(e, ShuttingDown) else
-               internal_error(e, request_id(request)))
-        yield f"data: {json.dumps(err.body())}\n\n"
     finally:
         await chunks.aclose()  # a client gone: stop the engine's stream, free the engine
         reply.ended()
+
+
+def _usage(replies: list[Reply]) -> dict:
+    """The usage of an answer: its prompt once, every choice's tokens."""
+    usage = replies[0].usage()
+    completion = sum(r.tokens for r in replies)
+    return {**usage, "completion_tokens": completion, "total_tokens": usage["prompt_tokens"] + completion}

@@ -91,7 +91,7 @@ class RequestBase(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # numpy's generators take 0 .. 2**64-1
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=16)  # choices, each decoded as its own request in the batch
     stream: bool = False
     stream_options: dict | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -291,8 +291,6 @@ def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limi
     if req.model not in models:
         raise APIError(404, f"the model {req.model!r} does not exist; available: {', '.join(models)}",
                        param="model", code="model_not_found")
-    if getattr(req, "n", 1) != 1:
-        raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
     if isinstance(req, ChatRequest):
         if len(req.messages) > limits.max_messages:
             raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages",
