@@ -85,7 +85,8 @@ def test_client_mistakes_are_4xx_in_openais_shape(served):
         assert r.headers.get("x-request-id")
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    for body, param in (({**chat, "tools": [tool]}, "tools"),  # the tiny model's template renders no tools
+    for body, param in (({**chat, "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+                         "tools"),  # a function that is not among the tools
                         ({**chat, "top_logprobs": 2}, "top_logprobs"),
                         ({**chat, "logprobs": "yes please"}, "logprobs"),
                         ({**chat, "tools": [tool], "response_format": {"type": "json_object"}}, "response_format"),
@@ -100,6 +101,9 @@ def test_client_mistakes_are_4xx_in_openais_shape(served):
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "42"}, {"role": "user", "content": "and?"}]}
     assert post(url, called, path="/v1/chat/completions").status_code == 200
+    # the tiny model's template renders no tools: the generic format describes them and constrains the reply
+    r = post(url, {**chat, "tools": [tool], "max_tokens": 4}, path="/v1/chat/completions")
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].startswith('{"'), r.text
     # their "off" values are fine, as is vLLM's top_k = -1
     for body in ({**ok, "response_format": {"type": "text"}}, {**ok, "logprobs": None, "tools": []},
                  {**ok, "top_k": -1}, {**ok, "tool_choice": "none"}):

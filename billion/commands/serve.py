@@ -143,6 +143,9 @@ def served_name(model: str) -> str:
 @click.option("--chat-template", default=None, metavar="FILE",
               help="Render chats with this Jinja template instead of the model's own; chatml-tools is billion's "
                    "ChatML template with tool calls (for ChatML models without tools, e.g. SmolLM2).")
+@click.option("--tool-format", type=click.Choice(["auto", "hermes", "llama3-json", "generic"]), default="auto",
+              show_default=True, help="How the model calls tools: auto picks it from the chat template (hermes "
+                                      "<tool_call> tags, Llama 3's JSON, or the generic JSON for templates without tools).")
 @click.option("--prefill-chunk", type=click.IntRange(1), default=256, show_default=True,
               help="Prompt tokens prefilled per batch step at most: a long prompt goes in over several steps, the "
                    "other requests decoding between its chunks, and a client that leaves costs at most one chunk.")
@@ -152,7 +155,7 @@ def served_name(model: str) -> str:
               show_default=True, help="Seconds a generation may run; then it ends with finish_reason length.")
 def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys, api_key_file, allowed_origins,
           max_body_bytes, max_prompt_tokens, max_tokens_cap, max_messages, max_stop_length, shutdown_timeout,
-          draft, num_draft, chat_template, prefill_chunk, results, request_timeout, **opts):
+          draft, num_draft, chat_template, tool_format, prefill_chunk, results, request_timeout, **opts):
     """Serve a model over an OpenAI-compatible HTTP API.
 
     Routes: /v1/chat/completions and /v1/completions (streamed as server-sent events with
@@ -210,10 +213,13 @@ def serve(model, backend, host, port, log_level, parallel, queue_size, api_keys,
             served[name] = served[f"{name}@{names[0]}"]
         app = create_app(served, name="billion", parallel=parallel, queue_size=queue_size, limits=limits,
                          access=access, draft=lookup, num_draft=num_draft, prefill_chunk=prefill_chunk,
-                         results=results)
+                         results=results, tool_format=tool_format)
         console.print(f"serving {', '.join(served)} on http://{host}:{port}/v1; the arena page: "
                       f"http://{host}:{port}/" + (f", records: http://{host}:{port}/report" if results else ""),
                       markup=False, soft_wrap=True)
+        for model_id, engine in app.state.engines.items():
+            console.print(f"tool calls on {model_id}: the {engine.tool_format.NAME} format ({engine.tool_format_why})",
+                          markup=False, soft_wrap=True)
         server_log(log_level)
         # the engines' workers stop in the app's lifespan, before the ExitStack closes them
         run_server(app, uvicorn.Config(app, host=host, port=port, log_level=log_level,

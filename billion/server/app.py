@@ -105,17 +105,18 @@ class RequestIds:
 
 def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel: int = 8, queue_size: int = 64,
                limits: Limits = Limits(), access: Access = Access(), draft=None, num_draft: int = 4,
-               prefill_chunk: int | None = None, results: str | None = None) -> FastAPI:
+               prefill_chunk: int | None = None, results: str | None = None, tool_format: str = "auto") -> FastAPI:
     """The server for `backends` ({model id: loaded Backend}; several ids may share one Backend,
     e.g. "m" and "m@torch", and then share one Engine: its batch, worker thread and prompt cache).
     `name` is the model name /v1/models reports as owner; each engine decodes up to `parallel`
     requests together and queues `queue_size` more, prefilling at most `prefill_chunk` prompt tokens
-    per step (None: each prompt whole). `results`: the records folder /report shows (None: no report)."""
+    per step (None: each prompt whole). `results`: the records folder /report shows (None: no report).
+    `tool_format`: how the models call tools (tool_formats.FORMATS), or "auto" (each from its template)."""
     engines: dict[int, Engine] = {}  # by id(backend)
     for backend in backends.values():
         if id(backend) not in engines:
             engines[id(backend)] = Engine(backend, parallel, queue_size, limits.request_timeout_s, draft, num_draft,
-                                          prefill_chunk)
+                                          prefill_chunk, tool_format)
     app = FastAPI(title="billion", description=__doc__.splitlines()[0], lifespan=_lifespan)
     app.state.engines = {model_id: engines[id(backend)] for model_id, backend in backends.items()}
     app.state.owner = name

@@ -37,6 +37,7 @@ from backends.base import Backend
 from backends.batching import BatchCache, BatchGenerator
 from backends.text_stream import TextStream
 from backends.types import Chunk, GenerationConfig
+from billion.server import tool_formats
 
 log = logging.getLogger("billion.server")
 
@@ -82,8 +83,11 @@ class Engine:
     """One loaded model on one engine, its requests decoded together by a worker thread."""
 
     def __init__(self, backend: Backend, parallel: int = 8, queue_size: int = 64, timeout_s: float | None = None,
-                 draft=None, num_draft: int = 4, prefill_chunk: int | None = None):
+                 draft=None, num_draft: int = 4, prefill_chunk: int | None = None, tool_format: str = "auto"):
         self.backend = backend
+        # how its model calls tools (server/tool_formats/), and why that one
+        self.tool_format, self.tool_format_why = tool_formats.choose(getattr(backend.tokenizer, "chat_template", None),
+                                                                     tool_format)
         self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per step at most
         self.draft, self.num_draft = draft, num_draft  # prompt lookup inside the batch (an NgramDraft)
         # requests are parsed, rendered and tokenized in other threads: on a copy of the backend with

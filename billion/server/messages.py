@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from backends.types import UserError
-from billion.server import routes, tools
+from billion.server import routes
 from billion.server.engine import Generation, ShuttingDown
 from billion.server.schema import APIError, ChatRequest, chat_prompt, internal_error, parse_request
 
@@ -209,7 +209,7 @@ async def count_tokens(request: Request):
                              ChatRequest, state.engines, state.limits)
         engine = state.engines[chat.model]
         with engine.prep_lock:
-            return {"input_tokens": len(chat_prompt(chat, engine.prep)[0])}
+            return {"input_tokens": len(chat_prompt(chat, engine.prep, engine.tool_format)[0])}
 
     return await run_in_threadpool(count)
 
@@ -252,7 +252,7 @@ async def _answer(reply: routes.Reply, chunks: Generation, first) -> JSONRespons
         return routes.gone()
     if chunks.request.reason == "max_time":
         reply.reason = "max_time"
-    content, calls = tools.parse("".join(text)) if reply.calls_tools else ("".join(text), [])
+    content, calls = reply.tool_format.parse("".join(text)) if reply.calls_tools else ("".join(text), [])
     reply.called(calls)
     blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [_tool_use(c) for c in calls]
     return JSONResponse({"id": _new_id(), "type": "message", "role": "assistant", "model": reply.model,
@@ -268,7 +268,7 @@ async def _events(request: Request, reply: routes.Reply, chunks: Generation, fir
     """The message as Anthropic streams it: message_start; a text block opened at the first text,
     its deltas, closed; each tool call a tool_use block whose input comes as one input_json_delta;
     message_delta with the stop reason and the output tokens; message_stop."""
-    calls = tools.ToolStream() if reply.calls_tools else None
+    calls = reply.tool_format.stream() if reply.calls_tools else None
     index = 0
     text_open = False
     try:

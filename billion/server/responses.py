@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from backends.types import UserError
-from billion.server import routes, tools
+from billion.server import routes
 from billion.server.engine import Generation, ShuttingDown
 from billion.server.schema import APIError, ChatRequest, internal_error, parse_request
 
@@ -252,7 +252,7 @@ class _Shape:
             return routes.gone()
         if chunks.request.reason == "max_time":
             reply.reason = "max_time"
-        content, calls = tools.parse("".join(text)) if reply.calls_tools else ("".join(text), [])
+        content, calls = reply.tool_format.parse("".join(text)) if reply.calls_tools else ("".join(text), [])
         output = ([self.message(content)] if content or not calls else []) + [self.call_item(c) for c in calls]
         return JSONResponse(self.response(reply, self.status(reply), output))
 
@@ -264,7 +264,7 @@ class _Shape:
             sequence += 1
             return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': sequence - 1, **data})}\n\n"
 
-        calls = tools.ToolStream() if reply.calls_tools else None
+        calls = reply.tool_format.stream() if reply.calls_tools else None
         output: list[dict] = []
         text: list[str] = []
         opened = False  # the message item (and its one output_text part) has been announced

@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
@@ -22,7 +22,6 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from backends.types import GenerationConfig, UserError
 from billion.server.engine import Engine, Generation, QueueFull, ShuttingDown
-from billion.server import tools
 from billion.server.metrics import CONTENT_TYPE, ServerMetrics
 from billion.server.schema import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, RequestBase,
                                    TokenizeRequest, chat_prompt, completion_prompt, generation_config, internal_error,
@@ -137,7 +136,7 @@ def _tokenize(raw: bytes, engines: dict) -> dict:
     engine = engines[req.model]
     with engine.prep_lock:
         if req.messages is not None:
-            ids, _ = chat_prompt(req.as_chat(), engine.prep)
+            ids, _ = chat_prompt(req.as_chat(), engine.prep, engine.tool_format)
         else:
             ids = engine.prep.tokenize(req.prompt, add_special_tokens=req.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": engine.backend.context_length}
@@ -225,10 +224,10 @@ def prepare(req: RequestBase, engines: dict, limits):
     with engine.prep_lock:  # one request at a time on the copy (a Rust tokenizer is not re-entrant)
         prep = engine.prep
         if isinstance(req, ChatRequest):
-            prompt_ids, stops = chat_prompt(req, prep)
+            prompt_ids, stops = chat_prompt(req, prep, engine.tool_format)
         else:
             prompt_ids, stops = completion_prompt(req, prep), ()
-        grammar = output_grammar(req, prep)
+        grammar = output_grammar(req, prep, engine.tool_format)
     return req, engine, prompt_ids, generation_config(req, prep, prompt_ids, stops, limits, grammar)
 
 
@@ -257,7 +256,8 @@ class Reply:
     model: str
     prompt_ids: list[int]
     include_usage: bool = False
-    calls_tools: bool = False  # the reply is parsed for tool calls (tools.py)
+    calls_tools: bool = False  # the reply is parsed for tool calls, in its engine's tool_format
+    tool_format: Any = None  # a server/tool_formats module
     logprobs: bool = False
     metrics: ServerMetrics | None = None  # /metrics: its inter-token latencies and token counts
     index: int = 0  # the choice this reply is (n > 1: one Reply per choice, one id)
@@ -335,7 +335,7 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
         return await _respond_n(request, req, engine, prompt_ids, gen, kind, echo)
     reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage,
                   calls_tools=isinstance(req, ChatRequest) and req.calls_tools, logprobs=gen.logprobs is not None,
-                  metrics=request.app.state.metrics)
+                  metrics=request.app.state.metrics, tool_format=engine.tool_format)
     # No answer starts before the first token exists: a full queue (429), a shutdown that refuses
     # the queued request (503) or an error before any token (400) is the answer's status, not an event.
     try:
@@ -371,7 +371,8 @@ async def _respond_n(request: Request, req: RequestBase, engine: Engine, prompt_
     engine can hold or queue, the request gets 429 whole (the choices already queued are cancelled)."""
     replies = [Reply(kind, req.model, prompt_ids, include_usage=req.include_usage,
                      calls_tools=isinstance(req, ChatRequest) and req.calls_tools, logprobs=gen.logprobs is not None,
-                     metrics=request.app.state.metrics, index=i) for i in range(req.n)]
+                     metrics=request.app.state.metrics, index=i, tool_format=engine.tool_format)
+               for i in range(req.n)]
     for reply in replies[1:]:
         reply.id, reply.created = replies[0].id, replies[0].created
     generations: list[Generation] = []
@@ -488,7 +489,7 @@ async def _choice(reply: Reply, chunks: Generation, first) -> dict | None:
     if reply.kind == "chat":
         message = {"role": "assistant", "content": content}
         if reply.calls_tools:
-            message["content"], calls = tools.parse(content)
+            message["content"], calls = reply.tool_format.parse(content)
             if calls:
                 message["tool_calls"] = calls
             reply.called(calls)
@@ -566,7 +567,7 @@ async def _stream_of(request: Request, replies: list[Reply], choices: AsyncItera
 
 async def _choice_events(reply: Reply, chunks: Generation, first) -> AsyncIterator[str]:
     """One choice's events: its role (chat) or echoed prompt, its deltas, its tool calls, its finish."""
-    calls = tools.ToolStream() if reply.calls_tools else None
+    calls = reply.tool_format.stream() if reply.calls_tools else None
     try:
         if reply.kind == "chat":
             yield _event(reply, None, None, first=True)

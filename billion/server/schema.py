@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from backends import constraints
 from backends.base import Backend
 from backends.types import GenerationConfig, UserError
-from billion.server import tools
+from billion.server.tool_formats import hermes
 from billion.server.limits import Limits
 from billion.tasks.chat import FALLBACK_STOPS, render
 
@@ -303,27 +303,29 @@ def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limi
     return req
 
 
-def chat_prompt(req: ChatRequest, backend: Backend) -> tuple[list[int], tuple[str, ...]]:
+def chat_prompt(req: ChatRequest, backend: Backend, tool_format=hermes) -> tuple[list[int], tuple[str, ...]]:
     """(prompt token ids, extra stop strings): the messages rendered with the model's chat template
-    (with the tools, when the request may call them), or for a base model the plain transcript,
-    which must also stop at the next "User:" turn."""
+    (with the tools, when the request may call them, as its tool format has them rendered), or for
+    a base model the plain transcript, which must also stop at the next "User:" turn."""
     messages = [m.for_template() for m in req.messages]
     tool_list = None
     if req.calls_tools:
-        problem = tools.template_error(getattr(backend.tokenizer, "chat_template", None))
+        problem = tool_format.template_problem(getattr(backend.tokenizer, "chat_template", None))
         if problem:
             raise APIError(400, problem, param="tools", code="unsupported_value")
         tool_list = [t.model_dump(exclude_none=True) for t in req.tools]
-    elif any(m.role == "tool" or m.tool_calls for m in req.messages) and not backend.has_chat_template:
+    elif (any(m.role == "tool" or m.tool_calls for m in req.messages) and not backend.has_chat_template
+          and tool_format.NAME != "generic"):
         raise APIError(400, "tool messages need a chat template that renders them", param="messages")
     try:
-        prompt_ids = render(backend, tools.messages_for_template(messages), tools=tool_list)
+        messages, tool_list = tool_format.for_template(messages, tool_list)
+        prompt_ids = render(backend, messages, tools=tool_list)
     except UserError as e:
         raise APIError(400, str(e), param="messages") from None
     return prompt_ids, (() if backend.has_chat_template else FALLBACK_STOPS)
 
 
-def output_grammar(req: RequestBase, backend: Backend) -> str | None:
+def output_grammar(req: RequestBase, backend: Backend, tool_format=hermes) -> str | None:
     """The grammar the reply must follow (backends/constraints.py): the tool calls tool_choice asks
     for, or response_format's JSON object or schema; None for free text. It is also built on this
     model's vocabulary, so that what cannot be enforced is a 400 naming the part now, never an
@@ -331,8 +333,8 @@ def output_grammar(req: RequestBase, backend: Backend) -> str | None:
     calls_tools = isinstance(req, ChatRequest) and req.calls_tools
     param = "tools" if calls_tools else "response_format"
     try:
-        grammar = (tools.grammar([t.model_dump() for t in req.tools], req.tool_choice or "auto",
-                                 parallel=req.parallel_tool_calls is not False)
+        grammar = (tool_format.grammar([t.model_dump() for t in req.tools], req.tool_choice or "auto",
+                                       parallel=req.parallel_tool_calls is not False)
                    if calls_tools else _format_grammar(req.response_format))
         if grammar is not None:
             backend.grammars.matcher(grammar)

@@ -77,19 +77,29 @@ def grammar(tools: list[dict], choice="auto", parallel: bool = True) -> str | No
     parallel=False (parallel_tool_calls: false): one call at most, then EOS.
     Each chosen tool's parameters are checked alone first, so a schema llguidance cannot enforce
     is refused naming its tool."""
+    chosen_tools = chosen(tools, choice)
+    if chosen_tools is None:
+        return None
+    return constraints.lark(_lark(chosen_tools, lazy=choice == "auto", parallel=parallel), "the tools' grammar")
+
+
+def chosen(tools: list[dict], choice="auto") -> dict[str, dict] | None:
+    """The tools a reply may call under `choice` (name -> parameters' schema; every format's
+    grammar starts here), None for "none"; each schema is checked alone first, so one that
+    llguidance cannot enforce is refused naming its tool."""
     available = signatures(tools)
     if choice == "none":
         return None
     if choice in ("auto", "required"):
-        chosen = available
+        picked = available
     else:
         name = _named_function(choice)
         if name not in available:
             raise UserError(f"tool_choice names the function {name!r}, which is not among the tools")
-        chosen = {name: available[name]}
-    for name, parameters in chosen.items():
+        picked = {name: available[name]}
+    for name, parameters in picked.items():
         constraints.json_schema(parameters, f"the parameters of tool {name!r}")
-    return constraints.lark(_lark(chosen, lazy=choice == "auto", parallel=parallel), "the tools' grammar")
+    return picked
 
 
 def _named_function(choice) -> str:
@@ -167,12 +177,14 @@ def openai_call(name: str, arguments: dict) -> dict:
 
 class ToolStream:
     """A streamed reply's content, sent as it comes, and its calls, read at the end. Text that
-    could be the start of <tool_call> is held back; from the trigger on nothing is content (the
-    calls are sent whole by finish), unless the reply ends inside a call."""
+    could be the start of the trigger (<tool_call>; a format's own, llama3.py's) is held back; from
+    the trigger on nothing is content (the calls are sent whole by finish), unless the reply ends
+    inside a call. `read`: how the reply from the trigger on is parsed (content, calls)."""
 
-    def __init__(self):
-        self._trigger = StopText((CALL_START,))
-        self._tail: str | None = None  # the reply from the first <tool_call> on, once it appears
+    def __init__(self, read=None, trigger: str = CALL_START):
+        self._read = read or parse
+        self._trigger = StopText((trigger,))
+        self._tail: str | None = None  # the reply from the first trigger on, once it appears
 
     def push(self, piece: str) -> str:
         """The content that can be sent now."""
@@ -189,7 +201,7 @@ class ToolStream:
         """(the content still to send, the calls) at the end of the reply."""
         if self._tail is None:
             return self._trigger.flush(), []
-        content, calls = parse(self._tail)
+        content, calls = self._read(self._tail)
         return content or "", calls
 
 
