@@ -13,7 +13,7 @@ import json
 import pytest
 
 from billion.server import tool_formats
-from billion.server.tool_formats import generic, hermes, llama3
+from billion.server.tool_formats import generic, hermes, llama3, mistral
 from tests.templates import template
 
 WEATHER = {"type": "function", "function": {
@@ -39,8 +39,9 @@ def test_the_format_is_picked_from_the_template(tokenizer):
     assert tool_formats.detect(read_template("chatml-tools"))[0] is hermes
     assert tool_formats.detect(tokenizer.chat_template)[0] is generic  # SmolLM2's own renders no tools
     assert tool_formats.detect(None)[0] is generic  # a base model
-    # Mistral's [TOOL_CALLS] is not parsed (yet): its models get the generic format, which any template can hold
-    fmt, why = tool_formats.detect(template("mistral-nemo"))
+    assert tool_formats.detect(template("mistral-nemo"))[0] is mistral
+    # a template that renders tools in a format billion does not know: the generic one, which any template holds
+    fmt, why = tool_formats.detect("{{ tools }} <|tool|>{{ messages }}")
     assert fmt is generic and "does not parse" in why
     assert tool_formats.choose(template("qwen2.5"), "generic") == (generic, "--tool-format")
 
@@ -63,6 +64,7 @@ def _rendered_reply(tokenizer, chat_template: str, fmt, ends: tuple[str, ...]) -
 
 @pytest.mark.parametrize("name, fmt, ends", [("llama-3.2", llama3, ("<|eot_id|>",)),
                                              ("qwen2.5", hermes, ("<|im_end|>",)),
+                                             ("mistral-nemo", mistral, ("</s>",)),
                                              ("smollm2", generic, ("<|im_end|>",))])
 def test_each_format_reads_back_the_calls_its_template_renders(tokenizer, name, fmt, ends):
     chat_template = tokenizer.chat_template if name == "smollm2" else template(name)
@@ -85,6 +87,7 @@ def test_each_format_reads_back_the_calls_its_template_renders(tokenizer, name, 
 @pytest.mark.parametrize("fmt, text", [
     (llama3, '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
     (hermes, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
+    (mistral, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
     (generic, '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}')])
 def test_each_formats_grammar_takes_its_own_calls_and_refuses_others(tokenizer, fmt, text):
     from backends.constraints import Grammars
@@ -123,14 +126,16 @@ def _served(backend, chat_template=None):
     return Server(create_app({"smollm2": backend}))
 
 
-@pytest.mark.parametrize("name", ["smollm2", "llama-3.2"])
+@pytest.mark.parametrize("name", ["smollm2", "llama-3.2", "qwen2.5", "mistral-nemo"])
 def test_the_real_model_calls_a_tool_in_its_templates_format(real_model, name):
-    """SmolLM2 with its own template (no tools: the generic format) and with Llama 3.2's (its JSON
-    format): tool_choice required gives a valid call through the OpenAI client, streamed the same."""
+    """SmolLM2's weights with its own template (no tools: the generic format) and with Llama 3.2's,
+    Qwen2.5's and Mistral Nemo's (their formats): tool_choice required gives a valid call through
+    the OpenAI client, streamed the same."""
     server = _served(real_model("torch"), None if name == "smollm2" else template(name))
     try:
         engine = next(iter(server.app.state.engines.values()))
-        assert engine.tool_format is (generic if name == "smollm2" else llama3)
+        assert engine.tool_format is {"smollm2": generic, "llama-3.2": llama3, "qwen2.5": hermes,
+                                      "mistral-nemo": mistral}[name]
         kw = dict(model="smollm2", messages=ASK, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
                   max_tokens=40, temperature=0)
         r = server.client.chat.completions.create(**kw)

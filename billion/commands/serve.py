@@ -143,9 +143,10 @@ def served_name(model: str) -> str:
 @click.option("--chat-template", default=None, metavar="FILE",
               help="Render chats with this Jinja template instead of the model's own; chatml-tools is billion's "
                    "ChatML template with tool calls (for ChatML models without tools, e.g. SmolLM2).")
-@click.option("--tool-format", type=click.Choice(["auto", "hermes", "llama3-json", "generic"]), default="auto",
-              show_default=True, help="How the model calls tools: auto picks it from the chat template (hermes "
-                                      "<tool_call> tags, Llama 3's JSON, or the generic JSON for templates without tools).")
+@click.option("--tool-format", type=click.Choice(["auto", "hermes", "llama3-json", "mistral", "generic"]),
+              default="auto", show_default=True,
+              help="How the model calls tools: auto picks it from the chat template (hermes <tool_call> tags, Llama "
+                   "3's JSON, Mistral's [TOOL_CALLS], or the generic JSON for templates without tools).")
 @click.option("--prefill-chunk", type=click.IntRange(1), default=256, show_default=True,
               help="Prompt tokens prefilled per batch step at most: a long prompt goes in over several steps, the "
                    "other requests decoding between its chunks, and a client that leaves costs at most one chunk.")

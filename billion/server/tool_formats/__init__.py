@@ -9,6 +9,8 @@ uses the format its engine was given; none knows which it is.
   billion's chatml-tools template): tools.py;
 - llama3-json: `{"name": ..., "parameters": {...}}` as the whole reply, results in the `ipython`
   role (Llama 3.1-3.3, Llama 3.2-1B/3B-Instruct): llama3.py;
+- mistral: `[TOOL_CALLS][{"name", "arguments"}]` (Mistral 7B v0.3, Nemo), results in
+  [TOOL_RESULTS]: mistral.py;
 - generic: for templates that render no tools (llama.cpp's idea): the tools described in a system
   message and the reply constrained to `{"tool_calls": [...]}` or `{"response": "..."}`: generic.py.
 
@@ -17,9 +19,9 @@ uses the format its engine was given; none knows which it is.
 
 from __future__ import annotations
 
-from billion.server.tool_formats import generic, hermes, llama3
+from billion.server.tool_formats import generic, hermes, llama3, mistral
 
-FORMATS = {"hermes": hermes, "llama3-json": llama3, "generic": generic}
+FORMATS = {"hermes": hermes, "llama3-json": llama3, "mistral": mistral, "generic": generic}
 
 
 def detect(chat_template: str | None):
@@ -31,6 +33,8 @@ def detect(chat_template: str | None):
         return hermes, "its chat template writes <tool_call> tags"
     if "tools" in template and '"parameters"' in template and ("ipython" in template or "<|python_tag|>" in template):
         return llama3, "its chat template is Llama 3's (JSON calls, ipython results)"
+    if "tools" in template and mistral.TRIGGER in template:
+        return mistral, "its chat template is Mistral's ([TOOL_CALLS])"
     if "tools" in template:
         return generic, "its chat template renders tools in a format billion does not parse"
     return generic, "its chat template renders no tools"
