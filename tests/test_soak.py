@@ -1,4 +1,4 @@
-"""scripts/soak.py for half a minute against a real `billion serve -b all` (tiny model): every request
+"""scripts/soak.py for 20 seconds against a real `billion serve -b all` (tiny model): every request
 kind but tool calls (the tiny model's 512-token context cannot hold the tools prompt; the 30-minute
 soak on the real model runs them), no 5xx, no wrong answer, memory and per-engine state bounded."""
 
@@ -12,10 +12,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_a_half_minute_soak_of_both_engines(tiny_folder, tmp_path):
+def test_a_20_second_soak_of_both_engines(tiny_folder, tmp_path):
     out = tmp_path / "results"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "-m", str(tiny_folder("tinyllama")),
-                          "--minutes", "0.5", "--warmup-minutes", "0.25", "--window-minutes", "0.125", "--sample-s", "1",
+                          "--minutes", "0.33", "--warmup-minutes", "0.15", "--window-minutes", "0.08", "--sample-s", "1",
                           "--clients", "4", "--skip", "tool", "--results-dir", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -25,5 +25,5 @@ def test_a_half_minute_soak_of_both_engines(tiny_folder, tmp_path):
     kinds = {key.split()[0] for key in metrics["by_kind_status"]}
     assert kinds == {"chat", "stream", "logprobs", "chat_logprobs", "schema", "conversation", "unique", "cancelled",
                      "abandoned", "malformed"}, kinds
-    assert metrics["requests"] > 100  # a real load, not a handful
+    assert metrics["requests"] > 60  # a real load, not a handful
     assert path.with_suffix(".png").stat().st_size > 0

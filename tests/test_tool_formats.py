@@ -137,15 +137,16 @@ def test_the_real_model_calls_a_tool_in_its_templates_format(real_model, name):
         assert engine.tool_format is {"smollm2": generic, "llama-3.2": llama3, "qwen2.5": hermes,
                                       "mistral-nemo": mistral}[name]
         kw = dict(model="smollm2", messages=ASK, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
-                  max_tokens=40, temperature=0)
+                  max_tokens=32, temperature=0)
         r = server.client.chat.completions.create(**kw)
         choice = r.choices[0]
         assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, r
         call = choice.message.tool_calls[0]
         assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
-        events = list(server.client.chat.completions.create(stream=True, **kw))
-        streamed = [c for e in events for c in (e.choices[0].delta.tool_calls or [])]
-        assert streamed[0].function.name == "get_weather"
-        assert "".join(c.function.arguments for c in streamed) == call.function.arguments
+        if name in ("smollm2", "llama-3.2"):  # streamed: the generic format holds the reply whole, llama3 a trigger
+            events = list(server.client.chat.completions.create(stream=True, **kw))
+            streamed = [c for e in events for c in (e.choices[0].delta.tool_calls or [])]
+            assert streamed[0].function.name == "get_weather"
+            assert "".join(c.function.arguments for c in streamed) == call.function.arguments
     finally:
         server.stop()
