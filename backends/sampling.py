@@ -130,6 +130,27 @@ def logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, tuple[tup
     return float(lp[token]), tuple((int(i), float(lp[i])) for i in best)
 
 
+def logprobs_of(logits: np.ndarray, tokens, top: int, rows_at_once: int = 128) -> list[tuple]:
+    """`logprobs` for many positions at once: logits [n, vocab] (each position's next-token logits)
+    and the n tokens that followed; (log-probability, top pairs) per position, the same values,
+    computed a block of rows at a time (a prompt's full-vocabulary float64 rows would not fit)."""
+    tokens = np.asarray(tokens)
+    out = []
+    for start in range(0, len(tokens), rows_at_once):
+        x = np.asarray(logits[start:start + rows_at_once], np.float64)
+        m = x.max(axis=-1, keepdims=True)
+        lp = x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+        chosen = lp[np.arange(len(lp)), tokens[start:start + rows_at_once]]
+        if top > 0:
+            near = np.argpartition(-lp, min(top, lp.shape[1]) - 1, axis=-1)[:, :top]
+            for row, candidates in enumerate(near):
+                best = sorted(candidates, key=lambda i: (-lp[row, i], i))  # ties by lower id, as logprobs
+                out.append((float(chosen[row]), tuple((int(i), float(lp[row, i])) for i in best)))
+        else:
+            out.extend((float(c), ()) for c in chosen)
+    return out
+
+
 def sample(weights: np.ndarray, rng: np.random.Generator) -> int:
     """Draw an index with probability proportional to `weights` (never a zero-weight one): one
     uniform draw, inverted through the cumulative sum, so equal weights and seeds give equal tokens."""

@@ -212,3 +212,15 @@ def test_sampling_never_leaves_the_vocabulary():
     (err,) = [e for e in events if e.uid == broken and e.finish_reason]
     assert err.finish_reason == "error" and "not finite" in str(err.error)
     assert all(e.token is None or 0 <= e.token < 4 for e in events)
+
+
+def test_logprobs_of_many_positions_equal_logprobs_position_by_position():
+    from backends.sampling import logprobs, logprobs_of
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(300, 50)).astype(np.float32)
+    logits[7, :3] = 5.0  # a tie at the top: the lower id first
+    tokens = rng.integers(0, 50, size=300)
+    for top in (0, 1, 5):
+        assert logprobs_of(logits, tokens, top, rows_at_once=64) == [
+            logprobs(logits[i], int(t), top) for i, t in enumerate(tokens)]

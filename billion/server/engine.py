@@ -167,8 +167,8 @@ class Engine:
         def work():
             logits = self.backend.batch_logits([prompt_ids], [range(len(prompt_ids) - 1)])[0]
             first = (self.backend.tokenizer.decode([prompt_ids[0]]), None, ())
-            return [first] + [self._logprob_entry(token, *sampling.logprobs(logits[p], token, top))
-                              for p, token in enumerate(prompt_ids[1:])]
+            scored = sampling.logprobs_of(logits, prompt_ids[1:], top)
+            return [first] + [self._logprob_entry(token, *entry) for token, entry in zip(prompt_ids[1:], scored)]
 
         self.commands.put(("call", (work, loop, done)))
         return await done
