@@ -18,13 +18,13 @@ from typing import Any, AsyncIterator, Literal, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from backends.types import UserError
 from billion.server import routes
-from billion.server.engine import Generation, ShuttingDown
-from billion.server.schema import APIError, ChatRequest, chat_prompt, internal_error, parse_request
+from billion.server.engine import Generation
+from billion.server.schema import (APIError, ChatRequest, chat_prompt, chat_request, json_object, refuse_unsupported,
+                                   validated)
 
 router = APIRouter()
 
@@ -88,22 +88,9 @@ class CountRequest(BaseModel):
 
 
 def _parse(raw: bytes, model_cls):
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    for field, off in UNSUPPORTED.items():
-        if field in body and not off(body[field]):
-            raise APIError(400, f"{field} is not supported by this server (billion); the request was not run",
-                           param=field)
-    try:
-        return model_cls.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=where or None) from None
+    body = json_object(raw)
+    refuse_unsupported(body, UNSUPPORTED)
+    return validated(body, model_cls)
 
 
 def _text(content) -> str:
@@ -180,8 +167,7 @@ def as_chat(raw: bytes, engines: dict, limits) -> ChatRequest:
             "tools": _tools(req.tools), "tool_choice": choice, "parallel_tool_calls": parallel,
             "stop": req.stop_sequences, "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": req.top_p, "top_k": req.top_k}
-    return parse_request(json.dumps({k: v for k, v in body.items() if v is not None}).encode(), ChatRequest,
-                         engines, limits)
+    return chat_request(body, engines, limits)
 
 
 # ---------------------------------------------------------------- routes
@@ -204,9 +190,8 @@ async def count_tokens(request: Request):
 
     def count():
         req = _parse(raw, CountRequest)
-        chat = parse_request(json.dumps({"model": req.model, "messages": _messages(req),
-                                         **({"tools": _tools(req.tools)} if req.tools else {})}).encode(),
-                             ChatRequest, state.engines, state.limits)
+        chat = chat_request({"model": req.model, "messages": _messages(req), "tools": _tools(req.tools)},
+                            state.engines, state.limits)
         engine = state.engines[chat.model]
         with engine.prep_lock:
             return {"input_tokens": len(chat_prompt(chat, engine.prep, engine.tool_format)[0])}
@@ -236,23 +221,10 @@ def _stop(reply: routes.Reply) -> str:
 
 
 async def _answer(reply: routes.Reply, chunks: Generation, first) -> JSONResponse:
-    text = []
-    try:
-        async for chunk in routes._with_first(first, chunks):
-            reply.count(chunk, chunks)
-            text.append(chunk.text)
-    except UserError as e:
-        raise APIError(400, str(e)) from None
-    except ShuttingDown as e:
-        raise APIError(503, str(e), type="server_error", code="shutting_down") from None
-    finally:
-        await chunks.aclose()
-        reply.ended()
-    if chunks.client_gone:
+    text = await routes.collected(reply, chunks, first)
+    if text is None:
         return routes.gone()
-    if chunks.request.reason == "max_time":
-        reply.reason = "max_time"
-    content, calls = reply.tool_format.parse("".join(text)) if reply.calls_tools else ("".join(text), [])
+    content, calls = reply.tool_format.parse(text) if reply.calls_tools else (text, [])
     reply.called(calls)
     blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [_tool_use(c) for c in calls]
     return JSONResponse({"id": _new_id(), "type": "message", "role": "assistant", "model": reply.model,
@@ -268,7 +240,6 @@ async def _events(request: Request, reply: routes.Reply, chunks: Generation, fir
     """The message as Anthropic streams it: message_start; a text block opened at the first text,
     its deltas, closed; each tool call a tool_use block whose input comes as one input_json_delta;
     message_delta with the stop reason and the output tokens; message_stop."""
-    calls = reply.tool_format.stream() if reply.calls_tools else None
     index = 0
     text_open = False
     try:
@@ -285,22 +256,15 @@ async def _events(request: Request, reply: routes.Reply, chunks: Generation, fir
             yield _sse("content_block_delta", {"type": "content_block_delta", "index": index,
                                                "delta": {"type": "text_delta", "text": text}})
 
-        async for chunk in routes._with_first(first, chunks):
-            reply.count(chunk, chunks)
-            text = calls.push(chunk.text) if calls else chunk.text
-            if text:
-                for event in text_delta(text):
+        found: list = []
+        async for piece in routes.shown(reply, chunks, first):
+            if isinstance(piece, list):
+                found = piece
+            else:
+                for event in text_delta(piece):
                     yield event
-        if chunks.client_gone:
+        if reply.gone:
             return
-        if chunks.request.reason == "max_time":
-            reply.reason = "max_time"
-        found = []
-        if calls:
-            rest, found = calls.finish()
-            if rest:
-                for event in text_delta(rest):
-                    yield event
         if text_open:
             yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
             index += 1
@@ -312,16 +276,12 @@ async def _events(request: Request, reply: routes.Reply, chunks: Generation, fir
                 "type": "input_json_delta", "partial_json": json.dumps(block["input"])}})
             yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
             index += 1
-        reply.called(found)
         yield _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": _stop(reply),
                                                                       "stop_sequence": None},
                                      "usage": {"output_tokens": reply.tokens}})
         yield _sse("message_stop", {"type": "message_stop"})
     except Exception as e:  # the status line is sent: the error is an event, in Anthropic's shape
-        err = (APIError(400, str(e)) if isinstance(e, UserError) else
-               APIError(503, str(e)) if isinstance(e, ShuttingDown) else
-               internal_error(e, routes.request_id(request)))
-        yield _sse("error", err.anthropic_body())
+        yield _sse("error", routes.stream_error(request, e).anthropic_body())
     finally:
         await chunks.aclose()
         reply.ended()

@@ -22,13 +22,12 @@ from typing import Any, AsyncIterator, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from backends.types import UserError
 from billion.server import routes
-from billion.server.engine import Generation, ShuttingDown
-from billion.server.schema import APIError, ChatRequest, internal_error, parse_request
+from billion.server.engine import Generation
+from billion.server.schema import APIError, ChatRequest, chat_request, json_object, refuse_unsupported, validated
 
 router = APIRouter()
 
@@ -65,23 +64,9 @@ class ResponsesRequest(BaseModel):
 
 
 def _parse(raw: bytes) -> ResponsesRequest:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    for field, off in UNSUPPORTED.items():
-        if field in body and not off(body[field]):
-            why = WHY.get(field, "the request was not run")
-            raise APIError(400, f"{field} is not supported by this server (billion); {why}", param=field,
-                           code="unsupported_parameter")
-    try:
-        return ResponsesRequest.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=where or None) from None
+    body = json_object(raw)
+    refuse_unsupported(body, UNSUPPORTED, {f: f"by this server (billion); {why}" for f, why in WHY.items()})
+    return validated(body, ResponsesRequest)
 
 
 # ---------------------------------------------------------------- the request, as Chat Completions
@@ -165,8 +150,7 @@ def as_chat(req: ResponsesRequest, engines: dict, limits) -> ChatRequest:
             "stream": req.stream, "tools": _tools(req.tools), "tool_choice": _tool_choice(req.tool_choice),
             "parallel_tool_calls": req.parallel_tool_calls, "response_format": _response_format(req.text),
             "temperature": 1.0 if req.temperature is None else req.temperature, "top_p": req.top_p}
-    return parse_request(json.dumps({k: v for k, v in body.items() if v is not None}).encode(), ChatRequest,
-                         engines, limits)
+    return chat_request(body, engines, limits)
 
 
 # ---------------------------------------------------------------- the route
@@ -236,23 +220,10 @@ class _Shape:
         return "incomplete" if reply.reason in ("max_tokens", "max_time") else "completed"
 
     async def answer(self, reply: routes.Reply, chunks: Generation, first) -> JSONResponse:
-        text = []
-        try:
-            async for chunk in routes._with_first(first, chunks):
-                reply.count(chunk, chunks)
-                text.append(chunk.text)
-        except UserError as e:
-            raise APIError(400, str(e)) from None
-        except ShuttingDown as e:
-            raise APIError(503, str(e), type="server_error", code="shutting_down") from None
-        finally:
-            await chunks.aclose()
-            reply.ended()
-        if chunks.client_gone:
+        text = await routes.collected(reply, chunks, first)
+        if text is None:
             return routes.gone()
-        if chunks.request.reason == "max_time":
-            reply.reason = "max_time"
-        content, calls = reply.tool_format.parse("".join(text)) if reply.calls_tools else ("".join(text), [])
+        content, calls = reply.tool_format.parse(text) if reply.calls_tools else (text, [])
         output = ([self.message(content)] if content or not calls else []) + [self.call_item(c) for c in calls]
         return JSONResponse(self.response(reply, self.status(reply), output))
 
@@ -264,7 +235,6 @@ class _Shape:
             sequence += 1
             return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': sequence - 1, **data})}\n\n"
 
-        calls = reply.tool_format.stream() if reply.calls_tools else None
         output: list[dict] = []
         text: list[str] = []
         opened = False  # the message item (and its one output_text part) has been announced
@@ -284,22 +254,15 @@ class _Shape:
             start = self.response(reply, "in_progress", [])
             yield sse("response.created", response=start)
             yield sse("response.in_progress", response=start)
-            async for chunk in routes._with_first(first, chunks):
-                reply.count(chunk, chunks)
-                piece = calls.push(chunk.text) if calls else chunk.text
-                if piece:
+            found: list = []
+            async for piece in routes.shown(reply, chunks, first):
+                if isinstance(piece, list):
+                    found = piece
+                else:
                     for event in delta(piece):
                         yield event
-            if chunks.client_gone:
+            if reply.gone:
                 return
-            if chunks.request.reason == "max_time":
-                reply.reason = "max_time"
-            found = []
-            if calls:
-                rest, found = calls.finish()
-                if rest:
-                    for event in delta(rest):
-                        yield event
             if opened:
                 done = "".join(text)
                 yield sse("response.output_text.done", **where, text=done)
@@ -321,9 +284,7 @@ class _Shape:
             yield sse("response.completed" if status == "completed" else "response.incomplete",
                       response=self.response(reply, status, output))
         except Exception as e:  # the status line is sent: the failure is an event
-            err = (APIError(400, str(e)) if isinstance(e, UserError) else
-                   APIError(503, str(e), type="server_error", code="shutting_down") if isinstance(e, ShuttingDown)
-                   else internal_error(e, routes.request_id(request)))
+            err = routes.stream_error(request, e)
             yield sse("error", code=err.code, message=err.message, param=err.param)
         finally:
             await chunks.aclose()

@@ -126,9 +126,14 @@ async def tokenize(request: Request):
     """vLLM's /tokenize: {"model", "prompt", "add_special_tokens"} or {"model", "messages",
     "add_generation_prompt"} (rendered with the chat template, as /v1/chat/completions renders
     them) -> {"tokens", "count", "max_model_len"}."""
+    return await _off_the_loop(request, _tokenize)
+
+
+async def _off_the_loop(request: Request, work):
+    """work(body, engines), the body read within the size limit, run in a worker thread."""
     state = request.app.state
     raw = await read_body(request, state.limits.max_body_bytes)
-    return await run_in_threadpool(_tokenize, raw, state.engines)
+    return await run_in_threadpool(work, raw, state.engines)
 
 
 def _tokenize(raw: bytes, engines: dict) -> dict:
@@ -160,9 +165,7 @@ async def tokenizer_info(request: Request, model: str | None = None):
 @router.post("/detokenize")
 async def detokenize(request: Request):
     """vLLM's /detokenize: {"model", "tokens"} -> {"prompt"} (special tokens kept, as given)."""
-    state = request.app.state
-    raw = await read_body(request, state.limits.max_body_bytes)
-    return await run_in_threadpool(_detokenize, raw, state.engines)
+    return await _off_the_loop(request, _detokenize)
 
 
 def _detokenize(raw: bytes, engines: dict) -> dict:
@@ -467,17 +470,17 @@ async def _answer(reply: Reply, chunks: Generation, first) -> JSONResponse:
     return JSONResponse({**reply.head(obj), "choices": [choice], "usage": reply.usage()})
 
 
-async def _choice(reply: Reply, chunks: Generation, first) -> dict | None:
-    """One choice of a JSON answer, whole (None: its client is gone)."""
+async def collected(reply: Reply, chunks: Generation, first) -> str | None:
+    """A reply's whole text, every chunk counted (None: its client is gone). A failure before the
+    end is the answer's status (400, 503): a JSON answer has not begun. Every dialect's JSON
+    answer starts here."""
     text = []
     try:
         async for chunk in _with_first(first, chunks):
             reply.count(chunk, chunks)
             text.append(chunk.text)
-    except UserError as e:
-        raise APIError(400, str(e)) from None
-    except ShuttingDown as e:
-        raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+    except (UserError, ShuttingDown) as e:
+        raise _refusal(e) from None
     finally:
         await chunks.aclose()
         reply.ended()
@@ -485,7 +488,19 @@ async def _choice(reply: Reply, chunks: Generation, first) -> dict | None:
         return None
     if chunks.request.reason == "max_time":
         reply.reason = "max_time"
-    content = "".join(text)
+    return "".join(text)
+
+
+def stream_error(request: Request, e: Exception) -> APIError:
+    """The error a stream reports once its status line is sent (every dialect's stream ends so)."""
+    return _refusal(e) if isinstance(e, (UserError, ShuttingDown)) else internal_error(e, request_id(request))
+
+
+async def _choice(reply: Reply, chunks: Generation, first) -> dict | None:
+    """One choice of a JSON answer, whole (None: its client is gone)."""
+    content = await collected(reply, chunks, first)
+    if content is None:
+        return None
     if reply.kind == "chat":
         message = {"role": "assistant", "content": content}
         if reply.calls_tools:
@@ -522,17 +537,13 @@ def _event(reply: Reply, delta: str | None, reason: str | None, first: bool = Fa
     return f"data: {json.dumps(out)}\n\n"
 
 
-def _tool_call_events(reply: Reply, rest: str, calls: list[dict]):
-    """The text held back at the end, then each call as OpenAI streams one: its id, type and name
-    with empty arguments, then its arguments."""
-    if rest:
-        yield _event(reply, rest, None)
+def _tool_call_events(reply: Reply, calls: list[dict]):
+    """Each call as OpenAI streams one: its id, type and name with empty arguments, then its arguments."""
     for i, call in enumerate(calls):
         head = {"index": i, "id": call["id"], "type": "function",
                 "function": {"name": call["function"]["name"], "arguments": ""}}
         yield _event(reply, None, None, tool_calls=[head])
         yield _event(reply, None, None, tool_calls=[{"index": i, "function": {"arguments": call["function"]["arguments"]}}])
-    reply.called(calls)
 
 
 def _chunk_object(reply: Reply) -> str:
@@ -559,37 +570,51 @@ async def _stream_of(request: Request, replies: list[Reply], choices: AsyncItera
             yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
     except Exception as e:  # the status line is sent: report the error in the stream
-        err = (APIError(400, str(e)) if isinstance(e, UserError) else
-               APIError(503, str(e), type="server_error", code="shutting_down") if isinstance(e, ShuttingDown) else
-               internal_error(e, request_id(request)))
-        yield f"data: {json.dumps(err.body())}\n\n"
+        yield f"data: {json.dumps(stream_error(request, e).body())}\n\n"
 
 
 async def _choice_events(reply: Reply, chunks: Generation, first) -> AsyncIterator[str]:
     """One choice's events: its role (chat) or echoed prompt, its deltas, its tool calls, its finish."""
-    calls = reply.tool_format.stream() if reply.calls_tools else None
     try:
         if reply.kind == "chat":
             yield _event(reply, None, None, first=True)
         elif reply.echo:
             yield _event(reply, reply.echo, None)  # the prompt (and its logprobs), then the completion
-        async for chunk in _with_first(first, chunks):
-            reply.count(chunk, chunks)
-            text = calls.push(chunk.text) if calls else chunk.text
-            if text:
-                yield _event(reply, text, None)
-        if chunks.client_gone:
-            reply.gone = True
-            return
-        if chunks.request.reason == "max_time":
-            reply.reason = "max_time"
-        if calls:
-            for event in _tool_call_events(reply, *calls.finish()):
-                yield event
-        yield _event(reply, None, FINISH[reply.reason])
+        async for piece in shown(reply, chunks, first):
+            if isinstance(piece, list):
+                for event in _tool_call_events(reply, piece):
+                    yield event
+            else:
+                yield _event(reply, piece, None)
+        if not reply.gone:
+            yield _event(reply, None, FINISH[reply.reason])
     finally:
         await chunks.aclose()  # a client gone: stop the engine's stream, free the engine
         reply.ended()
+
+
+async def shown(reply: Reply, chunks: Generation, first) -> AsyncIterator[str | list]:
+    """A streamed reply's text as it may be shown (where a tool call may begin, its format holds the
+    text back), every chunk counted; then the tool calls found, as one list (none: []). Nothing more
+    once its client is gone (`reply.gone`). Every dialect's stream reads its reply through this."""
+    calls = reply.tool_format.stream() if reply.calls_tools else None
+    async for chunk in _with_first(first, chunks):
+        reply.count(chunk, chunks)
+        piece = calls.push(chunk.text) if calls else chunk.text
+        if piece:
+            yield piece
+    if chunks.client_gone:
+        reply.gone = True
+        return
+    if chunks.request.reason == "max_time":
+        reply.reason = "max_time"
+    found: list = []
+    if calls:
+        rest, found = calls.finish()
+        if rest:
+            yield rest
+    reply.called(found)
+    yield found
 
 
 def _usage(replies: list[Reply]) -> dict:

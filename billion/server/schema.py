@@ -264,9 +264,15 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limits = Limits()) -> RequestBase:
-    """The request body as `model_cls`, for one of `models` (the served model ids), or a 4xx.
-    The checks run in this order, so a request with several faults gets the first one's error."""
+def chat_request(body: dict, models, limits: Limits = Limits()) -> "ChatRequest":
+    """Another dialect's request translated to a Chat Completions body (fields None are left out),
+    through every check of the chat route: the model, the messages, the tools, the limits."""
+    return parse_request(json.dumps({k: v for k, v in body.items() if v is not None}).encode(), ChatRequest,
+                         models, limits)
+
+
+def json_object(raw: bytes) -> dict:
+    """A request body as a JSON object, or the 400 that says why not."""
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -276,16 +282,36 @@ def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limi
         raise APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    chat_only = CHAT_ONLY if model_cls is CompletionRequest else {}
-    for field, off in {**UNSUPPORTED, **chat_only}.items():
+    return body
+
+
+def refuse_unsupported(body: dict, unsupported: dict, why: str | dict = "by this server (billion); the request "
+                                                                        "was not run") -> None:
+    """A 400 naming the first field of `unsupported` ({field: its "off" test}) the body sets to
+    anything but off; `why` is said after "is not supported" (per field, when a dict)."""
+    for field, off in unsupported.items():
         if field in body and not off(body[field]):
-            where = "on /v1/completions (use /v1/chat/completions)" if field in chat_only else "by this server (billion)"
-            raise APIError(400, f"{field} is not supported {where}; the request was not run",
-                           param=field, code="unsupported_parameter")
+            reason = why.get(field, "by this server (billion); the request was not run") if isinstance(why, dict) \
+                else why
+            raise APIError(400, f"{field} is not supported {reason}", param=field, code="unsupported_parameter")
+
+
+def validated(body: dict, model_cls):
+    """The body as `model_cls`, or a 400 naming the first field that is wrong."""
     try:
-        req = model_cls.model_validate(body)
+        return model_cls.model_validate(body)
     except ValidationError as e:
         raise _validation_error(e) from None
+
+
+def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limits = Limits()) -> RequestBase:
+    """The request body as `model_cls`, for one of `models` (the served model ids), or a 4xx.
+    The checks run in this order, so a request with several faults gets the first one's error."""
+    body = json_object(raw)
+    chat_only = CHAT_ONLY if model_cls is CompletionRequest else {}
+    refuse_unsupported(body, UNSUPPORTED)
+    refuse_unsupported(body, chat_only, "on /v1/completions (use /v1/chat/completions); the request was not run")
+    req = validated(body, model_cls)
     if req.model is None and model_cls in (TokenizeRequest, DetokenizeRequest):
         req.model = next(iter(models))
     if req.model not in models:

@@ -110,12 +110,16 @@ def _named_function(choice) -> str:
     return function["name"]
 
 
+def call_schema(chosen: dict[str, dict]) -> dict:
+    """One call, {"name", "arguments"}, of one of the chosen tools: an object per tool, told apart
+    by the name's const (llguidance takes anyOf). The hermes, mistral and generic formats share it."""
+    return {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
+                       "required": ["name", "arguments"], "additionalProperties": False}
+                      for name, parameters in chosen.items()]}
+
+
 def _lark(chosen: dict[str, dict], lazy: bool, parallel: bool) -> str:
-    # one object per tool, told apart by the name's const (llguidance takes anyOf)
-    call = {"x-guidance": JSON_STYLE, "anyOf": [
-        {"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
-         "required": ["name", "arguments"], "additionalProperties": False}
-        for name, parameters in chosen.items()]}
+    call = {"x-guidance": JSON_STYLE, **call_schema(chosen)}
     if lazy:
         # TEXT ends at the trigger's first occurrence; EOS is allowed after any text or any call
         head = ["start: TEXT | calls", f'call_start[lazy]: TEXT "{CALL_START}"', r"TEXT: /(.|\n)*/"]

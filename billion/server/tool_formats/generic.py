@@ -63,9 +63,7 @@ def grammar(tool_list: list[dict], choice="auto", parallel: bool = True) -> str 
     chosen = tools.chosen(tool_list, choice)
     if chosen is None:
         return None
-    call = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
-                       "required": ["name", "arguments"], "additionalProperties": False}
-                      for name, parameters in chosen.items()]}
+    call = tools.call_schema(chosen)
     calls = {"type": "object", "additionalProperties": False, "required": ["tool_calls"], "properties": {
         "tool_calls": {"type": "array", "items": call, "minItems": 1, **({} if parallel else {"maxItems": 1})}}}
     answer = {"type": "object", "additionalProperties": False, "required": ["response"],

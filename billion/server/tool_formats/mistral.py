@@ -48,9 +48,7 @@ def grammar(tool_list: list[dict], choice="auto", parallel: bool = True) -> str 
     chosen = tools.chosen(tool_list, choice)
     if chosen is None:
         return None
-    call = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
-                       "required": ["name", "arguments"], "additionalProperties": False}
-                      for name, parameters in chosen.items()]}
+    call = tools.call_schema(chosen)
     calls = {"x-guidance": tools.JSON_STYLE, "type": "array", "items": call, "minItems": 1,
              **({} if parallel else {"maxItems": 1})}
     trigger = json.dumps(TRIGGER)
