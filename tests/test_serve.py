@@ -301,3 +301,42 @@ def test_n_choices_are_decoded_together_each_with_its_own_seed(server):
     c = server.client.completions.create(model="tiny@mlx", prompt="Once upon a time", max_tokens=6, n=2,
                                          temperature=1.0, seed=5)
     assert [x.index for x in c.choices] == [0, 1] and all(x.text for x in c.choices)
+
+
+def test_the_new_dialects_refuse_bad_input_with_a_4xx_in_their_own_shape(server):
+    """Responses and Messages: malformed, mistyped, hostile or unsupported requests get a 4xx in
+    their API's error shape (OpenAI's for /v1/responses, Anthropic's for /v1/messages), never a
+    500, and the server goes on answering."""
+    messages = {"model": "tiny@torch", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    responses = {"model": "tiny@torch", "input": "hi", "max_output_tokens": 4}
+    deep = b"[" * 100000 + b"]" * 100000
+    for path, good, bad in [
+        ("/v1/messages", messages, [b"{", b"[1]", deep, {**messages, "messages": []}, {**messages, "max_tokens": 0},
+                                    {**messages, "max_tokens": "many"}, {k: v for k, v in messages.items()
+                                                                          if k != "max_tokens"},
+                                    {**messages, "model": "gpt-4"}, {**messages, "temperature": -1},
+                                    {**messages, "messages": [{"role": "system", "content": "x"}]},
+                                    {**messages, "messages": [{"role": "user", "content": [{"type": "video"}]}]},
+                                    {**messages, "tool_choice": {"type": "sometimes"}},
+                                    {**messages, "tools": [{"name": "f"}]},
+                                    {**messages, "messages": [{"role": "user", "content": "word " * 3000}]},
+                                    {**messages, "stop_sequences": ["a"] * 9}]),
+        ("/v1/responses", responses, [b"{", b"[1]", deep, {**responses, "input": 5},
+                                      {**responses, "input": [{"type": "input_image"}]},
+                                      {**responses, "input": [{"role": "user", "content": [{"type": "input_file"}]}]},
+                                      {**responses, "max_output_tokens": 0}, {**responses, "model": "gpt-4"},
+                                      {**responses, "temperature": 9}, {**responses, "tools": [{"type": "computer"}]},
+                                      {**responses, "tool_choice": {"type": "mcp"}},
+                                      {**responses, "text": {"format": {"type": "yaml"}}},
+                                      {**responses, "input": "word " * 3000}])]:
+        for body in bad:
+            r = (httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+                 if isinstance(body, bytes) else httpx.post(server.url + path, json=body, timeout=30))
+            assert 400 <= r.status_code < 500, (path, str(body)[:80], r.status_code, r.text[:200])
+            err = r.json()
+            if path == "/v1/messages":
+                assert err["type"] == "error" and set(err["error"]) == {"type", "message"}, err
+            else:
+                assert set(err["error"]) == {"message", "type", "param", "code"}, err
+            assert "Traceback" not in r.text
+        assert httpx.post(server.url + path, json=good, timeout=30).status_code == 200  # still up
