@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server over loaded engines: the app (routes, request models, errors).
+"""An HTTP server over loaded engines (OpenAI's and Anthropic's APIs, the arena page): the app.
 
 Engine-agnostic: `create_app({model_id: Backend})` takes backends already loaded (the CLI,
 billion/commands/serve.py, loads them; tests pass tiny models). Routes:
@@ -20,8 +20,9 @@ billion/commands/serve.py, loads them; tests pass tiny models). Routes:
 Both completion routes stream as server-sent events when `stream` is true (a final usage chunk
 with `stream_options.include_usage`), and give `usage` token counts. Request fields:
 max_tokens (max_completion_tokens), temperature (default 1, as OpenAI's), top_p, seed, stop,
-presence_penalty, frequency_penalty, n (choices decoded together, up to 16), and the extensions top_k, min_p,
-repetition_penalty and ignore_eos (vLLM's names). Sampling semantics are backends/sampling.py's.
+presence_penalty, frequency_penalty, n (choices decoded together, up to 16), and the extensions
+top_k, min_p, repetition_penalty and ignore_eos (vLLM's names). Sampling semantics are
+backends/sampling.py's.
 
 Concurrency: continuous batching (engine.py). Each engine decodes up to `parallel` requests
 together in one worker thread (backends/batching.py); more wait in a queue of `queue_size`, and
@@ -34,15 +35,17 @@ The prompt cache is shared by every client of the engine.
 
 Bad requests (malformed JSON, unknown model, wrong types or out-of-range values, a prompt longer
 than the context, n above 16, fields billion does not implement: schema.UNSUPPORTED) get
-OpenAI-style JSON errors {"error": {"message", "type", "param", "code"}}
-with a 4xx status; an engine failure is a 500 with the same shape naming the request's id
+OpenAI-style JSON errors {"error": {"message", "type", "param", "code"}} (Anthropic's shape on
+/v1/messages) with a 4xx status; an engine failure is a 500 with the same shape naming the request's id
 (X-Request-ID on every answer), its traceback in the server log; never a traceback in an answer.
 A failure in one request's work fails that request alone; /health is 503 once an engine's worker
 has died (the CLI then shuts the server down). The server writes no records (scripts/serve_load.py measures it).
 
 The package: app.py builds the app and its state; schema.py parses and checks requests (and
-shapes errors); routes.py holds the route functions and shapes the answers (JSON or SSE);
-engine.py runs each engine's batch in its worker thread and hands each request its chunks.
+shapes errors); routes.py holds the OpenAI routes, shapes their answers (JSON or SSE) and runs
+every dialect's generation (respond); responses.py and messages.py are the other dialects;
+tool_formats/ the ways models write tool calls; engine.py runs each engine's batch in its worker
+thread and hands each request its chunks.
 """
 
 from __future__ import annotations
