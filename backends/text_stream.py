@@ -15,14 +15,16 @@ class StopText:
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
         self.held = ""
+        self.matched: str | None = None  # the stop string that was reached (the earliest in the text)
 
     def push(self, piece: str) -> tuple[str, bool]:
         """(text safe to show now, whether a stop string was reached)."""
         text = self.held + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.held = ""
-            return text[: min(hits)], True
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            return text[:at], True
         keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         self.held = text[len(text) - keep:] if keep else ""
         return text[: len(text) - keep], False

@@ -340,3 +340,21 @@ def test_the_new_dialects_refuse_bad_input_with_a_4xx_in_their_own_shape(server)
                 assert set(err["error"]) == {"message", "type", "param", "code"}, err
             assert "Traceback" not in r.text
         assert httpx.post(server.url + path, json=good, timeout=30).status_code == 200  # still up
+
+
+def test_messages_say_which_stop_sequence_ended_the_reply(server):
+    body = {"model": "tiny@torch", "max_tokens": 12, "temperature": 0,
+            "messages": [{"role": "user", "content": QUESTION}]}
+    text = httpx.post(server.url + "/v1/messages", json=body, timeout=30).json()["content"][0]["text"]
+    assert len(text) >= 5
+    stop = text[3:5]
+    cut = httpx.post(server.url + "/v1/messages", json={**body, "stop_sequences": ["\u00a7never", stop]}, timeout=30).json()
+    assert (cut["stop_reason"], cut["stop_sequence"]) == ("stop_sequence", stop)
+    assert cut["content"][0]["text"] == text[:text.find(stop)]
+    streamed = httpx.post(server.url + "/v1/messages", json={**body, "stop_sequences": [stop], "stream": True},
+                          timeout=30).text
+    delta = next(json.loads(line[5:]) for line in streamed.splitlines()
+                 if line.startswith("data:") and '"message_delta"' in line)
+    assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": stop}
+    whole = httpx.post(server.url + "/v1/messages", json=body, timeout=30).json()  # max_tokens: no sequence
+    assert whole["stop_sequence"] is None and whole["stop_reason"] in ("max_tokens", "end_turn")

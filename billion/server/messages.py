@@ -220,6 +220,12 @@ def _stop(reply: routes.Reply) -> str:
     return STOP_REASON.get(reply.reason, "end_turn")
 
 
+def _stop_sequence(reply: routes.Reply, chunks: Generation) -> str | None:
+    """The stop sequence that ended the reply (None when something else did)."""
+    stops = chunks.request.text.stop
+    return stops.matched if reply.reason == "stop" and stops is not None else None
+
+
 async def _answer(reply: routes.Reply, chunks: Generation, first) -> JSONResponse:
     text = await routes.collected(reply, chunks, first)
     if text is None:
@@ -228,7 +234,8 @@ async def _answer(reply: routes.Reply, chunks: Generation, first) -> JSONRespons
     reply.called(calls)
     blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [_tool_use(c) for c in calls]
     return JSONResponse({"id": _new_id(), "type": "message", "role": "assistant", "model": reply.model,
-                         "content": blocks, "stop_reason": _stop(reply), "stop_sequence": None,
+                         "content": blocks, "stop_reason": _stop(reply),
+                         "stop_sequence": _stop_sequence(reply, chunks),
                          "usage": _usage(reply)})
 
 
@@ -276,8 +283,8 @@ async def _events(request: Request, reply: routes.Reply, chunks: Generation, fir
                 "type": "input_json_delta", "partial_json": json.dumps(block["input"])}})
             yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
             index += 1
-        yield _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": _stop(reply),
-                                                                      "stop_sequence": None},
+        yield _sse("message_delta", {"type": "message_delta", "delta": {
+                       "stop_reason": _stop(reply), "stop_sequence": _stop_sequence(reply, chunks)},
                                      "usage": {"output_tokens": reply.tokens}})
         yield _sse("message_stop", {"type": "message_stop"})
     except Exception as e:  # the status line is sent: the error is an event, in Anthropic's shape
