@@ -123,11 +123,7 @@ def logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, tuple[tup
     """(log-probability of `token`, the `top` most likely (token, log-probability) pairs, ties by
     lower id) under log-softmax of the engine's logits, before any sampling rule (vLLM's default,
     OpenAI's logprobs): what the model thinks, whatever a grammar or a temperature then did."""
-    x = np.asarray(logits, np.float64)
-    m = x.max()
-    lp = x - (m + np.log(np.exp(x - m).sum()))
-    best = np.argsort(-lp, kind="stable")[:top] if top > 0 else ()
-    return float(lp[token]), tuple((int(i), float(lp[i])) for i in best)
+    return logprobs_of(np.asarray(logits)[None], [token], top)[0]
 
 
 def logprobs_of(logits: np.ndarray, tokens, top: int, rows_at_once: int = 128) -> list[tuple]:

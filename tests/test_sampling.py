@@ -217,10 +217,16 @@ def test_sampling_never_leaves_the_vocabulary():
 def test_logprobs_of_many_positions_equal_logprobs_position_by_position():
     from backends.sampling import logprobs, logprobs_of
 
+    def reference(row, token, top):  # log-softmax in float64, the top by a stable sort (ties: lower id)
+        x = np.asarray(row, np.float64)
+        lp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+        return float(lp[token]), tuple((int(i), float(lp[i])) for i in np.argsort(-lp, kind="stable")[:top])
+
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(300, 50)).astype(np.float32)
     logits[7, :3] = 5.0  # a tie at the top: the lower id first
     tokens = rng.integers(0, 50, size=300)
     for top in (0, 1, 5):
-        assert logprobs_of(logits, tokens, top, rows_at_once=64) == [
-            logprobs(logits[i], int(t), top) for i, t in enumerate(tokens)]
+        want = [reference(logits[i], int(t), top) for i, t in enumerate(tokens)]
+        assert logprobs_of(logits, tokens, top, rows_at_once=64) == want
+        assert [logprobs(logits[i], int(t), top) for i, t in enumerate(tokens)] == want
