@@ -159,7 +159,7 @@ def _calls(tail: str) -> list[dict] | None:
         except json.JSONDecodeError:
             return None
         at = _skip_space(tail, at)
-        if not tail.startswith(CALL_END, at) or not _is_call(body):
+        if not tail.startswith(CALL_END, at) or not is_call(body):
             return None
         calls.append(openai_call(body["name"], body["arguments"]))
         at = _skip_space(tail, at + len(CALL_END))
@@ -170,7 +170,8 @@ def _skip_space(text: str, at: int) -> int:
     return _WHITESPACE.match(text, at).end()
 
 
-def _is_call(body) -> bool:
+def is_call(body) -> bool:
+    """{"name": text, "arguments": object}: one call, as every format's parser reads it."""
     return isinstance(body, dict) and isinstance(body.get("name"), str) and isinstance(body.get("arguments"), dict)
 
 

@@ -78,9 +78,8 @@ def parse(text: str) -> tuple[str | None, list[dict]]:
         reply = json.loads(text)
     except json.JSONDecodeError:
         return text, []
-    if isinstance(reply, dict) and isinstance(reply.get("tool_calls"), list) and reply["tool_calls"] and all(
-            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("arguments"), dict)
-            for c in reply["tool_calls"]):
+    if (isinstance(reply, dict) and isinstance(reply.get("tool_calls"), list) and reply["tool_calls"]
+            and all(map(tools.is_call, reply["tool_calls"]))):
         return None, [tools.openai_call(c["name"], c["arguments"]) for c in reply["tool_calls"]]
     if isinstance(reply, dict) and isinstance(reply.get("response"), str):
         return reply["response"], []

@@ -66,10 +66,11 @@ def parse(text: str) -> tuple[str | None, list[dict]]:
             call, at = decoder.raw_decode(body, at)
         except json.JSONDecodeError:
             return text, []
-        arguments = call.get("parameters", call.get("arguments")) if isinstance(call, dict) else None
-        if not (isinstance(call.get("name"), str) and isinstance(arguments, dict)):
+        if isinstance(call, dict) and "parameters" in call:  # Meta's name for the arguments
+            call = {"name": call.get("name"), "arguments": call["parameters"]}
+        if not tools.is_call(call):
             return text, []
-        calls.append(tools.openai_call(call["name"], arguments))
+        calls.append(tools.openai_call(call["name"], call["arguments"]))
         while at < len(body) and body[at] in " \n\t;":
             at += 1
     return body[:start].strip() or None, calls

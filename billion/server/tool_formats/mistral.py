@@ -73,9 +73,7 @@ def parse(text: str) -> tuple[str | None, list[dict]]:
         calls, _ = json.JSONDecoder().raw_decode(text, at)
     except json.JSONDecodeError:
         return text, []
-    if not (isinstance(calls, list) and calls and all(
-            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("arguments"), dict)
-            for c in calls)):
+    if not (isinstance(calls, list) and calls and all(map(tools.is_call, calls))):
         return text, []
     return text[:start].strip() or None, [tools.openai_call(c["name"], c["arguments"]) for c in calls]
 
