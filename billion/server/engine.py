@@ -340,15 +340,20 @@ class Engine:
 _REASON = {"cancelled": "interrupted"}
 
 
+def _on_loop(loop, fn, *args) -> None:
+    """fn(*args) on the event loop, from the worker thread (asyncio's objects are not thread-safe)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the event loop is gone (shutdown)
+        pass
+
+
 def _resolve(loop, future, result=None, error: BaseException | None = None) -> None:
     """Settle an event-loop future from the worker thread (unless its request went away first)."""
     def settle():
         if not future.done():
             future.set_exception(error) if error is not None else future.set_result(result)
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the event loop is gone (shutdown)
-        pass
+    _on_loop(loop, settle)
 
 
 class SessionBatchCache(BatchCache):
@@ -399,11 +404,8 @@ class Generation:
         self.client_gone = False
         self.watcher: asyncio.Task | None = None
 
-    def _put(self, item) -> None:  # from the worker thread: asyncio.Queue is not thread-safe
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown)
-            pass
+    def _put(self, item) -> None:  # from the worker thread
+        _on_loop(self.loop, self.queue.put_nowait, item)
 
     def watch(self, receive, request_id: str | None = None, siblings: tuple = ()) -> None:
         """Cancel the request as soon as its client hangs up. `receive` is the request's ASGI
