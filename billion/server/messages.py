@@ -263,19 +263,15 @@ async def _events(request: Request, reply: routes.Reply, chunks: Generation, fir
             yield _sse("content_block_delta", {"type": "content_block_delta", "index": index,
                                                "delta": {"type": "text_delta", "text": text}})
 
-        found: list = []
         async for piece in routes.shown(reply, chunks, first):
-            if isinstance(piece, list):
-                found = piece
-            else:
-                for event in text_delta(piece):
-                    yield event
+            for event in text_delta(piece):
+                yield event
         if reply.gone:
             return
         if text_open:
             yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
             index += 1
-        for call in found:
+        for call in reply.calls:
             block = _tool_use(call)
             yield _sse("content_block_start", {"type": "content_block_start", "index": index,
                                                "content_block": {**block, "input": {}}})

@@ -33,8 +33,6 @@ router = APIRouter()
 
 # fields that change what a response is, each with its "off" values; anything else is a 400
 UNSUPPORTED = {
-    "store": lambda v: v in (None, False),
-    "previous_response_id": lambda v: v is None,
     "background": lambda v: v in (None, False),
     "reasoning": lambda v: v is None,
     "include": lambda v: not v,
@@ -43,8 +41,7 @@ UNSUPPORTED = {
     "conversation": lambda v: v is None,
     "prompt": lambda v: v is None,
 }
-WHY = {"store": "nothing is stored: send the whole conversation in input",
-       "previous_response_id": "nothing is stored: send the whole conversation in input"}
+STORED = {"store": lambda v: v in (None, False), "previous_response_id": lambda v: v is None}  # nothing is
 
 
 class ResponsesRequest(BaseModel):
@@ -65,7 +62,8 @@ class ResponsesRequest(BaseModel):
 
 def _parse(raw: bytes) -> ResponsesRequest:
     body = json_object(raw)
-    refuse_unsupported(body, UNSUPPORTED, {f: f"by this server (billion); {why}" for f, why in WHY.items()})
+    refuse_unsupported(body, STORED, "by this server (billion); nothing is stored: send the whole conversation in input")
+    refuse_unsupported(body, UNSUPPORTED)
     return validated(body, ResponsesRequest)
 
 
@@ -186,7 +184,7 @@ class _Shape:
         self.id, self.created = _id("resp"), int(time.time())
         self.message_id = _id("msg")
 
-    def response(self, reply: routes.Reply | None, status: str, output: list) -> dict:
+    def response(self, reply: routes.Reply, status: str, output: list) -> dict:
         asked = self.asked
         incomplete = status == "incomplete"
         body = {"id": self.id, "object": "response", "created_at": self.created, "status": status,
@@ -199,7 +197,7 @@ class _Shape:
                 "top_p": 1.0 if asked.top_p is None else asked.top_p,
                 "tool_choice": asked.tool_choice or "auto", "tools": asked.tools or [],
                 "text": asked.text or {"format": {"type": "text"}}, "truncation": "disabled", "usage": None}
-        if reply is not None and status != "in_progress":
+        if status != "in_progress":
             n_in, n_out = len(reply.prompt_ids), reply.tokens
             body["usage"] = {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": reply.cached},
                              "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
@@ -211,9 +209,9 @@ class _Shape:
                 "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []}
 
     @staticmethod
-    def call_item(call: dict, status: str = "completed") -> dict:
+    def call_item(call: dict) -> dict:
         return {"type": "function_call", "id": _id("fc"), "call_id": call["id"], "name": call["function"]["name"],
-                "arguments": call["function"]["arguments"] if status == "completed" else "", "status": status}
+                "arguments": call["function"]["arguments"], "status": "completed"}
 
     @staticmethod
     def status(reply: routes.Reply) -> str:
@@ -254,13 +252,9 @@ class _Shape:
             start = self.response(reply, "in_progress", [])
             yield sse("response.created", response=start)
             yield sse("response.in_progress", response=start)
-            found: list = []
             async for piece in routes.shown(reply, chunks, first):
-                if isinstance(piece, list):
-                    found = piece
-                else:
-                    for event in delta(piece):
-                        yield event
+                for event in delta(piece):
+                    yield event
             if reply.gone:
                 return
             if opened:
@@ -270,7 +264,7 @@ class _Shape:
                           part={"type": "output_text", "text": done, "annotations": []})
                 output.append(self.message(done))
                 yield sse("response.output_item.done", output_index=0, item=output[-1])
-            for call in found:
+            for call in reply.calls:
                 index, item = len(output), self.call_item(call)
                 yield sse("response.output_item.added", output_index=index, item={**item, "arguments": "",
                                                                                  "status": "in_progress"})

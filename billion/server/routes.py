@@ -25,7 +25,7 @@ from billion.server.engine import Engine, Generation, QueueFull, ShuttingDown
 from billion.server.metrics import CONTENT_TYPE, ServerMetrics
 from billion.server.schema import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, RequestBase,
                                    TokenizeRequest, chat_prompt, completion_prompt, generation_config, internal_error,
-                                   output_grammar, parse_request)
+                                   output_grammar, parse_request, served_model, single_prompt)
 
 router = APIRouter()
 
@@ -152,10 +152,7 @@ async def tokenizer_info(request: Request, model: str | None = None):
     """vLLM's /tokenizer_info: the tokenizer's special tokens, chat template and context, which
     lm-eval's remote tokenizer reads (with /tokenize and /detokenize) instead of loading one."""
     engines = request.app.state.engines
-    if model is not None and model not in engines:
-        raise APIError(404, f"the model {model!r} does not exist; available: {', '.join(engines)}", param="model",
-                       code="model_not_found")
-    backend = engines[model or next(iter(engines))].backend
+    backend = engines[served_model(model, engines) if model is not None else next(iter(engines))].backend
     tokenizer = backend.tokenizer
     return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
             "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
@@ -200,7 +197,7 @@ async def completions(request: Request):
 
 def _echo_text(req: CompletionRequest, engine: Engine, prompt_ids: list[int]) -> str:
     """The prompt as `echo` repeats it: its text as sent, or its token ids decoded."""
-    prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], (str, list)) else req.prompt
+    prompt = single_prompt(req)
     if isinstance(prompt, str):
         return prompt
     with engine.prep_lock:
@@ -275,6 +272,7 @@ class Reply:
     last: float | None = None  # when the last chunk came (perf_counter)
     echo: str = ""  # the prompt, repeated before the completion (/v1/completions' echo)
     gone: bool = False  # its client hung up while it streamed
+    calls: list = field(default_factory=list)  # its tool calls in OpenAI's shape, once read (called)
 
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -296,8 +294,9 @@ class Reply:
         self.offset += len(chunk.text)
 
     def called(self, calls: list) -> None:
-        """A reply that ended at EOS after tool calls finishes with "tool_calls" (one cut by a
-        limit keeps its own reason)."""
+        """The reply's tool calls, once read. A reply that ended at EOS after tool calls finishes
+        with "tool_calls" (one cut by a limit keeps its own reason)."""
+        self.calls = calls
         if calls and self.reason == "eos":
             self.reason = "tool_calls"
 
@@ -329,79 +328,63 @@ class Reply:
 
 async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids: list[int], gen: GenerationConfig,
                   kind: str, echo: str | None = None, answer=None, events=None):
-    """kind: "chat" or "text". A JSON answer, or an SSE stream. `echo`: the prompt's text, repeated
-    before the completion (with logprobs, the prompt tokens' own come first). `answer(reply,
-    generation, first)` and `events(request, reply, generation, first)` shape the answer and the
-    stream: OpenAI's by default; another API's dialect (messages.py) passes its own."""
-    answer, events = answer or _answer, events or _events
-    if req.n > 1:
-        return await _respond_n(request, req, engine, prompt_ids, gen, kind, echo)
-    reply = Reply(kind, req.model, prompt_ids, include_usage=req.include_usage,
-                  calls_tools=isinstance(req, ChatRequest) and req.calls_tools, logprobs=gen.logprobs is not None,
-                  metrics=request.app.state.metrics, tool_format=engine.tool_format)
-    # No answer starts before the first token exists: a full queue (429), a shutdown that refuses
-    # the queued request (503) or an error before any token (400) is the answer's status, not an event.
-    try:
-        if echo is not None:
-            await _echo(reply, engine, prompt_ids, gen, echo)
-        generation = Generation(engine, prompt_ids, gen, cache_salt(request, req))
-        generation.watch(request.receive, request_id(request))  # a client that hangs up, in any state, is cancelled
-        first = await generation.first()
-        ttft_s = time.perf_counter() - request.state.arrived  # the server's own time to first token
-        request.app.state.metrics.ttft.labels(req.model).observe(ttft_s)
-    except (QueueFull, ShuttingDown, UserError) as e:
-        raise _refusal(e) from None
-    if generation.client_gone:
-        return gone()
-    # The server's own time to first token (queue, tokenizing and prefill included) as a Server-Timing
-    # header: browsers show it in their network panel and hand it to pages; the arena page puts it
-    # beside the time it measured itself.
-    timing = f"ttft;dur={ttft_s * 1000:.1f}"
-    if not req.stream:
-        response = await answer(reply, generation, first)
-        response.headers["Server-Timing"] = timing
-        return response
-    return StreamingResponse(events(request, reply, generation, first),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Server-Timing": timing})
-
-
-async def _respond_n(request: Request, req: RequestBase, engine: Engine, prompt_ids: list[int],
-                     gen: GenerationConfig, kind: str, echo: str | None):
-    """n choices of one request, decoded together in the engine's batch, each its own generation
-    with its own seed (seed + i when the request has one): one answer whose choices carry their
-    index, streamed interleaved as they come. Each choice takes a slot: with n beyond what the
-    engine can hold or queue, the request gets 429 whole (the choices already queued are cancelled)."""
+    """kind: "chat" or "text". A JSON answer, or an SSE stream, of req.n choices: each its own
+    generation in the engine's batch, with its own seed (seed + i when the request has one), one
+    answer whose choices carry their index, streamed interleaved as they come. Each choice takes a
+    slot: with n beyond what the engine can hold or queue, the request gets 429 whole (the choices
+    already queued are cancelled). `echo`: the prompt's text, repeated before the completion (with
+    logprobs, the prompt tokens' own come first). Another API's dialect (messages.py, responses.py:
+    one choice) passes its own `answer(reply, generation, first)` and `events(request, reply,
+    generation, first)`; OpenAI's are the default."""
     replies = [Reply(kind, req.model, prompt_ids, include_usage=req.include_usage,
                      calls_tools=isinstance(req, ChatRequest) and req.calls_tools, logprobs=gen.logprobs is not None,
                      metrics=request.app.state.metrics, index=i, tool_format=engine.tool_format)
                for i in range(req.n)]
     for reply in replies[1:]:
         reply.id, reply.created = replies[0].id, replies[0].created
+    # No answer starts before the first token exists: a full queue (429), a shutdown that refuses
+    # the queued request (503) or an error before any token (400) is the answer's status, not an event.
     generations: list[Generation] = []
     try:
-        for i, reply in enumerate(replies):
-            if echo is not None:
-                await _echo(reply, engine, prompt_ids, gen, echo)
+        if echo is not None:
+            entries = await engine.prompt_logprobs(prompt_ids, gen.logprobs) if gen.logprobs is not None else []
+            for reply in replies:
+                _echo(reply, echo, entries)
+        for i in range(req.n):
             seeded = replace(gen, seed=None if gen.seed is None else gen.seed + i)
             generations.append(Generation(engine, prompt_ids, seeded, cache_salt(request, req)))
+        # a client that hangs up, in any state, is cancelled (one connection: one watcher for all)
         generations[0].watch(request.receive, request_id(request), siblings=tuple(generations[1:]))
         firsts = await asyncio.gather(*(g.first() for g in generations))
+        ttft_s = time.perf_counter() - request.state.arrived  # the server's own time to first token
+        request.app.state.metrics.ttft.labels(req.model).observe(ttft_s)
     except (QueueFull, ShuttingDown, UserError) as e:
         for generation in generations:
             await generation.aclose()
         raise _refusal(e) from None
     if any(g.client_gone for g in generations):
         return gone()
-    if not req.stream:
+    # The server's own time to first token (queue, tokenizing and prefill included) as a Server-Timing
+    # header: browsers show it in their network panel and hand it to pages; the arena page puts it
+    # beside the time it measured itself.
+    headers = {"Server-Timing": f"ttft;dur={ttft_s * 1000:.1f}"}
+    if answer is not None and not req.stream:
+        response = await answer(replies[0], generations[0], firsts[0])
+    elif not req.stream:
         choices = await asyncio.gather(*(_choice(r, g, f) for r, g, f in zip(replies, generations, firsts)))
-        if any(c is None for c in choices):
-            return gone()
         obj = "chat.completion" if kind == "chat" else "text_completion"
-        return JSONResponse({**replies[0].head(obj), "choices": list(choices), "usage": _usage(replies)})
-    streams = [_choice_events(r, g, f) for r, g, f in zip(replies, generations, firsts)]
-    return StreamingResponse(_stream_of(request, replies, _interleaved(streams)), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        response = gone() if None in choices else JSONResponse(
+            {**replies[0].head(obj), "choices": list(choices), "usage": _usage(replies)})
+    else:
+        if events is not None:
+            stream = events(request, replies[0], generations[0], firsts[0])
+        else:
+            streams = [_choice_events(r, g, f) for r, g, f in zip(replies, generations, firsts)]
+            stream = _stream_of(request, replies, streams[0] if len(streams) == 1 else _interleaved(streams))
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+    response.headers.update(headers)
+    return response
 
 
 async def _interleaved(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
@@ -444,13 +427,12 @@ def _refusal(e: Exception) -> APIError:
     return APIError(400, str(e))
 
 
-async def _echo(reply: Reply, engine: Engine, prompt_ids: list[int], gen: GenerationConfig, echo: str) -> None:
-    """The echoed prompt goes first: its text, and with logprobs its own tokens' entries."""
+def _echo(reply: Reply, echo: str, entries: list[tuple]) -> None:
+    """The echoed prompt goes first: its text, and (with logprobs) its own tokens' entries."""
     reply.echo = echo
-    if reply.logprobs:
-        for entry in await engine.prompt_logprobs(prompt_ids, gen.logprobs):
-            reply.entries.append((entry, reply.offset))
-            reply.offset += len(entry[0])
+    for entry in entries:
+        reply.entries.append((entry, reply.offset))
+        reply.offset += len(entry[0])
     reply.offset = len(echo)  # the completion's text follows the prompt's
 
 
@@ -459,15 +441,6 @@ async def _with_first(first, chunks: Generation):
         yield first
     async for chunk in chunks:
         yield chunk
-
-
-async def _answer(reply: Reply, chunks: Generation, first) -> JSONResponse:
-    """The whole completion as one JSON body."""
-    choice = await _choice(reply, chunks, first)
-    if choice is None:
-        return gone()
-    obj = "chat.completion" if reply.kind == "chat" else "text_completion"
-    return JSONResponse({**reply.head(obj), "choices": [choice], "usage": reply.usage()})
 
 
 async def collected(reply: Reply, chunks: Generation, first) -> str | None:
@@ -550,14 +523,6 @@ def _chunk_object(reply: Reply) -> str:
     return "chat.completion.chunk" if reply.kind == "chat" else "text_completion"
 
 
-async def _events(request: Request, reply: Reply, chunks: Generation, first) -> AsyncIterator[str]:
-    """The completion as server-sent events, ending with the finish reason, the usage chunk (when
-    asked for) and [DONE]. The status line is already sent when an error comes, so an error is an
-    event too."""
-    async for event in _stream_of(request, [reply], _choice_events(reply, chunks, first)):
-        yield event
-
-
 async def _stream_of(request: Request, replies: list[Reply], choices: AsyncIterator[str]) -> AsyncIterator[str]:
     """The choices' events, then the usage chunk (when asked for) and [DONE]; an error as an event."""
     try:
@@ -581,22 +546,20 @@ async def _choice_events(reply: Reply, chunks: Generation, first) -> AsyncIterat
         elif reply.echo:
             yield _event(reply, reply.echo, None)  # the prompt (and its logprobs), then the completion
         async for piece in shown(reply, chunks, first):
-            if isinstance(piece, list):
-                for event in _tool_call_events(reply, piece):
-                    yield event
-            else:
-                yield _event(reply, piece, None)
+            yield _event(reply, piece, None)
         if not reply.gone:
+            for event in _tool_call_events(reply, reply.calls):
+                yield event
             yield _event(reply, None, FINISH[reply.reason])
     finally:
         await chunks.aclose()  # a client gone: stop the engine's stream, free the engine
         reply.ended()
 
 
-async def shown(reply: Reply, chunks: Generation, first) -> AsyncIterator[str | list]:
+async def shown(reply: Reply, chunks: Generation, first) -> AsyncIterator[str]:
     """A streamed reply's text as it may be shown (where a tool call may begin, its format holds the
-    text back), every chunk counted; then the tool calls found, as one list (none: []). Nothing more
-    once its client is gone (`reply.gone`). Every dialect's stream reads its reply through this."""
+    text back), every chunk counted; at its end the tool calls found are in `reply.calls`. Nothing
+    more once its client is gone (`reply.gone`). Every dialect's stream reads its reply through this."""
     calls = reply.tool_format.stream() if reply.calls_tools else None
     async for chunk in _with_first(first, chunks):
         reply.count(chunk, chunks)
@@ -614,7 +577,6 @@ async def shown(reply: Reply, chunks: Generation, first) -> AsyncIterator[str | 
         if rest:
             yield rest
     reply.called(found)
-    yield found
 
 
 def _usage(replies: list[Reply]) -> dict:

@@ -285,15 +285,13 @@ def json_object(raw: bytes) -> dict:
     return body
 
 
-def refuse_unsupported(body: dict, unsupported: dict, why: str | dict = "by this server (billion); the request "
-                                                                        "was not run") -> None:
+def refuse_unsupported(body: dict, unsupported: dict, why: str = "by this server (billion); the request was not run"
+                       ) -> None:
     """A 400 naming the first field of `unsupported` ({field: its "off" test}) the body sets to
-    anything but off; `why` is said after "is not supported" (per field, when a dict)."""
+    anything but off; `why` is said after "is not supported"."""
     for field, off in unsupported.items():
         if field in body and not off(body[field]):
-            reason = why.get(field, "by this server (billion); the request was not run") if isinstance(why, dict) \
-                else why
-            raise APIError(400, f"{field} is not supported {reason}", param=field, code="unsupported_parameter")
+            raise APIError(400, f"{field} is not supported {why}", param=field, code="unsupported_parameter")
 
 
 def validated(body: dict, model_cls):
@@ -302,6 +300,14 @@ def validated(body: dict, model_cls):
         return model_cls.model_validate(body)
     except ValidationError as e:
         raise _validation_error(e) from None
+
+
+def served_model(name: str, models) -> str:
+    """`name` when it is one of `models` (the served model ids), else the 404 that lists them."""
+    if name not in models:
+        raise APIError(404, f"the model {name!r} does not exist; available: {', '.join(models)}", param="model",
+                       code="model_not_found")
+    return name
 
 
 def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limits = Limits()) -> RequestBase:
@@ -314,9 +320,7 @@ def parse_request(raw: bytes, model_cls: type[RequestBase], models, limits: Limi
     req = validated(body, model_cls)
     if req.model is None and model_cls in (TokenizeRequest, DetokenizeRequest):
         req.model = next(iter(models))
-    if req.model not in models:
-        raise APIError(404, f"the model {req.model!r} does not exist; available: {', '.join(models)}",
-                       param="model", code="model_not_found")
+    served_model(req.model, models)
     if isinstance(req, ChatRequest):
         if len(req.messages) > limits.max_messages:
             raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages",
@@ -386,14 +390,20 @@ def _format_grammar(fmt: dict | None) -> str | None:
                    param="response_format", code="invalid_value")
 
 
-def completion_prompt(req: CompletionRequest, backend: Backend) -> list[int]:
-    """The prompt's token ids: one string (alone or in a list of one) tokenized, or token ids as given."""
+def single_prompt(req: CompletionRequest) -> str | list[int]:
+    """The one prompt, as text or token ids, out of the list of one that clients may send it in."""
     prompt: Any = req.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         if len(prompt) != 1:
             raise APIError(400, "only one prompt per request is supported", param="prompt",
                            code="unsupported_value")
         prompt = prompt[0]
+    return prompt
+
+
+def completion_prompt(req: CompletionRequest, backend: Backend) -> list[int]:
+    """The prompt's token ids: one string (alone or in a list of one) tokenized, or token ids as given."""
+    prompt = single_prompt(req)
     if isinstance(prompt, str):
         prompt_ids = backend.tokenize(prompt)
     else:
