@@ -129,12 +129,13 @@ def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel:
     app.state.failure = lambda: next((e.failure for e in engines.values() if e.failure), None)
     app.state.created = int(time.time())
     app.state.results = results
-    app.state.metrics = ServerMetrics(app.state.engines)
     app.add_middleware(RequestIds)
     app.add_exception_handler(APIError, routes.api_error)
     app.add_exception_handler(Exception, routes.unexpected_error)
-    app.include_router(routes.router)
-    app.include_router(messages.router)  # Anthropic's Messages API
-    app.include_router(responses.router)  # OpenAI's Responses API
-    app.mount("/page", StaticFiles(directory=routes.PAGE), name="page")
+    routers = (routes.router, messages.router, responses.router)  # OpenAI's, Anthropic's Messages, OpenAI's Responses
+    for router in routers:
+        app.include_router(router)
+    page = "/page"  # the arena's files (page/index.html links them there)
+    app.mount(page, StaticFiles(directory=routes.PAGE), name="page")
+    app.state.metrics = ServerMetrics(app.state.engines, [r.path for router in routers for r in router.routes], [page])
     return app

@@ -1,8 +1,8 @@
 """`/metrics`: the server's counters in Prometheus' text format, with the `prometheus_client` library,
 for the scrapers that llama-server, vLLM and SGLang feed.
 
-- `billion_requests_total{route, status}`: answers, counted as their status line is sent (routes
-  outside the API's are counted as "other", so a scanner cannot grow the label set);
+- `billion_requests_total{route, status}`: answers, counted as their status line is sent (paths
+  that are not the app's routes are counted as "other", so a scanner cannot grow the label set);
 - `billion_prompt_tokens_total`, `billion_generation_tokens_total` and
   `billion_prompt_cache_hit_tokens_total`, per model id, counted as each generation ends;
 - `billion_time_to_first_token_seconds` (request arrival to first token) and
@@ -19,22 +19,16 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-ROUTES = ("/", "/health", "/metrics", "/report", "/tokenize", "/detokenize", "/tokenizer_info", "/v1/models",
-          "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-def route_label(path: str) -> str:
-    if path in ROUTES:
-        return path
-    return "/page" if path.startswith("/page/") else "other"
-
-
 class ServerMetrics:
-    def __init__(self, engines: dict):
-        """engines: {model id: Engine}, read for the gauges at each scrape."""
+    def __init__(self, engines: dict, paths=(), mounts=()):
+        """engines: {model id: Engine}, read for the gauges at each scrape; paths: the app's routes
+        and mounts: its mounted folders, the route labels (any other path is "other")."""
+        self.paths, self.mounts = set(paths), tuple(mounts)
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("billion_requests", "HTTP answers by route and status", ["route", "status"],
                                 registry=registry)
@@ -50,7 +44,12 @@ class ServerMetrics:
         registry.register(_EngineGauges(engines))
 
     def answered(self, path: str, status: int) -> None:
-        self.requests.labels(route_label(path), str(status)).inc()
+        self.requests.labels(self.route_label(path), str(status)).inc()
+
+    def route_label(self, path: str) -> str:
+        if path in self.paths:
+            return path
+        return next((mount for mount in self.mounts if path.startswith(mount + "/")), "other")
 
     def ended(self, model: str, prompt_tokens: int, generated: int, cached: int) -> None:
         self.prompt_tokens.labels(model).inc(prompt_tokens)
