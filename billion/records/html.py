@@ -70,11 +70,16 @@ def _chart_svgs(records: list[dict]) -> dict[str, list[str]]:
             svg = svg[svg.index("<svg"):]  # no XML prolog or DOCTYPE inside the page
             recs = list(chosen.values())
             engines = " ".join(sorted({e for r in recs for e in _engines(r)}))
-            precisions = " ".join(sorted({precision(r).replace(" ", "_") for r in recs}))
+            precisions = " ".join(sorted({_precision_key(r) for r in recs}))
             out.setdefault(chart.task, []).append(
                 f'<figure data-model="{_e(key[0])}" data-engines="{_e(engines)}" '
                 f'data-precisions="{_e(precisions)}">{svg}<figcaption>{_e(title)}</figcaption></figure>')
     return out
+
+
+def _precision_key(rec: dict) -> str:
+    """The record's precision as one word (a filter's value: `float32_int8`)."""
+    return precision(rec).replace(" ", "_")
 
 
 def _engines(rec: dict) -> list[str]:
@@ -90,6 +95,7 @@ def _select(name: str, label: str, values: set[str]) -> str:
 def page(records: list[dict], title: str = "billion: measured records") -> str:
     """The whole page for `records` (as store.read_records gives them), as one HTML string."""
     charts = _chart_svgs(records)
+    tables = rows(records)
     chips = sorted({(str(r["environment"].get("chip")), str(r["environment"].get("os"))) for r in records})
     parts = [f"<h1>{_e(title)}</h1>",
              "<p>Rendered by <code>billion report --html</code> from JSON records; every figure was measured by "
@@ -100,17 +106,18 @@ def page(records: list[dict], title: str = "billion: measured records") -> str:
              '<div class="filters">'
              + _select("model", "model", {r["model"] for r in records})
              + _select("engine", "engine", {e for r in records for e in _engines(r)})
-             + _select("precision", "precision", {precision(r).replace(" ", "_") for r in records})
-             + "<nav>sections: " + "".join(f'<a href="#{_e(task)}">{_e(task)}</a>' for task in rows(records))
+             + _select("precision", "precision", {_precision_key(r) for r in records})
+             + "<nav>sections: " + "".join(f'<a href="#{_e(task)}">{_e(task)}</a>' for task in tables)
              + "</nav></div>"]
-    by_task = {task: [r for r in sorted(records, key=lambda r: r["started_at"]) if r["task"] == task]
-               for task in rows(records)}
-    for task, (header, body) in rows(records).items():
+    by_task: dict[str, list[dict]] = {}
+    for rec in sorted(records, key=lambda r: r["started_at"]):  # rows() keeps this order too
+        by_task.setdefault(rec["task"], []).append(rec)
+    for task, (header, body) in tables.items():
         lines = [f'<section data-task="{_e(task)}" id="{_e(task)}"><h2>{_e(task)}</h2><div class="scroll"><table><thead><tr>'
                  + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead><tbody>"]
-        for rec, row in zip(by_task[task], body):  # rows() keeps the records' time order
+        for rec, row in zip(by_task[task], body):
             lines.append(f'<tr data-model="{_e(rec["model"])}" data-engines="{_e(" ".join(_engines(rec)))}" '
-                         f'data-precisions="{_e(precision(rec).replace(" ", "_"))}">'
+                         f'data-precisions="{_e(_precision_key(rec))}">'
                          + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>")
         lines.append("</tbody></table></div>")
         lines += charts.get(task, [])
