@@ -44,6 +44,10 @@ def test_the_format_is_picked_from_the_template(tokenizer):
     fmt, why = tool_formats.detect("{{ tools }} <|tool|>{{ messages }}")
     assert fmt is generic and "does not parse" in why
     assert tool_formats.choose(template("qwen2.5"), "generic") == (generic, "--tool-format")
+    from billion.commands.serve import serve  # its --tool-format names every format
+
+    option = next(p for p in serve.params if p.name == "tool_format")
+    assert list(option.type.choices) == ["auto", *tool_formats.FORMATS]
 
 
 def _rendered_reply(tokenizer, chat_template: str, fmt, ends: tuple[str, ...]) -> str:
