@@ -2,31 +2,29 @@
 
 Nothing here imports mlx or torch: what crosses the boundary is ints, lists of ints, floats, str,
 numpy arrays (logits) and the frozen dataclasses of backends/types.py. The shared algorithms live
-in sessions.py (KV sessions, the shared decode loop), text_stream.py (tokens to text), scoring.py
-(lm-eval log-likelihoods), speculation.py and host.py.
+in batching.py (the one scheduler every token comes from), sessions.py (KV sessions),
+text_stream.py (tokens to text), scoring.py (lm-eval log-likelihoods), speculation.py and host.py.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from backends import constraints, host, sampling, scoring, text_stream
+from backends import batching, constraints, host, scoring, speculation
+from backends.batching import BatchCache, BatchGenerator, PromptCache
 from backends.folders import hf_folder
-from backends.sessions import KVSession, PromptCache, session_tokens
-from backends.speculation import NgramDraft, speculative_tokens
+from backends.sessions import KVSession, SessionBatchCache
+from backends.speculation import NgramDraft
 from backends.types import Chunk, GenerationConfig, MemoryStats, ModelInfo, UserError
-
-if TYPE_CHECKING:  # batching imports nothing heavy, but the contract need not load it to be read
-    from backends.batching import BatchCache, BatchGenerator
 
 
 class Backend(ABC):
-    """One loaded model on one engine: implement `_load`, `_token_stream`, `session`, `memory`,
-    `reset_peak_memory`, `info`; override the optional operations an engine has."""
+    """One loaded model on one engine: implement `_load`, `session`, `memory`, `reset_peak_memory`,
+    `info`; override the optional operations an engine has (a batched KV cache among them)."""
 
     name: str = "?"
     # whether load() takes compile=True (a compiled decode step, made by _compile_decode): torch
@@ -74,11 +72,6 @@ class Backend(ABC):
         """load() without compile: the engine's own loading."""
 
     @abstractmethod
-    def _token_stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
-        """Yield up to gen.max_tokens token ids (no EOS handling), each only once the device has
-        computed it; plain greedy / temperature / top-p sampling (the rest goes to session_tokens)."""
-
-    @abstractmethod
     def session(self) -> KVSession:
         """A fresh KV session on this model."""
 
@@ -113,9 +106,14 @@ class Backend(ABC):
         """Build self.compiled, the compiled decode step (engines with `compiles`)."""
         raise self._unsupported("a compiled decode step (compile=True)")
 
-    def batch_cache(self) -> "BatchCache":
+    def batch_cache(self) -> BatchCache:
         """This engine's batched KV cache (backends/batching.py): what continuous batching needs."""
         raise self._unsupported("batched generation (continuous batching)")
+
+    def one_row_cache(self) -> BatchCache:
+        """The cache a batch of one runs on (a single generation): the engine's KV session, whose
+        one-row forward passes carry no padding mask. torch with --compile overrides it."""
+        return SessionBatchCache(self)
 
     def lora_train(self, train, val, config, out_dir, on_step=None, resume=False):
         """LoRA fine-tuning of this model in place, on the plan of backends/training.py (TrainConfig,
@@ -155,20 +153,24 @@ class Backend(ABC):
         """Whether this engine has a batched KV cache (continuous batching)."""
         return type(self).batch_cache is not Backend.batch_cache
 
-    def batch(self, max_batch: int = 8, prompt_cache_size: int = 8, draft: "NgramDraft | None" = None,
-              num_draft: int = 4, prefill_chunk: int | None = None) -> "BatchGenerator":
-        """A continuous-batching generator on this model: up to `max_batch` sequences decoded
-        together, joining and leaving between steps (backends/batching.py); with `draft`, each
-        sequence drafts by prompt lookup and the batch verifies every row's proposals in one pass;
-        with `prefill_chunk`, at most that many prompt tokens are prefilled per step."""
-        from backends.batching import BatchCache, BatchGenerator
-
-        cache = self.batch_cache()
-        if draft is not None and type(cache).verify is BatchCache.verify:
-            raise self._unsupported("prompt lookup inside a batch (--draft ngram with batching)")
+    def batch(self, max_batch: int = 8, prompt_cache_size: int = 8, draft: "Backend | NgramDraft | None" = None,
+              num_draft: int = 4, prefill_chunk: int | None = None, stats=None) -> BatchGenerator:
+        """The one scheduler on this model (backends/batching.py): up to `max_batch` sequences
+        decoded together, joining and leaving between steps (one at a time on an engine without
+        a batched KV cache; a batch of one runs on one_row_cache()). With `draft` (a draft model
+        with this one's vocabulary, or an NgramDraft) each sequence drafts and the batch verifies
+        every row's proposals in one pass, counted into `stats`; with `prefill_chunk`, at most
+        that many prompt tokens are prefilled per step."""
+        if max_batch <= 1 or not self.can_batch:
+            cache, max_batch = self.one_row_cache(), 1
+        else:
+            cache = self.batch_cache()
+            if draft is not None and type(cache).verify is BatchCache.verify:
+                raise self._unsupported(f"prompt lookup inside a batch of more than one ({cache.cannot_verify}; "
+                                        f"one sequence at a time speculates)")
         return BatchGenerator(cache, self.eos_ids, max_batch=max_batch, prompt_cache_size=prompt_cache_size,
                               draft=draft, num_draft=num_draft, vocab_size=self.vocab_size,
-                              constrain=self.grammars.matcher, prefill_chunk=prefill_chunk)
+                              constrain=self.grammars.matcher, prefill_chunk=prefill_chunk, stats=stats)
 
     @property
     def grammars(self) -> constraints.Grammars:
@@ -212,22 +214,20 @@ class Backend(ABC):
                draft: "Backend | NgramDraft | None" = None, num_draft: int = 4, stats=None,
                cache: PromptCache | None = None) -> Iterator[Chunk]:
         """Generate from `prompt_ids`, one Chunk per token, until EOS (not yielded unless
-        gen.ignore_eos), gen.max_tokens or a stop string of gen.stop (text_stream.chunks). Tokens come
-        from speculative decoding with `draft` (a model with this one's vocabulary, or an NgramDraft;
-        lossless; counted into `stats`, a SpeculationStats), else from the shared KV-session loop
-        (session_tokens) for top-k, min-p, the penalties or a `cache` (PromptCache: the conversation's
-        KV session, reused), else from the engine's own loop (_token_stream)."""
+        gen.ignore_eos), gen.max_tokens or a stop string of gen.stop: a batch of one in the one
+        scheduler (batching.stream_one), so every sampling setting, grammar and logprobs (on each
+        Chunk) works as in the server. With `draft` (a model with this one's vocabulary, or an
+        NgramDraft) decoding is speculative, lossless, counted into `stats` (a SpeculationStats).
+        With `cache` (a PromptCache: a conversation), the tokens its last prompt and reply share
+        with this prompt are not computed again."""
         self.check_fits(len(prompt_ids), gen.max_tokens)
-        gen = sampling.normalized(gen)  # a vanishing temperature is greedy on every path
         if draft is not None:
-            if gen.grammar is not None:
-                raise UserError("a grammar with a draft runs in batched generation only (billion serve --draft)")
-            tokens = speculative_tokens(self, draft, list(prompt_ids), gen, num_draft, stats)
-        elif cache is not None or sampling.needs_shared_loop(gen):
-            tokens = text_stream.untagged(session_tokens(self, list(prompt_ids), gen, cache))
-        else:
-            tokens = text_stream.untagged(self._token_stream(list(prompt_ids), gen))
-        yield from text_stream.chunks(tokens, self.tokenizer, self.eos_ids, gen)
+            speculation.check_request(gen)
+        if cache is not None:
+            yield from cache.stream(prompt_ids, gen, draft=draft, num_draft=num_draft, stats=stats)
+            return
+        one = self.batch(max_batch=1, prompt_cache_size=0, draft=draft, num_draft=num_draft, stats=stats)
+        yield from batching.stream_one(one, prompt_ids, gen, self.tokenizer, self.eos_ids)
 
     def generate(self, prompt_ids: list[int], gen: GenerationConfig, **kw) -> list[int]:
         """The token ids stream() yields."""

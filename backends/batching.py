@@ -1,10 +1,13 @@
-"""Continuous batching: many generations decoded together, joining and leaving between steps.
+"""The one scheduler: every generated token comes from here, on every engine.
 
 Decoding a small model reads every weight once per step; a batch of B sequences reads them once
-for B tokens. One scheduler serves every engine (BatchGenerator, below); an engine supplies only
-its batched KV cache (BatchCache): prefill one sequence alone, add it as a row, decode one token
-for every row in one forward pass, keep some rows. Requests wait in a queue, join the batch at the
-next step when a slot is free, and leave it when they finish or are cancelled.
+for B tokens. BatchGenerator (below) serves every engine; an engine supplies only its batched KV
+cache (BatchCache): prefill one sequence alone, add it as a row, decode one token for every row in
+one forward pass, keep some rows. Requests wait in a queue, join the batch at the next step when a
+slot is free, and leave it when they finish or are cancelled. A single generation (Backend.stream:
+chat, bench, speculate, eval, humaneval) is a batch of one, on the engine's KV session
+(sessions.SessionBatchCache) or torch's compiled static cache: the same admission, sampling,
+speculation, grammar and logprobs code as the server's batch of eight.
 
 Sampling is billion's one rule (backends/sampling.py), row by row on each row's float32 logits,
 with each request's own numpy generator seeded by its own seed: a request's tokens do not depend
@@ -12,12 +15,19 @@ on what else is in the batch, as far as the engine's logits for it do not. No ro
 tokens, penalties, stop strings, grammar state or cache.
 
 A request with a grammar (gen.grammar) has a matcher of its own (backends/constraints.py): its
-mask goes into the sampling rule, and with prompt lookup a drafted token the grammar forbids is
+mask goes into the sampling rule, and with a draft a drafted token the grammar forbids is
 rejected like any other the target would not have drawn.
 
-The prompt cache keeps the KV rows of the last finished requests (their prompt and reply): a new
-request whose prompt starts with one of them (the next turn of a conversation) prefills only what
-is new.
+Speculative decoding (a draft model or prompt lookup, backends/speculation.py) is a step of the
+same scheduler: every row drafts with its own proposer, one verification pass covers every row's
+proposals, and speculation.accept keeps the target's distribution row by row.
+
+The prompt cache keeps the KV rows of the last finished or cancelled requests (their prompt and
+reply): a new request whose prompt starts with one of them (the next turn of a conversation)
+prefills only what is new.
+
+Each request's side of the events (its text, logprobs and finish reason) is an Output, the same
+for the server, generate_all and Backend.stream.
 """
 
 from __future__ import annotations
@@ -27,12 +37,13 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from backends import sampling
-from backends.types import GenerationConfig
+from backends import sampling, speculation
+from backends.text_stream import TextStream
+from backends.types import Chunk, GenerationConfig
 
 
 class BatchCache(ABC):
@@ -40,6 +51,11 @@ class BatchCache(ABC):
     A row's cache is whatever the engine uses for one sequence (opaque to the scheduler)."""
 
     crop_copies = True  # crop() leaves its argument as it was (else a prompt-cache entry is used up)
+    cannot_verify = "its rows cannot be verified and rewound one by one"  # why verify() is left out, if it is
+
+    def expect(self, tokens: int) -> None:
+        """The next prefill starts a row that will hold at most `tokens` (prompt and reply): a
+        cache of fixed shape (torch's compiled static cache) sizes itself by it; others ignore it."""
 
     @abstractmethod
     def prefill(self, ids: Sequence[int], prefix=None) -> tuple[object, np.ndarray]:
@@ -91,6 +107,7 @@ class BatchEvent:
     error: Exception | None = None
     # with gen.logprobs: (token's log-probability, ((token, log-probability), ...) the most likely)
     logprobs: tuple | None = None
+    from_draft: bool = False  # a drafted token the target accepted
 
 
 @dataclass
@@ -101,7 +118,7 @@ class _Request:
     rng: np.random.Generator
     output: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None  # for the next token
-    proposer: object | None = None  # prompt lookup (speculation.NgramProposer), when the batch drafts
+    proposer: object | None = None  # its drafts (speculation.proposer), when the batch speculates
     failed: bool = False  # its own work failed: it leaves, and its cache is not worth keeping
     salt: str | None = None  # its prompt-cache partition: it reuses only rows cached under the same salt
     matcher: object | None = None  # its place in gen.grammar (constraints.Matcher)
@@ -118,7 +135,7 @@ class BatchGenerator:
 
     def __init__(self, cache: BatchCache, eos_ids: frozenset[int], *, max_batch: int = 8,
                  prompt_cache_size: int = 8, draft=None, num_draft: int = 4, vocab_size: int = 0,
-                 constrain: Callable | None = None, prefill_chunk: int | None = None):
+                 constrain: Callable | None = None, prefill_chunk: int | None = None, stats=None):
         self.cache = cache
         # prompt tokens prefilled per step at most (None: each admitted prompt whole). A long prompt
         # then goes in over several steps, the rows decoding between its chunks, and a request that
@@ -126,13 +143,12 @@ class BatchGenerator:
         self.prefill_chunk = prefill_chunk
         self.prefilling: _Request | None = None  # a prompt part-way in
         self.constrain = constrain  # grammar text -> constraints.Matcher (Backend.grammars.matcher)
-        # prompt lookup inside the batch (a speculation.NgramDraft): each row drafts from its own text
-        self.draft, self.num_draft, self.vocab_size = draft, num_draft, vocab_size
-        self.stats = None
+        # speculative decoding (a draft model, or a speculation.NgramDraft): each row drafts with its
+        # own proposer; `stats` (a SpeculationStats) counts every round of every row
         if draft is not None:
-            from backends.speculation import SpeculationStats
-
-            self.stats = SpeculationStats()
+            speculation.check(draft, vocab_size, num_draft)
+        self.draft, self.num_draft, self.vocab_size = draft, num_draft, vocab_size
+        self.stats = stats if stats is not None else speculation.SpeculationStats()
         self.eos_ids = eos_ids
         self.max_batch = max_batch
         self.waiting: deque[_Request] = deque()
@@ -158,11 +174,10 @@ class BatchGenerator:
             if self.constrain is None:
                 raise sampling.SamplingError("this batch generator has no grammar support")
             request.matcher = self.constrain(gen.grammar)
-        if self.draft is not None and not sampling.uses_history(gen):  # penalties: plain steps (as speculation)
-            from backends.speculation import NgramProposer
-
+        if self.draft is not None and not sampling.uses_history(gen):  # penalties: plain steps
             stop = frozenset() if gen.ignore_eos else self.eos_ids
-            request.proposer = NgramProposer(self.draft, self.vocab_size, stop)
+            request.proposer = speculation.proposer(self.draft, self.vocab_size, request.prompt, gen,
+                                                    request.rng, stop)
         self.waiting.append(request)
         return uid
 
@@ -190,7 +205,7 @@ class BatchGenerator:
                 break
         self._drop_finished(events)
         proposals = self._proposals()
-        if any(proposals):
+        if any(drafted for drafted, _ in proposals):
             events += self._speculative_step(proposals)
         elif self.rows:
             try:
@@ -210,32 +225,34 @@ class BatchGenerator:
 
     # ------------------------------------------------------------ internals
 
-    def _proposals(self) -> list[list[int]]:
-        """Each row's drafted tokens (none without a proposer or a match), never past its max_tokens."""
+    def _proposals(self) -> list[tuple[list[int], list[np.ndarray]]]:
+        """Each row's drafted tokens and the distributions q_i they were drawn from (none without a
+        proposer or a match), never past its max_tokens. A row's round counts in the statistics
+        even when it proposes nothing (speculation.SpeculationStats.no_match)."""
         out = []
         for r in self.rows:
             k = min(self.num_draft, r.gen.max_tokens - len(r.output) - 1)
-            out.append(r.proposer.propose(r.prompt + r.output, k)[0] if r.proposer and k > 0 else [])
+            out.append(r.proposer.propose(r.prompt + r.output, k) if r.proposer and k > 0 else ([], []))
+            if r.proposer and k > 0 and not out[-1][0]:
+                self.stats.record(0, 0)
         return out
 
-    def _speculative_step(self, proposals: list[list[int]]) -> list[BatchEvent]:
+    def _speculative_step(self, proposals: list[tuple[list[int], list[np.ndarray]]]) -> list[BatchEvent]:
         """One verification pass for every row (its last token and its proposals), the acceptance
         rule per row (speculation.accept: greedy output is the target's own, sampled output keeps
         its distribution), then the rejected proposals forgotten (rewind)."""
-        from backends.speculation import accept
-
-        logits = self.cache.verify([[r.output[-1]] + d for r, d in zip(self.rows, proposals)])
+        logits = self.cache.verify([[r.output[-1]] + d for r, (d, _) in zip(self.rows, proposals)])
         now = time.perf_counter()
         events = []
-        for i, (r, proposed, rows) in enumerate(zip(self.rows, proposals, logits)):
-            # proposals from the first one the grammar forbids on would be rejected: drop them
+        for i, (r, (proposed, q), rows) in enumerate(zip(self.rows, proposals, logits)):
+            # proposals from the first one the grammar forbids on would be rejected: drop them (the
+            # position then draws from the target's own distribution, as a rejection would)
             drafted = proposed[:r.matcher.valid_prefix(proposed)] if r.matcher else proposed
             try:
                 masks = self._masks(r, drafted)
                 p = [sampling.distribution(rows[j], r.gen, r.prompt, r.output + drafted[:j], masks[j])
                      for j in range(len(drafted) + 1)]
-                q = [np.eye(1, self.vocab_size, t)[0] for t in drafted]  # a lookup is certain: one-hot
-                accepted, nxt = accept(drafted, q, p, r.rng)
+                accepted, nxt = speculation.accept(drafted, q[:len(drafted)], p, r.rng)
             except Exception as e:  # noqa: BLE001 - this row's sampling, grammar or logprobs: it fails alone
                 events.append(self._fail(r, e, now))
                 continue
@@ -243,7 +260,7 @@ class BatchGenerator:
                 self.stats.record(len(proposed), accepted)
             self.cache.rewind(i, len(proposed) - accepted)
             for j, token in enumerate(drafted[:accepted] + [nxt]):
-                event = self._emit(r, token, now, rows[j])
+                event = self._emit(r, token, now, rows[j], from_draft=j < accepted)
                 events.append(event)
                 if event.finish_reason:
                     break
@@ -275,6 +292,7 @@ class BatchGenerator:
         used = 0
         try:
             if r.partial is None:
+                self.cache.expect(len(r.prompt) + r.gen.max_tokens)
                 r.partial, r.reused = self._cached_prefix(r.prompt, r.salt)
                 r.fed = r.reused
             used = int(min(budget, len(r.prompt) - r.fed))
@@ -303,7 +321,7 @@ class BatchGenerator:
         r.failed = True
         return BatchEvent(r.uid, None, "error", now, error=error)
 
-    def _emit(self, r: _Request, token: int, now: float, logits: np.ndarray) -> BatchEvent:
+    def _emit(self, r: _Request, token: int, now: float, logits: np.ndarray, from_draft: bool = False) -> BatchEvent:
         r.output.append(token)
         if r.matcher is not None:
             r.matcher.advance(token)
@@ -314,7 +332,7 @@ class BatchGenerator:
             reason = "max_tokens"
         else:
             reason = None
-        return BatchEvent(r.uid, token, reason, now, logprobs=logprobs)
+        return BatchEvent(r.uid, token, reason, now, logprobs=logprobs, from_draft=from_draft)
 
     def _drop_cancelled(self) -> list[BatchEvent]:
         if not self._cancelled:
@@ -325,6 +343,9 @@ class BatchGenerator:
         self.waiting = deque(r for r in self.waiting if r.uid not in self._cancelled)
         if self.prefilling and self.prefilling.uid in self._cancelled:
             self.prefilling = None  # its part-way cache goes with it
+        for i, r in enumerate(self.rows):  # what a decoding row computed is worth keeping (a stop string ended it)
+            if r.uid in self._cancelled and not r.failed:
+                self._remember((r.salt, *r.prompt, *r.output[:-1]), self.cache.extract(i))
         self._keep([i for i, r in enumerate(self.rows) if r.uid not in self._cancelled])
         self._cancelled.clear()
         return events
@@ -376,59 +397,138 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
+class Output:
+    """One request's side of its batch's events: its text (TextStream: detokenizing, EOS,
+    max_tokens, stop strings), each token's logprobs entry, and why it finished, decided here for
+    every caller (the server, generate_all, Backend.stream)."""
+
+    def __init__(self, tokenizer, eos_ids: frozenset[int], gen: GenerationConfig):
+        self.text = TextStream(tokenizer, eos_ids, gen)
+        self.tokenizer = tokenizer
+        # "eos" | "max_tokens" | "stop" (a stop string) | "cancelled" | "error"; None while it runs
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None  # with "error": the request's own failure
+        self.cached_tokens = 0  # prompt tokens its prefill found in the prompt cache
+        self.logprobs: deque = deque()  # each generated token's entry, until its chunk takes it
+
+    def take(self, event: BatchEvent) -> list[Chunk]:
+        """The chunks `event` completes. A stop string finishes the text before the batch knows:
+        then `finish_reason` is set while the event's is None, and the caller cancels the request."""
+        chunks = []
+        self.cached_tokens = self.cached_tokens or event.cached_tokens
+        if event.token is not None and self.finish_reason is None:
+            if event.logprobs is not None:
+                self.logprobs.append(logprob_entry(self.tokenizer, event.token, *event.logprobs))
+            chunks = self.text.push(event.token, event.time_s, event.from_draft)
+            self.finish_reason = self.text.finished
+        if event.finish_reason and self.finish_reason is None:
+            chunks += self.text.close()  # held back for a stop string that did not come
+            self.finish_reason = self.text.finished or event.finish_reason
+            self.error = event.error
+        # chunks come one per token in order (EOS makes none), so the oldest entry is the chunk's
+        return [replace(c, logprobs=self.logprobs.popleft()) if self.logprobs else c for c in chunks]
+
+
+def logprob_entry(tokenizer, token: int, logprob: float, top: tuple) -> tuple:
+    """Chunk.logprobs: (text, log-probability, top alternatives as (text, log-probability)), the
+    token ids of sampling.logprobs decoded (by the thread that owns the tokenizer)."""
+    decode = tokenizer.decode
+    return decode([token]), logprob, tuple((decode([t]), lp) for t, lp in top)
+
+
+def stream_one(batch: BatchGenerator, prompt_ids: Sequence[int], gen: GenerationConfig, tokenizer,
+               eos_ids: frozenset[int], admitted: Callable[[int], None] | None = None) -> Iterator[Chunk]:
+    """One request through `batch`, which holds nothing else (Backend.stream's batch of one), its
+    Chunks as they are made: until EOS (not yielded unless gen.ignore_eos), gen.max_tokens or a
+    stop string. `admitted(cached prompt tokens)` is called once its prompt is in. Closing the
+    iterator early cancels the request (its cache row is kept in the batch's prompt cache)."""
+    out = Output(tokenizer, eos_ids, gen)
+    uid = batch.add(prompt_ids, gen)
+    try:
+        while out.finish_reason is None:
+            for event in batch.step():
+                chunks = out.take(event)
+                if admitted is not None and event.token is not None:
+                    admitted(out.cached_tokens)
+                    admitted = None
+                if out.finish_reason == "error":
+                    raise out.error
+                yield from chunks
+    finally:
+        if batch.busy:  # left early (a stop string, or the reader stopped): the request leaves
+            batch.cancel(uid)
+            batch.step()
+
+
+class PromptCache:
+    """A conversation kept between prompts (billion chat): its batch of one, whose prompt cache
+    holds the last reply's KV cache, so a new prompt computes only the tokens that differ from the
+    last prompt and reply. A prefix's KV cache is exactly that prefix's, so reuse is always
+    correct: an edited history or a new system message keeps only what is still shared (nothing
+    when the first token differs). `reset()` forgets everything (/clear). Not thread-safe: one
+    generation at a time."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.batch: BatchGenerator | None = None
+        self.key: tuple = ()  # the draft the batch was built with
+        self.reused = 0  # prompt tokens the last prompt found in the cache
+
+    def reset(self) -> None:
+        self.batch, self.reused = None, 0
+
+    def stream(self, prompt_ids: Sequence[int], gen: GenerationConfig, *, draft=None, num_draft: int = 4,
+               stats=None) -> Iterator[Chunk]:
+        if self.batch is None or self.key != (draft, num_draft):
+            self.batch = self.backend.batch(max_batch=1, prompt_cache_size=1, draft=draft, num_draft=num_draft)
+            self.key = (draft, num_draft)
+        if stats is not None:
+            self.batch.stats = stats
+        self.reused = 0
+        try:
+            yield from stream_one(self.batch, prompt_ids, gen, self.backend.tokenizer, self.backend.eos_ids,
+                                  admitted=lambda cached: setattr(self, "reused", cached))
+        except BaseException as e:
+            # a step that failed or was interrupted (Ctrl-C) leaves the cache in an unknown state;
+            # closing the iterator (GeneratorExit) leaves it consistent
+            if not isinstance(e, GeneratorExit):
+                self.reset()
+            raise
+
+
 @dataclass
 class Generated:
     """One prompt's generation by generate_all."""
 
     tokens: list[int]  # every token made (the EOS token not included)
     text: str
-    finish_reason: str | None  # "eos", "max_tokens", "stop" (gen.stop), "stopped" (stop_when), None
+    finish_reason: str | None  # "eos", "max_tokens", "stop" (gen.stop), "stopped" (stop_when)
 
 
 def generate_all(backend, prompts: Sequence[Sequence[int]], gens: Sequence[GenerationConfig], *,
                  max_batch: int = 8, stop_when: Callable[[int, str], bool] | None = None) -> list[Generated]:
-    """Every prompt generated, up to `max_batch` decoded together (the engine's batch generator;
-    one at a time through Backend.stream on an engine without one), in the order given.
-    `stop_when(i, text so far)` ends the i-th generation early (a caller's own rule, e.g.
-    HumanEval's stop sequences); gen.stop, EOS and gen.max_tokens end it as Backend.stream does."""
-    from backends.text_stream import TextStream
-
-    if not backend.can_batch or max_batch <= 1:
-        return [_generate_alone(backend, p, g, stop_when and (lambda text, i=i: stop_when(i, text)))
-                for i, (p, g) in enumerate(zip(prompts, gens))]
+    """Every prompt generated, up to `max_batch` decoded together (one at a time on an engine
+    without a batched KV cache), in the order given. `stop_when(i, text so far)` ends the i-th
+    generation early (a caller's own rule, e.g. HumanEval's stop sequences); gen.stop, EOS and
+    gen.max_tokens end it as Backend.stream does."""
     batch = backend.batch(max_batch=max_batch, prompt_cache_size=0)
     uids = [batch.add(p, g) for p, g in zip(prompts, gens)]
     index = {uid: i for i, uid in enumerate(uids)}
-    streams = {uid: TextStream(backend.tokenizer, backend.eos_ids, g) for uid, g in zip(uids, gens)}
-    out = {uid: Generated([], "", None) for uid in uids}
+    outs = {uid: Output(backend.tokenizer, backend.eos_ids, g) for uid, g in zip(uids, gens)}
+    got = {uid: Generated([], "", None) for uid in uids}
     while batch.busy:
         for e in batch.step():
-            if e.finish_reason == "error":
-                raise e.error
-            got, stream = out[e.uid], streams[e.uid]
-            if e.token is not None and got.finish_reason is None:
-                for chunk in stream.push(e.token, e.time_s):
-                    got.tokens.append(chunk.token)
-                    got.text += chunk.text
-                got.finish_reason = stream.finished
-                if got.finish_reason is None and stop_when and stop_when(index[e.uid], got.text):
-                    got.finish_reason = "stopped"
-                if got.finish_reason and not e.finish_reason:
-                    batch.cancel(e.uid)
-            if e.finish_reason and got.finish_reason is None:
-                for chunk in stream.close():
-                    got.tokens.append(chunk.token)
-                    got.text += chunk.text
-    return [out[uid] for uid in uids]
-
-
-def _generate_alone(backend, prompt, gen, stop_when) -> Generated:
-    got = Generated([], "", None)
-    for chunk in backend.stream(list(prompt), gen):
-        got.tokens.append(chunk.token)
-        got.text += chunk.text
-        got.finish_reason = chunk.finish_reason
-        if got.finish_reason is None and stop_when and stop_when(got.text):
-            got.finish_reason = "stopped"
-            break
-    return got
+            out, g = outs[e.uid], got[e.uid]
+            if g.finish_reason is not None:
+                continue
+            for chunk in out.take(e):
+                g.tokens.append(chunk.token)
+                g.text += chunk.text
+            if out.finish_reason == "error":
+                raise out.error
+            g.finish_reason = out.finish_reason
+            if g.finish_reason is None and stop_when and stop_when(index[e.uid], g.text):
+                g.finish_reason = "stopped"
+            if g.finish_reason and not e.finish_reason:
+                batch.cancel(e.uid)
+    return [got[uid] for uid in uids]

@@ -1,10 +1,8 @@
 """The one sampling rule, for both engines: float32 logits in, a distribution over the vocabulary out.
 
 numpy only (float64 inside), so that MLX and torch draw from the same distribution given the same
-logits, and so that the rule can be tested against a direct computation. Used by the KV-session
-loop of Backend.stream (whenever a request asks for top-k, min-p or a penalty) and by speculative
-decoding (backends/speculation.py); plain greedy / temperature / top-p keep each engine's own
-decode loop, whose samplers implement the same temperature and top-p.
+logits, and so that the rule can be tested against a direct computation. Used by the one scheduler
+(backends/batching.py) for every token on every engine, speculative rounds included.
 
 The order is vLLM's and transformers' logits processors':
 
@@ -55,11 +53,6 @@ def normalized(gen: GenerationConfig) -> GenerationConfig:
 def uses_history(gen: GenerationConfig) -> bool:
     """Whether the rule needs the tokens so far (a penalty is on)."""
     return gen.repetition_penalty != 1.0 or gen.presence_penalty != 0.0 or gen.frequency_penalty != 0.0
-
-
-def needs_shared_loop(gen: GenerationConfig) -> bool:
-    """Whether `gen` asks for more than the engines' own samplers do (temperature, top-p)."""
-    return gen.top_k > 0 or gen.min_p > 0.0 or uses_history(gen) or gen.grammar is not None
 
 
 def penalize(logits: np.ndarray, gen: GenerationConfig, prompt_ids: Sequence[int] = (),

@@ -1,20 +1,22 @@
-"""Speculative decoding, once for every engine, on KV sessions.
+"""Speculative decoding's parts, once for every engine: the proposers, the acceptance rule, the statistics.
 
 Leviathan et al. 2023 ("Fast Inference from Transformers via Speculative
 Decoding") and Chen et al. 2023: a cheap proposer drafts k tokens; the target
 scores all of them in ONE forward pass; a rejection rule keeps a prefix of
 them so that the output has exactly the target's distribution (greedy:
-exactly the target's greedy tokens). Written on `KVSession.feed/crop` so MLX
-and torch share the loop, the acceptance rule and the statistics (mlx-lm's own
+exactly the target's greedy tokens). The rounds run in the one scheduler
+(backends/batching.py, BatchGenerator._speculative_step), every row with its own
+proposer, on every engine: a batch of one is a KV session (sessions.SessionBatchCache),
+so MLX and torch share the loop, the acceptance rule and the statistics (mlx-lm's own
 draft support does not report acceptance, nor does transformers').
 
 Two proposers: a draft model (a smaller Backend with the target's vocabulary,
 sampled token by token on its own KV session), and prompt lookup (NgramDraft:
 no model; it copies what followed an earlier occurrence of the text's last
-tokens). The loop only needs the drafted tokens and the distributions q_i they
+tokens). The rule only needs the drafted tokens and the distributions q_i they
 were drawn from.
 
-The loop is numpy on float32 logits: the engines hand over [n, vocab] rows per
+All numpy on float32 logits: the engines hand over [n, vocab] rows per
 forward pass, which costs microseconds beside the forward passes themselves.
 """
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -87,10 +89,8 @@ class Proposer(Protocol):
 class ModelProposer:
     """A draft model samples x_i ~ q_i one token at a time, on its own KV session."""
 
-    def __init__(self, draft, target, prompt_ids: list[int], gen: GenerationConfig, rng: np.random.Generator,
+    def __init__(self, draft, prompt_ids: list[int], gen: GenerationConfig, rng: np.random.Generator,
                  stop: frozenset):
-        if draft.vocab_size != target.vocab_size:
-            raise UserError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
         draft.check_fits(len(prompt_ids), gen.max_tokens)
         self.gen, self.rng, self.stop = gen, rng, stop
         self.session = draft.session()
@@ -148,7 +148,7 @@ class NgramDraft:
 
 class NgramProposer:
     """An NgramDraft's lookups with q_i one-hot at x_i (the proposal is certain): the rule in
-    speculative_tokens then accepts x_i with probability p_i(x_i) and after a rejection draws from
+    `accept` then accepts x_i with probability p_i(x_i) and after a rejection draws from
     max(0, p_i - onehot) = p_i without x_i, renormalised: still exactly p_i."""
 
     def __init__(self, ngram: NgramDraft, vocab_size: int, stop: frozenset):
@@ -189,47 +189,26 @@ def accept(drafted: list[int], q: list[np.ndarray], p: list[np.ndarray], rng: np
     return accepted, sample(p[n], rng)
 
 
-def speculative_tokens(target, draft, prompt_ids: list[int], gen: GenerationConfig, num_draft: int,
-                       stats: SpeculationStats | None = None) -> Iterator[tuple[int, bool]]:
-    """Yield (token, from_draft) until gen.max_tokens tokens (the caller stops at EOS).
-
-    `draft`: a draft model (a Backend with the target's vocabulary) or an NgramDraft. The first
-    token comes from the target's prefill; then rounds. `stats`, when given, counts every round.
-    Closing the generator mid-round is safe.
-    """
+def check(draft, vocab_size: int, num_draft: int) -> None:
+    """What speculating with `draft` needs, checked once, before a batch takes any request."""
     if num_draft < 1:
         raise UserError(f"the number of draft tokens must be at least 1 (got {num_draft})")
+    if not isinstance(draft, NgramDraft) and draft.vocab_size != vocab_size:
+        raise UserError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({vocab_size})")
+
+
+def check_request(gen: GenerationConfig) -> None:
+    """A request that asked for speculative decoding itself (stream(draft=...)): penalties would
+    make each drafted position depend on the drafts before it, which the rule does not model. (A
+    server started with --draft decodes such a request plainly instead.)"""
     if uses_history(gen):
         raise UserError("repetition, presence and frequency penalties are not supported with speculative decoding")
-    stats = stats if stats is not None else SpeculationStats()
-    rng = np.random.default_rng(gen.seed)
-    stop = frozenset() if gen.ignore_eos else target.eos_ids
-    proposer: Proposer = (NgramProposer(draft, target.vocab_size, stop) if isinstance(draft, NgramDraft)
-                          else ModelProposer(draft, target, prompt_ids, gen, rng, stop))
-    tgt = target.session()
-    p = distribution(tgt.feed(prompt_ids, keep=1)[-1], gen)
-    tokens = list(prompt_ids) + [sample(p, rng)]  # committed: prompt + output
-    yield tokens[-1], False
-    produced = 1
-    while produced < gen.max_tokens:
-        # 1. Draft x_1..x_n with their q_i, n <= k: never past max_tokens nor past an EOS. n = 0
-        #    (prompt lookup without a match) makes the round one plain target step.
-        k = min(num_draft, gen.max_tokens - produced - 1)
-        drafted, q = proposer.propose(tokens, k)
-        # 2. Verify: one target pass over the last committed token and the drafts gives
-        #    p_1..p_{n+1}, the target's distribution at every drafted position and one beyond.
-        n = len(drafted)
-        p = [distribution(row, gen) for row in tgt.feed((tokens + drafted)[tgt.length:], keep=n + 1)]
-        # 3. Accept x_i with probability min(1, p_i(x_i) / q_i(x_i)), stopping at the first rejection;
-        # 4. Always gain one target token (see accept).
-        accepted, nxt = accept(drafted, q, p, rng)
-        if k:
-            stats.record(n, accepted)
-        tokens += drafted[:accepted] + [nxt]
-        # 5. Roll the target's cache back to the committed prefix minus its last token, which the
-        #    next round feeds (a draft model's cache is rolled back as it next proposes).
-        tgt.crop(len(tokens) - 1)
-        produced += accepted + 1
-        for token in drafted[:accepted]:
-            yield token, True
-        yield nxt, False
+
+
+def proposer(draft, vocab_size: int, prompt_ids: list[int], gen: GenerationConfig, rng: np.random.Generator,
+             stop: frozenset) -> Proposer:
+    """One request's proposer: prompt lookup for an NgramDraft, else the draft model on its own KV
+    session (prefilled with the prompt here), sampling with the request's generator `rng`."""
+    if isinstance(draft, NgramDraft):
+        return NgramProposer(draft, vocab_size, stop)
+    return ModelProposer(draft, prompt_ids, gen, rng, stop)

@@ -1,10 +1,7 @@
-"""From a stream of token ids to a stream of text Chunks: incremental detokenizing, EOS, the
-max_tokens limit and stop strings (Backend.stream's text side, whatever decode loop made the tokens)."""
+"""From token ids to text Chunks: incremental detokenizing, EOS, the max_tokens limit and stop
+strings, one generation at a time (pushed a token at a time by batching.Output)."""
 
 from __future__ import annotations
-
-import time
-from typing import Iterator
 
 from backends.types import Chunk, GenerationConfig
 
@@ -63,21 +60,9 @@ class IncrementalDetokenizer:
         return after[len(before):]
 
 
-def untagged(tokens: Iterator[int]) -> Iterator[tuple[int, bool]]:
-    """(token, from_draft=False) for a decode loop without a draft; closing it closes `tokens`."""
-    try:
-        for token in tokens:
-            yield token, False
-    finally:
-        close = getattr(tokens, "close", None)
-        if close:
-            close()
-
-
 class TextStream:
     """One generation's text side, fed a token at a time (push): detokenizing, EOS, max_tokens and
-    stop strings. `chunks` drives it over a token iterator; the batch scheduler's users (the
-    server) push each request's tokens as its batch produces them.
+    stop strings, pushed each request's tokens as its batch produces them (batching.Output).
 
     Stops at EOS (unless gen.ignore_eos; the EOS token itself makes no chunk), after gen.max_tokens
     (that chunk's finish_reason is "max_tokens"), or at a stop string (gen.stop: the chunk that
@@ -130,18 +115,3 @@ class TextStream:
         out = [Chunk(token, "", now, from_draft) for token, now, from_draft in held[:-1]]
         token, now, from_draft = held[-1]
         return out + [Chunk(token, text, now, from_draft, reason)]
-
-
-def chunks(tokens: Iterator[tuple[int, bool]], tokenizer, eos_ids: frozenset[int],
-           gen: GenerationConfig) -> Iterator[Chunk]:
-    """One Chunk per (token, from_draft), timed as it arrives, by TextStream's rules (EOS,
-    max_tokens, stop strings). Closes `tokens` when done."""
-    stream = TextStream(tokenizer, eos_ids, gen)
-    try:
-        for token, from_draft in tokens:
-            yield from stream.push(token, time.perf_counter(), from_draft)
-            if stream.finished:
-                return
-        yield from stream.close()
-    finally:
-        tokens.close()

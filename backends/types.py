@@ -19,11 +19,8 @@ class UserError(Exception):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to generate. The sampling rule (order, exact semantics) is backends/sampling.py's.
-
-    Plain greedy / temperature / top-p run in each engine's own decode loop; any of top_k,
-    min_p, the penalties or a grammar send generation through the one KV-session loop (Backend.stream),
-    which samples with backends/sampling.py on both engines alike."""
+    """How to generate. The sampling rule (order, exact semantics) is backends/sampling.py's, applied
+    by the one scheduler (backends/batching.py) on every engine alike."""
 
     max_tokens: int = 256
     temperature: float = 0.0  # 0 means greedy
@@ -38,8 +35,8 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one (not included)
     # llguidance's grammar text (backends/constraints.py): every token is drawn from those it allows
     grammar: str | None = None
-    # the batch generator reports each token's log-probability and the `logprobs` most likely
-    # tokens' (log-softmax of the engine's float32 logits, before any sampling rule); None: off
+    # each token's log-probability and the `logprobs` most likely tokens' (log-softmax of the
+    # engine's float32 logits, before any sampling rule), on its Chunk; None: off
     logprobs: int | None = None
 
 
@@ -55,8 +52,8 @@ class Chunk:
     # stop string (gen.stop; its text ends before the stop string); None otherwise. A stream that
     # ends with no such chunk stopped at EOS (which is not yielded), unless its consumer stopped it.
     finish_reason: str | None = None
-    # with gen.logprobs, from the server's batch: (token text, log-probability, ((text, log-probability),
-    # ...) the gen.logprobs most likely), sampling.logprobs' values
+    # with gen.logprobs: (token text, log-probability, ((text, log-probability), ...) the
+    # gen.logprobs most likely), sampling.logprobs' values (batching.Output)
     logprobs: tuple | None = None
 
 

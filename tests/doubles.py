@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
-from backends.batching import BatchCache
+from backends.batching import BatchCache, BatchGenerator
+from backends.sessions import SessionBatchCache
 
 
 class FixedLogits:
@@ -57,3 +60,17 @@ class FixedBatch(BatchCache):
 
     def crop(self, row_cache, length):
         return None
+
+
+def scheduled(engine, prompt, gen, draft=None, num_draft: int = 3, stats=None) -> Iterator[tuple[int, bool]]:
+    """(token, from_draft) of one generation by the one scheduler on a double's session (a batch of
+    one, as Backend.stream runs it), EOS included."""
+    grammars = getattr(engine, "grammars", None)
+    batch = BatchGenerator(SessionBatchCache(engine), engine.eos_ids, max_batch=1, prompt_cache_size=0, draft=draft,
+                           num_draft=num_draft, vocab_size=engine.vocab_size, stats=stats,
+                           constrain=grammars.matcher if grammars is not None else None)
+    batch.add(prompt, gen)
+    while batch.busy:
+        for e in batch.step():
+            if e.token is not None:
+                yield e.token, e.from_draft

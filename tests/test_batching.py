@@ -12,9 +12,9 @@ import numpy as np
 import openai
 import pytest
 
-from backends.sessions import session_tokens
 from backends.types import GenerationConfig
 from tests.conftest import ENGINES
+from tests.doubles import scheduled
 from tests.servers import serve_process
 
 try:
@@ -24,8 +24,9 @@ except ImportError:  # openai 3 depends on httpx's successor, httpx2 (the same A
 
 
 def alone(backend, prompt, gen):
-    """The tokens one request gets by itself, through the shared single-sequence loop."""
-    return list(session_tokens(backend, prompt, gen))
+    """The tokens one request gets by itself: a batch of one on the engine's KV session (no padding,
+    no neighbours), EOS included."""
+    return [t for t, _ in scheduled(backend, prompt, gen)]
 
 
 def drive(batch, until_step=None, join=()):
@@ -258,7 +259,7 @@ def test_prompt_lookup_inside_a_batch_is_each_rows_own_speculation(tiny_model):
     """--draft ngram inside a batch (torch): every row drafts from its own text, all rows' proposals
     are verified in one pass, rejected ones become masked holes; each row's tokens are those of
     speculative decoding alone (greedy: the target's own; seeded sampling: the same draws)."""
-    from backends.speculation import NgramDraft, speculative_tokens
+    from backends.speculation import NgramDraft
 
     b = tiny_model("torch")
     rng = np.random.default_rng(1)
@@ -266,7 +267,7 @@ def test_prompt_lookup_inside_a_batch_is_each_rows_own_speculation(tiny_model):
     prompts = [(blk * 5)[:28] for blk in blocks]  # repetition: something to look up
     gens = [GenerationConfig(max_tokens=n, ignore_eos=True) for n in (20, 12, 25, 16, 30)]
     gens[3] = GenerationConfig(max_tokens=16, temperature=0.7, seed=4, top_k=30, ignore_eos=True)
-    want = [[t for t, _ in speculative_tokens(b, NgramDraft(2), p, g, 3)] for p, g in zip(prompts, gens)]
+    want = [[t for t, _ in scheduled(b, p, g, NgramDraft(2), 3)] for p, g in zip(prompts, gens)]
     assert want[0] == alone(b, prompts[0], gens[0])  # greedy speculation is the target's own
     batch = b.batch(max_batch=3, draft=NgramDraft(2), num_draft=3)
     uids = [batch.add(p, g) for p, g in zip(prompts, gens)]

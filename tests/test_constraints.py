@@ -12,9 +12,8 @@ import pytest
 
 from backends import constraints, sampling
 from backends.batching import BatchGenerator
-from backends.sessions import session_tokens
 from backends.types import GenerationConfig
-from tests.doubles import FixedBatch, FixedLogits
+from tests.doubles import FixedBatch, FixedLogits, scheduled
 
 EOS = 2  # SmolLM2's <|im_end|>
 
@@ -34,8 +33,12 @@ def grammars(tokenizer):
 def fixed_engine(grammars, seed=0):
     """An engine whose logits never change (and favour no digit, no 'yes'), with SmolLM2's vocabulary."""
     engine = FixedLogits(np.random.default_rng(seed).normal(0, 3, 49152).astype(np.float32))
-    engine.grammars = grammars
+    engine.grammars, engine.eos_ids = grammars, frozenset([EOS])
     return engine
+
+
+def tokens_of(engine, prompt, gen) -> list[int]:
+    return [t for t, _ in scheduled(engine, prompt, gen)]
 
 
 def until_eos(tokens, limit=60) -> list[int]:
@@ -65,16 +68,16 @@ def test_the_mask_is_step_zero_of_the_rule():
                                  GenerationConfig(max_tokens=60, temperature=1.0, seed=7),
                                  GenerationConfig(max_tokens=60, temperature=0.8, top_p=0.9, seed=3,
                                                   repetition_penalty=1.3)])
-def test_the_grammar_wins_over_the_logits_alike_in_both_loops(grammars, tokenizer, gen):
-    """The shared KV-session loop (Backend.stream's, any engine) and the batch scheduler draw the
-    same constrained tokens from the same logits; the text matches the grammar though the logits
-    would never write it."""
+def test_the_grammar_wins_over_the_logits_alone_or_in_a_batch(grammars, tokenizer, gen):
+    """A batch of one (Backend.stream's, any engine) and a batch with neighbours draw the same
+    constrained tokens from the same logits; the text matches the grammar though the logits would
+    never write it."""
     pattern = r"(yes|no), [0-9]{2} items"
     gen = GenerationConfig(**{**gen.__dict__, "grammar": constraints.regex(pattern)})
     engine = fixed_engine(grammars)
-    free = until_eos(session_tokens(engine, [1, 2, 3], GenerationConfig(max_tokens=20)))
+    free = until_eos(tokens_of(engine, [1, 2, 3], GenerationConfig(max_tokens=20)))
     assert not re.fullmatch(pattern, tokenizer.decode(free))
-    alone = until_eos(session_tokens(engine, [1, 2, 3], gen))
+    alone = until_eos(tokens_of(engine, [1, 2, 3], gen))
     assert re.fullmatch(pattern, tokenizer.decode(alone)), tokenizer.decode(alone)
 
     batch = BatchGenerator(FixedBatch(engine.row), frozenset([EOS]), max_batch=4, constrain=grammars.matcher)
@@ -97,7 +100,7 @@ def test_a_json_schema_constrains_to_valid_json(grammars, tokenizer):
                              "ok": {"type": "boolean"}}}
     engine = fixed_engine(grammars, seed=4)
     gen = GenerationConfig(max_tokens=80, temperature=1.0, seed=2, grammar=constraints.json_schema(schema))
-    text = tokenizer.decode(until_eos(session_tokens(engine, [1], gen), 80))
+    text = tokenizer.decode(until_eos(tokens_of(engine, [1], gen), 80))
     jsonschema.validate(json.loads(text), schema)
 
 

@@ -64,3 +64,44 @@ def test_commands_never_import_each_other():
     for name in commands:
         others = imports_of(modules("billion")[name], "billion") & (commands - {name})
         assert not others, f"{name} imports {others}"
+
+
+# What picks a token (the sampling rule, the acceptance rule, a library's own generation loop):
+# called inside a loop, it is a decode loop.
+TOKEN_CHOOSERS = {"sample", "multinomial", "accept", "generate_step", "stream_generate"}
+# The one scheduler and the parts it drives (the proposers' draft loop, the rule itself).
+SCHEDULER = {"backends.batching", "backends.speculation", "backends.sampling"}
+
+
+def token_loops(source: str) -> list[int]:
+    """Lines of loops that choose tokens: a for/while whose body calls one of TOKEN_CHOOSERS, or
+    a model's own `generate` (HF's loop; a Backend's generate is the scheduler's)."""
+    found = []
+    for loop in ast.walk(ast.parse(source)):
+        if not isinstance(loop, (ast.For, ast.While, ast.AsyncFor)):
+            continue
+        for node in ast.walk(loop):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            on_model = isinstance(f, ast.Attribute) and "model" in ast.unparse(f.value)
+            if name in TOKEN_CHOOSERS or (name == "generate" and on_model):
+                found.append(loop.lineno)
+                break
+    return found
+
+
+def test_tokens_come_from_the_one_scheduler_only():
+    """Issue 29: every generated token comes from backends/batching.py's scheduler. A module that
+    samples tokens in a loop of its own (the four loops there were) fails this test."""
+    old_loop = ("def session_tokens(model, prompt, gen):\n"
+                "    logits = model.session().feed(prompt)\n"
+                "    for n in range(gen.max_tokens):\n"
+                "        token = sampling.sample(sampling.distribution(logits, gen), rng)\n"
+                "        yield token\n")
+    assert token_loops(old_loop) == [3]  # the check finds what it must
+    assert token_loops("for x in xs:\n    out = self.model.generate(ids)\n") == [1]
+    offenders = {name: token_loops(f.read_text()) for package in ("backends", "billion")
+                 for name, f in modules(package).items() if name not in SCHEDULER}
+    assert {name: lines for name, lines in offenders.items() if lines} == {}

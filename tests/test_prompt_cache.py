@@ -1,12 +1,14 @@
-"""The prompt cache (backends.sessions.PromptCache): a conversation's KV session reused turn to turn,
-cropped to the common prefix, reset on /clear and a new system message; same replies as without."""
+"""The prompt cache (backends.batching.PromptCache): a conversation's batch of one kept turn to turn,
+its KV session cropped to the common prefix, reset on /clear and a new system message; same
+replies as without."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from backends.sessions import PromptCache, session_tokens
+from backends.batching import BatchGenerator, PromptCache
+from backends.sessions import SessionBatchCache
 from backends.types import GenerationConfig
 from billion.tasks.chat import Chat
 from tests.conftest import ENGINES
@@ -20,8 +22,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 class Recording:
     """A stand-in engine recording what its sessions are fed and cropped to."""
 
+    eos_ids = frozenset()
+
+    class tokenizer:  # noqa: N801 - no text: the test follows the tokens
+        @staticmethod
+        def decode(ids, skip_special_tokens=True):
+            return ""
+
     def __init__(self):
         self.log = []
+
+    def batch(self, max_batch, prompt_cache_size, draft=None, num_draft=4):
+        return BatchGenerator(SessionBatchCache(self), self.eos_ids, max_batch=1, prompt_cache_size=prompt_cache_size)
 
     def session(self):
         log = self.log
@@ -48,20 +60,21 @@ def test_common_prefix_is_kept_and_only_the_rest_fed():
     engine = Recording()
     cache = PromptCache(engine)
     gen = GenerationConfig(max_tokens=3)
-    first = list(session_tokens(engine, [1, 2, 3], gen, cache))
-    assert cache.ids == [1, 2, 3] + first[:-1] and cache.session.length == len(cache.ids)  # the last is not fed
+    first = [c.token for c in cache.stream([1, 2, 3], gen)]
+    ((key, session),) = cache.batch.prompt_cache.items()
+    assert key == (None, 1, 2, 3, *first[:-1]) and session.length == len(key) - 1  # the last is not fed
     engine.log.clear()
     second = [1, 2, 3] + first + [5, 6]
-    list(session_tokens(engine, second, gen, cache))
+    list(cache.stream(second, gen))
     assert engine.log[:2] == [("crop", 5), ("feed", [first[-1], 5, 6])] and cache.reused == 5
     engine.log.clear()
-    list(session_tokens(engine, [1, 2, 9], gen, cache))  # an edited history: only [1, 2] is shared
+    list(cache.stream([1, 2, 9], gen))  # an edited history: only [1, 2] is shared
     assert engine.log[:2] == [("crop", 2), ("feed", [9])] and cache.reused == 2
     engine.log.clear()
-    list(session_tokens(engine, [1, 2], gen, cache))  # all cached: the last token is fed again for its logits
+    list(cache.stream([1, 2], gen))  # all cached: the last token is fed again for its logits
     assert engine.log[:2] == [("crop", 1), ("feed", [2])]
     engine.log.clear()
-    list(session_tokens(engine, [7, 1, 2], gen, cache))  # nothing shared: a fresh session
+    list(cache.stream([7, 1, 2], gen))  # nothing shared: a fresh session
     assert engine.log[:2] == [("new",), ("feed", [7, 1, 2])] and cache.reused == 0
 
 
@@ -93,13 +106,13 @@ def test_clear_new_system_and_edited_history(tiny_model, engine):
     gen = GenerationConfig(max_tokens=8)
     chat = Chat(backend, gen, system="Be brief.")
     converse(chat, MESSAGES[:2])
-    assert chat.cache.session is not None
+    assert chat.cache.batch is not None
     chat.clear()
-    assert chat.cache.session is None and chat.cache.ids == []
+    assert chat.cache.batch is None
     converse(chat, MESSAGES[:2])
     chat.system = "Be long."
     reply = chat.ask(MESSAGES[2])
-    assert chat.cache.session is None  # reset before the new prompt is fed
+    assert chat.cache.batch is None  # reset before the new prompt is fed
     list(reply.pieces())
     # an edited history: only the shared prefix is reused, and the reply is the uncached one
     chat.turns[0]["content"] = "Why is grass green?"

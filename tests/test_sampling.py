@@ -12,10 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from backends import sampling
-from backends.sessions import session_tokens
 from backends.types import GenerationConfig, UserError
 from tests.conftest import ENGINES
-from tests.doubles import FixedLogits
+from tests.doubles import FixedLogits, scheduled
 
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 0.3, 1.7, -0.4], dtype=np.float32)
 
@@ -88,11 +87,9 @@ def test_distribution_is_exactly_the_rule(case):
 def test_greedy_with_penalty_picks_the_penalized_argmax():
     gen = GenerationConfig(temperature=0.0, repetition_penalty=3.0)
     assert int(np.argmax(sampling.distribution(LOGITS, gen, (0,), ()))) == 6
-    assert not sampling.needs_shared_loop(GenerationConfig(temperature=0.8, top_p=0.9))
-    assert sampling.needs_shared_loop(GenerationConfig(top_k=5)) and sampling.needs_shared_loop(gen)
 
 
-def test_session_loop_draws_from_the_rule():
+def test_the_scheduler_draws_from_the_rule():
     engine = FixedLogits(LOGITS)
     gen = GenerationConfig(max_tokens=6, temperature=0.9, top_k=5, min_p=0.1, seed=3)
     # exactly the draws of the rule with numpy's generator seeded with gen.seed, penalties included
@@ -100,11 +97,11 @@ def test_session_loop_draws_from_the_rule():
         rng, out = np.random.default_rng(g.seed), []
         for _ in range(g.max_tokens):
             out.append(sampling.sample(sampling.distribution(LOGITS, g, [1, 2], out), rng))
-        assert list(session_tokens(engine, [1, 2], g)) == out
+        assert [t for t, _ in scheduled(engine, [1, 2], g)] == out
     # and the frequencies follow p (i.i.d. draws without penalties)
     counts = np.zeros(len(LOGITS))
     for seed in range(400):
-        for t in session_tokens(engine, [0], replace(gen, seed=seed, max_tokens=5)):
+        for t, _ in scheduled(engine, [0], replace(gen, seed=seed, max_tokens=5)):
             counts[t] += 1
     p = sampling.distribution(LOGITS, gen)
     assert counts[p == 0].sum() == 0
@@ -175,10 +172,10 @@ def test_chat_cli_sampling_options_same_on_both_engines(tiny_folder, results_dir
 def test_sampling_never_leaves_the_vocabulary():
     """Logits or settings that would make the distribution NaN are an error for that request, never
     a token id equal to the vocabulary size (which the engine would then feed), on every path: the
-    rule itself, the shared session loop and the batch scheduler (fixed-logits engines)."""
+    rule itself, and the scheduler alone (a batch of one) or with neighbours (fixed-logits engines)."""
     from backends.batching import BatchGenerator
     from backends.sampling import MIN_TEMPERATURE, SamplingError, distribution, normalized, sample
-    from backends.sessions import session_tokens
+    from backends.sessions import SessionBatchCache
     from tests.doubles import FixedBatch, FixedLogits
 
     logits = np.array([1.0, 3.0, 2.0, 0.5], dtype=np.float32)
@@ -186,15 +183,17 @@ def test_sampling_never_leaves_the_vocabulary():
     # a vanishing temperature is greedy, not an overflow
     tiny = GenerationConfig(temperature=1e-30, max_tokens=3)
     assert normalized(tiny).temperature == 0.0 and MIN_TEMPERATURE > 1e-30
-    assert list(session_tokens(FixedLogits(logits), [0], normalized(tiny))) == [1, 1, 1]
+    assert [t for t, _ in scheduled(FixedLogits(logits), [0], tiny)] == [1, 1, 1]
     # non-finite logits (an engine's overflow) and empty weights: a SamplingError, not id 4
     for bad in ([np.nan, 1.0, 2.0, 0.0], [np.inf, 1.0, 2.0, 0.0], [-np.inf] * 4):
         with pytest.raises(SamplingError):
             sample(distribution(np.array(bad), GenerationConfig(temperature=0.7)), rng)
     with pytest.raises(SamplingError):
         sample(np.zeros(4), rng)
-    with pytest.raises(SamplingError):
-        list(session_tokens(FixedLogits([np.nan, 1.0, 2.0, 0.5]), [0], GenerationConfig(temperature=0.7)))
+    one = BatchGenerator(SessionBatchCache(FixedLogits([np.nan, 1.0, 2.0, 0.5])), frozenset(), max_batch=1)
+    one.add([0], GenerationConfig(temperature=0.7))
+    (event,) = one.step()
+    assert event.token is None and event.finish_reason == "error" and isinstance(event.error, SamplingError)
 
     class Broken(FixedBatch):  # row 1's logits are broken
         def decode(self, tokens):

@@ -175,16 +175,16 @@ def app_server():
 
 
 def patch_cache(monkeypatch, backend, **methods):
-    """The backend's batched KV caches from now on, with some methods wrapped: name=wrap(real)."""
-    real = backend.batch_cache
+    """The backend's KV caches from now on (batched, and a batch of one), with some methods
+    wrapped: name=wrap(real)."""
+    for kind in ("batch_cache", "one_row_cache"):
+        def make(real=getattr(backend, kind)):
+            cache = real()
+            for name, wrap in methods.items():
+                setattr(cache, name, wrap(getattr(cache, name)))
+            return cache
 
-    def batch_cache():
-        cache = real()
-        for name, wrap in methods.items():
-            setattr(cache, name, wrap(getattr(cache, name)))
-        return cache
-
-    monkeypatch.setattr(backend, "batch_cache", batch_cache)
+        monkeypatch.setattr(backend, kind, make)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
@@ -377,16 +377,16 @@ def test_a_failing_decode_fails_its_rows_and_the_queue_goes_on(tiny_model, monke
 
 
 def test_an_exception_in_one_requests_text_fails_it_alone_streamed_or_not(tiny_model, monkeypatch, app_server):
+    from backends import batching
     from backends.text_stream import TextStream
-    from billion.server import engine as engine_module
 
     class Faulty(TextStream):  # seed 13's request breaks at its fifth token
-        def push(self, token, time_s):
+        def push(self, token, time_s, from_draft=False):
             if self.gen.seed == 13 and self.count >= 4:
                 raise ValueError("simulated fault in one request")
-            return super().push(token, time_s)
+            return super().push(token, time_s, from_draft)
 
-    monkeypatch.setattr(engine_module, "TextStream", Faulty)
+    monkeypatch.setattr(batching, "TextStream", Faulty)
     backend = tiny_model("torch")
     srv = app_server(backend)
     answers = {}

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from backends.types import GenerationConfig, UserError
-from backends.speculation import NgramDraft, NgramProposer, SpeculationStats, distribution, speculative_tokens
+from backends.speculation import NgramDraft, NgramProposer, SpeculationStats, distribution
 from tests.conftest import ENGINES
-from tests.doubles import FixedLogits
+from tests.doubles import FixedLogits, scheduled
 
 PROMPT = "Why is the sky blue? Sunlight scatters off"
 # Random tiny weights rarely repeat themselves; from this prompt the greedy output does, once, on both engines.
@@ -160,7 +160,7 @@ def test_acceptance_rule_reproduces_the_target_exactly():
     p = distribution(target.row, gen)
     counts, stats = np.zeros(6), SpeculationStats()
     for seed in range(3000):
-        tokens = speculative_tokens(target, draft, [0], GenerationConfig(**{**gen.__dict__, "seed": seed}), 3, stats)
+        tokens = scheduled(target, [0], GenerationConfig(**{**gen.__dict__, "seed": seed}), draft, 3, stats)
         for token, _ in list(tokens)[1:]:  # the first token comes from the prefill
             counts[token] += 1
     assert 0.15 < stats.acceptance < 0.8
@@ -343,7 +343,7 @@ def test_ngram_draft_sampled_tokens_follow_the_targets_distribution():
     p = distribution(target.row, gen)
     counts, accepted, stats = np.zeros(6), np.zeros(6), SpeculationStats()
     for seed in range(3000):
-        tokens = speculative_tokens(target, NgramDraft(), [5, 5, 5, 5, 4, 4, 4, 4], replace(gen, seed=seed), 3, stats)
+        tokens = scheduled(target, [5, 5, 5, 5, 4, 4, 4, 4], replace(gen, seed=seed), NgramDraft(), 3, stats)
         for token, from_draft in list(tokens)[1:]:  # the first token comes from the prefill
             counts[token] += 1
             accepted[token] += from_draft

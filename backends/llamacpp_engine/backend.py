@@ -4,26 +4,27 @@ the tool a Linux or GGUF user would pick instead.
 
 Inference only (no LoRA, no quantized folders). Tokens go in and out as ids through the folder's
 own transformers tokenizer, as on the other engines: llama.cpp's tokenizer is never used, so all
-three engines see the same ids. Decoding is the shared KV-session loop (Backend.stream ->
-session_tokens, numpy sampling) over llama.cpp's context, one llama_decode per token; prefill
-asks llama.cpp for the last position's logits only, as the other engines' prefill does.
+three engines see the same ids. Decoding is the one scheduler's batch of one on a KV session
+(backends/batching.py, sessions.SessionBatchCache; numpy sampling) over llama.cpp's context, one
+llama_decode per token; prefill asks llama.cpp for the last position's logits only, as the other
+engines' prefill does.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import llama_cpp
 import numpy as np
 
 from backends import host
 from backends.base import Backend
-from backends.sessions import KVSession, session_tokens
+from backends.sessions import KVSession
 from backends.folders import hf_folder
 from backends.llamacpp_engine import convert
-from backends.types import GenerationConfig, MemoryStats, ModelInfo, UserError
+from backends.types import MemoryStats, ModelInfo, UserError
 
 # llama.cpp allocates its KV cache for the whole context up front: a 128k-token context would
 # take gigabytes, so the context is capped (prompts longer than this are refused, as everywhere).
@@ -148,10 +149,6 @@ class LlamaCppBackend(Backend):
         return np.stack(rows) if rows else np.zeros((0, self.n_vocab), np.float32)
 
     # -- the contract --
-
-    def _token_stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
-        # llama_decode returns once the token's logits are computed: each yield is honest.
-        return session_tokens(self, prompt_ids, gen)
 
     def session(self) -> LlamaCppSession:
         return LlamaCppSession(self)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import _get_classes, get_total_parameters, load_model
 
 from backends.folders import hf_folder
@@ -20,7 +18,7 @@ from backends.mlx_engine import quant as mlx_quant
 from backends.mlx_engine import train as mlx_train
 from backends.base import Backend
 from backends.sessions import KVSession
-from backends.types import GenerationConfig, MemoryStats, ModelInfo, UserError
+from backends.types import MemoryStats, ModelInfo, UserError
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -95,21 +93,14 @@ class MLXBackend(Backend):
         if quantize:
             quantization = mlx_quant.quantize_model(model, quantize, group_size)
         mx.eval(model.parameters())
+        if device == "gpu":
+            # what mlx_lm's wired_limit does around each of its generations, once for the model's
+            # life: Metal keeps the weights resident (wired) instead of paging them between steps
+            size = mx.metal.device_info().get("max_recommended_working_set_size")
+            if size:
+                mx.set_wired_limit(size)
         tokenizer = hf_folder.load_tokenizer(path, trust_remote_code)
         return cls(model, tokenizer, path, config, device, dtype, quantization)
-
-    def _token_stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
-        if gen.seed is not None:
-            mx.random.seed(gen.seed)
-        sampler = make_sampler(temp=gen.temperature, top_p=gen.top_p if gen.top_p < 1.0 else 0.0)
-        # What mlx_lm.stream_generate adds to generate_step (which already clears MLX's buffer
-        # cache every 256 tokens), minus its EOS stop and detokenizer (Backend.stream's): the
-        # wired limit, which on Metal keeps large weights resident (a no-op on the CPU build).
-        # generate_step yields token.item(): the device has computed the token by then.
-        with wired_limit(self.model, [generation_stream]):
-            for token, _ in generate_step(mx.array(prompt_ids), self.model, max_tokens=gen.max_tokens,
-                                          sampler=sampler):
-                yield token
 
     def session(self) -> MLXSession:
         return MLXSession(self)

@@ -22,6 +22,11 @@ from backends.batching import BatchCache
 
 
 class MLXBatchCache(BatchCache):
+    # no verify(): speculative decoding inside a batch needs each row to forget its own number of
+    # rejected proposals, and BatchKVCache cannot (see cannot_verify)
+    cannot_verify = ("mlx-lm's BatchKVCache has one write position for every row and masks only each "
+                     "row's left padding, so rows cannot forget different numbers of rejected drafts")
+
     def __init__(self, backend):
         self.model = backend.model
         self.layers: list[BatchKVCache] | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from backends.torch_engine import quant as torch_quant
 from backends.torch_engine import quant_adapters, quant_folder
 from backends.base import Backend
 from backends.sessions import KVSession
-from backends.types import GenerationConfig, MemoryStats, ModelInfo, UserError
+from backends.types import MemoryStats, ModelInfo, UserError
 
 # transformers draws a "Loading weights" bar per load; billion shows its own status line.
 transformers.utils.logging.disable_progress_bar()
@@ -46,20 +46,6 @@ def check_device(device: str) -> None:
     if not ok[kind]:
         found = [k for k, v in ok.items() if v]
         raise UserError(f"torch device {kind!r} is not available here; available: {', '.join(found)}")
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Greedy when temperature == 0, else temperature + nucleus sampling. logits: [1, vocab]."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        return order.gather(-1, torch.multinomial(sorted_p, 1)).squeeze(-1)
-    return torch.multinomial(probs, 1).squeeze(-1)
 
 
 class TorchSession(KVSession):
@@ -119,28 +105,6 @@ class TorchBackend(Backend):
 
         self.compiled = CompiledDecode(self.model, self.device, self.context_length)
 
-    @torch.inference_mode()
-    def _token_stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
-        if gen.seed is not None:
-            torch.manual_seed(gen.seed)
-        step = self.compiled
-        if step:
-            cache = step.new_cache(len(prompt_ids) + gen.max_tokens)
-        else:
-            cache = DynamicCache(config=self.model.config)
-        inp = torch.tensor([prompt_ids], device=self.device)
-        # Prefill computes the output head for the last position only, as generate() does.
-        logits = self.model(input_ids=inp, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        for n in range(gen.max_tokens):
-            token = sample(logits, gen.temperature, gen.top_p)
-            yield int(token.item())  # .item() waits for the device: the timestamp is honest
-            if n + 1 == gen.max_tokens:
-                break
-            if step:
-                logits = step(token.view(1, 1), len(prompt_ids) + n, cache)
-            else:
-                logits = self.model(input_ids=token.view(1, 1), cache=cache, use_cache=True).logits[:, -1, :]
-
     def session(self) -> TorchSession:
         return TorchSession(self)
 
@@ -148,6 +112,13 @@ class TorchBackend(Backend):
         from backends.torch_engine.batch import TorchBatchCache
 
         return TorchBatchCache(self)
+
+    def one_row_cache(self):
+        if self.compiled is None:
+            return super().one_row_cache()
+        from backends.torch_engine.compiled import CompiledBatchCache
+
+        return CompiledBatchCache(self)
 
     @torch.inference_mode()
     def batch_logits(self, rows, positions) -> list[np.ndarray]:

@@ -9,15 +9,21 @@ forward pass: inductor fuses the elementwise work between the matmuls into a few
 CUDA "reduce-overhead" replays the step as a CUDA graph. The first step at each cache length
 compiles (minutes on a small CPU; inductor's on-disk cache makes a later process quicker); the
 tokens are the eager path's (tested).
+
+The scheduler reaches it through CompiledBatchCache, the batch of one a single generation runs on
+(Backend.stream) when the model was loaded with compile=True: prefill, speculative verification
+and rewinding are eager on the same static cache; each decode step is the compiled one.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import StaticCache
 
+from backends.batching import BatchCache
 from backends.types import UserError
 
 SMALLEST_CACHE = 256
@@ -74,3 +80,81 @@ class CompiledDecode:
             return how + ", compiled at the first generation"
         return how + ", compiled in " + ", ".join(f"{s:.1f} s (cache {n})" for n, s in
                                                  sorted(self.compile_seconds.items()))
+
+
+@dataclass
+class _Row:
+    cache: StaticCache
+    length: int = 0  # tokens it holds (kept here: reading the cache's own counter would sync the device)
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.get_max_length()
+
+
+class CompiledBatchCache(BatchCache):
+    """A batch of one on the compiled step's static cache (backends/batching.py's BatchCache)."""
+
+    crop_copies = False  # a row is cropped in place
+
+    def __init__(self, backend):
+        self.model, self.device, self.step = backend.model, backend.device, backend.compiled
+        self.row: _Row | None = None
+        self.room = 1  # tokens the next row will hold at most (expect)
+
+    def expect(self, tokens: int) -> None:
+        self.room = tokens
+
+    @torch.inference_mode()
+    def _forward(self, row: _Row, ids, keep: int) -> torch.Tensor:
+        positions = torch.arange(row.length, row.length + len(ids), device=self.device)[None]
+        logits = self.model(input_ids=torch.tensor([list(ids)], device=self.device), position_ids=positions,
+                            cache=row.cache, use_cache=True, logits_to_keep=keep).logits[0]
+        row.length += len(ids)
+        return logits.float().cpu()
+
+    def prefill(self, ids, prefix=None):
+        row = prefix if prefix is not None else _Row(self.step.new_cache(self.room))
+        return row, self._forward(row, ids, 1)[-1].numpy()
+
+    def add(self, row: _Row) -> None:
+        self.row = row
+
+    @torch.inference_mode()
+    def decode(self, tokens):
+        token = torch.tensor([[tokens[0]]], device=self.device)
+        logits = self.step(token, self.row.length, self.row.cache)
+        self.row.length += 1
+        return logits.float().cpu().numpy()
+
+    def verify(self, rows):
+        return [self._forward(self.row, rows[0], len(rows[0])).numpy()]
+
+    def rewind(self, row: int, count: int) -> None:
+        if count:
+            self._set_length(self.row, self.row.length - count)
+
+    def keep(self, rows) -> None:
+        if not rows:
+            self.row = None
+
+    def extract(self, row: int) -> _Row:
+        return self.row  # it leaves the batch: no copy needed
+
+    @torch.inference_mode()
+    def crop(self, row_cache: _Row, length: int) -> _Row:
+        if row_cache.capacity >= self.room:
+            self._set_length(row_cache, length)
+            return row_cache
+        # the next request needs more room than this row's cache has: its tokens move to a bigger one
+        bigger = _Row(self.step.new_cache(self.room), length)
+        for i, layer in enumerate(row_cache.cache.layers):
+            bigger.cache.update(layer.keys[:, :, :length], layer.values[:, :, :length], i)
+        return bigger
+
+    @staticmethod
+    def _set_length(row: _Row, length: int) -> None:
+        # what the next write overwrites: positions past it are hidden by the causal mask until then
+        for layer in row.cache.layers:
+            layer.cumulative_length.fill_(length)
+        row.length = length

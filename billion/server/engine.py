@@ -6,11 +6,12 @@ Each engine has one worker thread that owns its BatchGenerator (backends/batchin
 joins at the next step, and a request whose client is gone (while decoding or while queued)
 leaves at the next step. The event loop never touches a generator: it sends commands to the
 worker (add, cancel) through a thread-safe queue and receives Chunks back through each request's
-asyncio queue. Each request's text side (detokenizing, stop strings, EOS, max_tokens) is its own
-TextStream, so no request sees another's tokens or stop strings.
+asyncio queue. Each request's side of the events (detokenizing, stop strings, EOS, max_tokens,
+logprobs, its finish reason) is its own batching.Output, so no request sees another's tokens or
+stop strings.
 
 Engines without a batched KV cache (the llama.cpp peer) serve one request at a time through the
-same worker, on their KV session (SessionBatchCache).
+same worker, on their KV session (Backend.batch gives them a batch of one).
 
 The prompt cache is the batch generator's: the KV rows of recently finished requests, reused by
 any request whose prompt starts with one of them (a conversation's next turn), and reported as
@@ -29,13 +30,12 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from backends import sampling
 from backends.base import Backend
-from backends.batching import BatchCache, BatchGenerator
-from backends.text_stream import TextStream
+from backends.batching import BatchGenerator, Output, logprob_entry
 from backends.types import Chunk, GenerationConfig
 from billion.server import tool_formats
 
@@ -62,7 +62,7 @@ class Request:
     prompt_ids: list[int]
     gen: GenerationConfig
     put: Callable  # hands an item (a Chunk, _DONE or an exception) to the request's event loop
-    text: TextStream
+    output: Output  # its text, logprobs and finish reason
     uid: int | None = None  # the batch generator's, once added
     cached: int = 0  # prompt tokens found in the prompt cache
     tokens: int = 0
@@ -72,8 +72,6 @@ class Request:
     timed_out: bool = False
     finished: bool = False  # answered: its slot is free, nothing more goes to it
     refused: bool = False  # still queued when shutdown began
-    # with gen.logprobs: each generated token's entry (Chunk.logprobs), until its chunk takes it
-    logprobs: deque = field(default_factory=deque)
 
 
 _DONE = object()  # the worker's last item for a request: its generation ended without an error
@@ -121,13 +119,8 @@ class Engine:
         return self.pending > 0
 
     def new_batch(self) -> BatchGenerator:
-        if self.batching:
-            return self.backend.batch(max_batch=self.parallel, prompt_cache_size=self.parallel, draft=self.draft,
-                                      num_draft=self.num_draft, prefill_chunk=self.prefill_chunk)
-        if self.draft is not None:
-            raise self.backend._unsupported("prompt lookup while serving (it has no batched KV cache)")
-        return BatchGenerator(SessionBatchCache(self.backend), self.backend.eos_ids, max_batch=1, prompt_cache_size=1,
-                              constrain=self.backend.grammars.matcher, prefill_chunk=self.prefill_chunk)
+        return self.backend.batch(max_batch=self.parallel, prompt_cache_size=self.parallel, draft=self.draft,
+                                  num_draft=self.num_draft, prefill_chunk=self.prefill_chunk)
 
     # ------------------------------------------------------------ event-loop side
 
@@ -142,8 +135,7 @@ class Engine:
             if self.pending >= self.parallel + self.queue_size:
                 raise QueueFull(f"{self.pending} requests are being served or queued on {self.backend.name}")
             self.pending += 1
-        req = Request(list(prompt_ids), gen, put, TextStream(self.backend.tokenizer, self.backend.eos_ids, gen),
-                      salt=salt)
+        req = Request(list(prompt_ids), gen, put, Output(self.backend.tokenizer, self.backend.eos_ids, gen), salt=salt)
         if self.timeout_s:
             req.deadline = time.monotonic() + self.timeout_s
         self.commands.put(("add", req))
@@ -168,7 +160,7 @@ class Engine:
             logits = self.backend.batch_logits([prompt_ids], [range(len(prompt_ids) - 1)])[0]
             first = (self.backend.tokenizer.decode([prompt_ids[0]]), None, ())
             scored = sampling.logprobs_of(logits, prompt_ids[1:], top)
-            return [first] + [self._logprob_entry(token, *entry) for token, entry in zip(prompt_ids[1:], scored)]
+            return [first] + [logprob_entry(self.backend.tokenizer, token, *e) for token, e in zip(prompt_ids[1:], scored)]
 
         self.commands.put(("call", (work, loop, done)))
         return await done
@@ -291,17 +283,16 @@ class Engine:
             self._finish(req, "error", e)
 
     def _apply(self, batch: BatchGenerator, requests: dict, req: Request, event) -> None:
-        if event.cached_tokens:
-            req.cached = event.cached_tokens
-        if event.token is not None and not req.text.finished:
-            if event.logprobs is not None:
-                req.logprobs.append(self._logprob_entry(event.token, *event.logprobs))
-            for chunk in req.text.push(event.token, event.time_s):
-                req.tokens += 1
-                req.put(self._with_logprobs(req, chunk))
-            if req.text.finished and not event.finish_reason:  # a stop string: the batch need not go on
-                batch.cancel(event.uid)
-        if event.finish_reason == "error":  # this request's own work failed; the batch goes on
+        out = req.output
+        running = out.finish_reason is None
+        chunks = out.take(event)
+        req.cached = out.cached_tokens
+        for chunk in chunks:
+            req.tokens += 1
+            req.put(chunk)
+        if running and out.finish_reason and not event.finish_reason:  # a stop string: the batch need not go on
+            batch.cancel(event.uid)
+        if event.finish_reason == "error":  # its own work failed; the batch goes on
             del requests[event.uid]
             self._finish(req, "error", event.error)
         elif req.refused:  # queued when shutdown began
@@ -309,22 +300,10 @@ class Engine:
             self._finish(req, "refused", ShuttingDown("the server is shutting down"))
         elif event.finish_reason:
             del requests[event.uid]
-            for chunk in req.text.close():
-                req.tokens += 1
-                req.put(self._with_logprobs(req, chunk))
-            reason = "max_time" if req.timed_out else _REASON.get(event.finish_reason, event.finish_reason)
-            self._finish(req, req.text.finished or reason)
-
-    def _logprob_entry(self, token: int, logprob: float, top: tuple) -> tuple:
-        """(text, log-probability, top alternatives as (text, log-probability)): decoded here, on the
-        worker's thread, which owns the tokenizer."""
-        decode = self.backend.tokenizer.decode
-        return decode([token]), logprob, tuple((decode([t]), lp) for t, lp in top)
-
-    @staticmethod
-    def _with_logprobs(req: Request, chunk: Chunk) -> Chunk:
-        # chunks come one per token in order (EOS makes none), so the oldest entry is this chunk's
-        return replace(chunk, logprobs=req.logprobs.popleft()) if req.logprobs else chunk
+            reason = out.finish_reason
+            if reason not in ("eos", "max_tokens", "stop"):  # it left the batch before its end
+                reason = "max_time" if req.timed_out else "interrupted"
+            self._finish(req, reason)
 
     def _finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
         if req.finished:
@@ -335,9 +314,6 @@ class Engine:
         with self.pending_lock:  # its slot (or queue place) is free once the worker lets go
             self.pending -= 1
         req.put(error if error is not None else _DONE)
-
-
-_REASON = {"cancelled": "interrupted"}
 
 
 def _on_loop(loop, fn, *args) -> None:
@@ -354,37 +330,6 @@ def _resolve(loop, future, result=None, error: BaseException | None = None) -> N
         if not future.done():
             future.set_exception(error) if error is not None else future.set_result(result)
     _on_loop(loop, settle)
-
-
-class SessionBatchCache(BatchCache):
-    """A batch of one on an engine's KV session: for engines without a batched KV cache (the
-    llama.cpp peer holds one context), so they serve through the same scheduler, one at a time."""
-
-    crop_copies = False  # a session is cropped in place
-
-    def __init__(self, backend: Backend):
-        self.backend, self.session = backend, None
-
-    def prefill(self, ids, prefix=None):
-        session = prefix if prefix is not None else self.backend.session()
-        return session, session.feed(list(ids), keep=1)[-1]
-
-    def add(self, row) -> None:
-        self.session = row
-
-    def decode(self, tokens):
-        return self.session.feed(list(tokens), keep=1)[-1:]
-
-    def keep(self, rows) -> None:
-        if not rows:
-            self.session = None
-
-    def extract(self, row: int):
-        return self.session  # it leaves the batch: no copy needed
-
-    def crop(self, row_cache, length: int):
-        row_cache.crop(length)
-        return row_cache
 
 
 # ---------------------------------------------------------------- the request's side

@@ -222,7 +222,7 @@ def _stop(reply: routes.Reply) -> str:
 
 def _stop_sequence(reply: routes.Reply, chunks: Generation) -> str | None:
     """The stop sequence that ended the reply (None when something else did)."""
-    stops = chunks.request.text.stop
+    stops = chunks.request.output.text.stop
     return stops.matched if reply.reason == "stop" and stops is not None else None
 
 

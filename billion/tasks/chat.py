@@ -8,10 +8,10 @@ the oldest exchanges when the conversation no longer fits the model's context.
 time to first token, decode tok/s). The command line lives in
 billion/commands/chat.py; nothing here prints.
 
-The conversation's KV session is kept from turn to turn (backends.sessions.PromptCache): each
-prompt crops it to the tokens it shares with the last one and computes only the rest, so the
-time to first token of a later turn pays for its new message, not the whole transcript.
-/clear and a new system message start it afresh.
+The conversation's KV cache is kept from turn to turn (backends.batching.PromptCache, a batch of
+one kept between prompts, a draft or not): each prompt reuses the tokens it shares with the last
+prompt and reply and computes only the rest, so the time to first token of a later turn pays for
+its new message, not the whole transcript. /clear and a new system message start it afresh.
 
 Ctrl-C during a reply: the partial reply is kept in the history (the model's
 next turn sees what was shown on screen); a reply interrupted before any text
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 from backends.base import Backend
-from backends.sessions import PromptCache
+from backends.batching import PromptCache
 from backends.types import GenerationConfig, UserError
 from backends.speculation import NgramDraft
 from billion.tasks.timing import TimedStream
@@ -132,12 +132,11 @@ class Chat:
     num_draft: int = 4
     turns: list[dict] = field(default_factory=list)  # alternating user / assistant messages
     replies: list[ReplyStats] = field(default_factory=list)
-    # Reuse the conversation's KV session from one turn to the next (PromptCache); not with a
-    # draft (speculative decoding keeps its own sessions).
+    # Reuse the conversation's KV cache from one turn to the next (PromptCache)
     prompt_cache: bool = True
 
     def __post_init__(self):
-        self.cache = PromptCache(self.backend) if self.prompt_cache and self.draft is None else None
+        self.cache = PromptCache(self.backend) if self.prompt_cache else None
         self._cached_system = self.system
 
     @property
