@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 try:
     import httpx
 except ImportError:  # openai 3 depends on httpx's successor, httpx2 (the same API)
     import httpx2 as httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import check_loopback  # noqa: E402
+from backends.types import UserError
+from billion.tasks.serve_bench import check_loopback
 
 
 def nested_schema(depth: int) -> dict:
@@ -67,7 +65,10 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:8090")
     ap.add_argument("--json", action="store_true", help="One JSON line per case instead of a table.")
     args = ap.parse_args()
-    check_loopback(args.url)
+    try:
+        check_loopback(args.url)
+    except UserError as e:
+        raise SystemExit(str(e)) from None
     model = httpx.get(args.url + "/v1/models", timeout=30).json()["data"][0]["id"]
     for name, kw in cases(model):
         start = time.perf_counter()

@@ -32,9 +32,10 @@ except ImportError:  # openai 3 depends on httpx's successor, httpx2 (the same A
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prompt_cache_bench import messages  # noqa: E402 - the same seeded messages
-from serve_load import check_loopback, served_source  # noqa: E402
 
+from backends.types import UserError  # noqa: E402
 from billion.records.store import make_record, write_record  # noqa: E402
+from billion.tasks.serve_bench import check_loopback, served_source  # noqa: E402
 
 
 async def stream(client: httpx.AsyncClient, path: str, body: dict) -> dict:
@@ -108,7 +109,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--results-dir", default="results")
     args = ap.parse_args()
-    check_loopback(args.url)
+    try:
+        check_loopback(args.url)
+    except UserError as e:
+        raise SystemExit(str(e)) from None
     started = time.time()
     model, turns, background_tokens = asyncio.run(run(args))
     ratio = turns[-1]["ttft_s"] / turns[0]["ttft_s"]

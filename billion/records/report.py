@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -16,9 +17,11 @@ COLUMNS = {
                        "server_requests_per_s", "request_ratio"],
     "bench_batch": ["batch_size", "prefill_tps", "ttft_s", "aggregate_decode_tps", "per_sequence_decode_tps",
                     "peak_memory_gb"],
+    "serve_bench": ["concurrency", "request_rate", "requests_ok", "requests_failed", "output_tps", "requests_per_s",
+                    "goodput_rps", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "tpot_p50_s", "e2e_p50_s"],
 }
 # Columns a record may keep in its config rather than its metrics.
-CONFIG_COLUMNS = ("batch_size",)
+CONFIG_COLUMNS = ("batch_size", "concurrency", "request_rate")
 MAX_GENERIC = 6
 CHARTS_DIR = "charts"  # next to the Markdown file
 ENGINE_COLORS = {"mlx": "C0", "torch": "C1", "llama.cpp": "C2"}
@@ -314,6 +317,80 @@ def _batch_chart(fig, ax, chosen: dict) -> str:
     return "Aggregate decode tok/s against batch size"
 
 
+def _load_level(rec: dict):
+    """A serve_bench record's load level: its concurrency or its request rate."""
+    return rec["config"].get("concurrency") or rec["config"].get("request_rate")
+
+
+def _serve_lines(chosen: dict, metric: str) -> dict[str, list]:
+    """(server, model, load) -> record as {line label: [(load, metric)] in load order}; a line is a
+    server, labelled with its model too when the chart holds several models."""
+    several = len({model for _, model, _ in chosen}) > 1
+    lines: dict[str, list] = {}
+    for (server, model, load), r in sorted(chosen.items(), key=lambda kv: kv[0]):
+        value = r["metrics"].get(metric)
+        if value is not None:
+            lines.setdefault(f"{server} ({model})" if several else server, []).append((load, value))
+    return lines
+
+
+def _serve_axes(ax, chosen: dict, ylabel: str, values: list[float]) -> str:
+    """x: the load levels on a log-2 axis labelled as given; y from 0, or log when decades apart;
+    the legend outside the data. Returns what x is, for the title."""
+    from matplotlib.ticker import NullLocator
+
+    loads = sorted({load for _, _, load in chosen})
+    rate = "request_rate" in next(iter(chosen.values()))["config"]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(loads, [f"{x:g}" for x in loads])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(loads[0] / 2 ** 0.3, loads[-1] * 2 ** 0.3)
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > 20:
+        ax.set_yscale("log")
+        _plain_ticks(ax.yaxis)
+        ylabel += " (log scale)"
+    else:
+        ax.set_ylim(0, max(values) * 1.1 or 1)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("request rate (requests/s, Poisson arrivals, log scale)" if rate
+                  else "concurrency (requests in flight, log scale)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    return "request rate" if rate else "concurrency"
+
+
+def _serve_tps_chart(fig, ax, chosen: dict) -> str:
+    """Output tok/s (over each point's wall time) against load: a line per server."""
+    lines = _serve_lines(chosen, "output_tps")
+    for i, (label, points) in enumerate(lines.items()):
+        ax.plot(*zip(*points), "o-", color=_color(label) or f"C{len(ENGINE_COLORS) + i}", label=label)
+    x = _serve_axes(ax, chosen, "output tok/s (all requests together)", [v for p in lines.values() for _, v in p])
+    return f"Output tok/s against {x} ({next(iter(chosen.values()))['config'].get('workload')})"
+
+
+def _serve_ttft_chart(fig, ax, chosen: dict) -> str:
+    """TTFT p50 (solid) and p99 (dashed, the same colour) against load: two lines per server."""
+    p99s, values = _serve_lines(chosen, "ttft_p99_s"), []
+    for i, (label, p50) in enumerate(_serve_lines(chosen, "ttft_p50_s").items()):
+        color, p99 = _color(label) or f"C{len(ENGINE_COLORS) + i}", p99s.get(label, [])
+        ax.plot(*zip(*p50), "o-", color=color, label=f"{label} p50")
+        if p99:
+            ax.plot(*zip(*p99), "x--", color=color, label=f"{label} p99")
+        values += [v for _, v in p50 + p99]
+    x = _serve_axes(ax, chosen, "time to first token (s)", values)
+    return f"TTFT p50 and p99 against {x} ({next(iter(chosen.values()))['config'].get('workload')})"
+
+
+def _serve_chart(metric: str, draw: Callable, name: str) -> Chart:
+    """A serve_bench chart: a line per server (and model) across load levels, one chart per workload
+    (whichever models the servers ran), machine and kind of load (concurrency or rate)."""
+    return Chart("serve_bench", lambda r: r["metrics"].get(metric) is not None and bool(_load_level(r)),
+                 lambda r: (r["backend"], r["model"], _load_level(r)), draw,
+                 lambda r: (str(r["environment"].get("chip")), "rate" if "request_rate" in r["config"]
+                            else "concurrency"),
+                 lambda r: (str(r["config"].get("workload")),), name)
+
+
 def _finetune_chart(fig, ax, chosen: dict) -> str:
     for i, (engine, r) in enumerate(sorted(chosen.items())):
         hist, width = r["history"], max(1.0, 3.0 - 1.5 * i)  # the first engine wider: equal curves stay visible
@@ -382,6 +459,9 @@ class Chart(NamedTuple):
     series: Callable[[dict], object]  # one bar or line per value; the newest complete record wins
     draw: Callable  # (figure, axes, {series: record}) -> what the chart shows
     split: Callable[[dict], tuple] = lambda r: ()  # one chart per value, within a model
+    # what one chart holds, before split: a model and its weights' source, unless said otherwise
+    group: Callable[[dict], tuple] = lambda r: (r["model"], source(r))
+    name: str = ""  # tells apart the files of charts drawn from the same records
 
 
 CHARTS = (
@@ -397,15 +477,18 @@ CHARTS = (
           lambda r: (r["backend"], str(r["config"].get("draft"))), _speculate_chart),
     Chart("quality", lambda r: r["metrics"].get("mean_kl") is not None,
           lambda r: (r["backend"], precision(r)), _quality_chart),
+    _serve_chart("output_tps", _serve_tps_chart, "tps"),
+    _serve_chart("ttft_p50_s", _serve_ttft_chart, "ttft"),
 )
 
 
 def groups(records: list[dict], chart: Chart) -> dict[tuple, dict]:
-    """(model, source, *split) -> {series: the newest complete record of that series}."""
+    """(*group, *split) -> {series: the newest complete record of that series}; group is (model, source)
+    unless the chart says otherwise."""
     out: dict[tuple, dict] = {}
     for r in sorted(records, key=lambda r: r["started_at"]):
         if r["task"] == chart.task and r["status"] == "complete" and chart.usable(r):
-            out.setdefault((r["model"], source(r), *chart.split(r)), {})[chart.series(r)] = r
+            out.setdefault((*chart.group(r), *chart.split(r)), {})[chart.series(r)] = r
     return out
 
 
@@ -420,7 +503,7 @@ def figure(chart: Chart, chosen: dict):
     what = chart.draw(fig, ax, chosen)
     recs = list(chosen.values())
     chips = ", ".join(sorted({str(r["environment"].get("chip")) for r in recs}))
-    subject = f"{model_title(recs[0])} on {chips}"
+    subject = f"{', '.join(dict.fromkeys(model_title(r) for r in recs))} on {chips}"
     ax.set_title(f"{what}\n{subject}", fontsize=10)
     if ax.get_legend() is None and not fig.legends:  # a chart may have placed its own, outside its data
         ax.legend(fontsize=8)
@@ -444,5 +527,8 @@ def charts(records: list[dict], md_dir: Path) -> dict[str, list[tuple[str, str]]
     for chart in CHARTS:
         for key, chosen in groups(records, chart).items():
             link = f"{CHARTS_DIR}/{chart.task}-{_slug(' '.join(key))}.png"
+            if chart.name:  # several charts of these records, and keys longer than a slug keeps: a hash
+                digest = hashlib.sha1("\0".join(key).encode()).hexdigest()[:8]
+                link = f"{CHARTS_DIR}/{chart.task}-{chart.name}-{_slug(' '.join(key))[:40].strip('-')}-{digest}.png"
             out.setdefault(chart.task, []).append((_save(chart, chosen, md_dir / link), link))
     return out

@@ -39,7 +39,7 @@ OpenAI-style JSON errors {"error": {"message", "type", "param", "code"}} (Anthro
 /v1/messages) with a 4xx status; an engine failure is a 500 with the same shape naming the request's id
 (X-Request-ID on every answer), its traceback in the server log; never a traceback in an answer.
 A failure in one request's work fails that request alone; /health is 503 once an engine's worker
-has died (the CLI then shuts the server down). The server writes no records (scripts/serve_load.py measures it).
+has died (the CLI then shuts the server down). The server writes no records (`billion load` measures it).
 
 The package: app.py builds the app and its state; schema.py parses and checks requests (and
 shapes errors); routes.py holds the OpenAI routes, shapes their answers (JSON or SSE) and runs
