@@ -53,9 +53,10 @@ class BatchCache(ABC):
     crop_copies = True  # crop() leaves its argument as it was (else a prompt-cache entry is used up)
     cannot_verify = "its rows cannot be verified and rewound one by one"  # why verify() is left out, if it is
 
-    def expect(self, tokens: int) -> None:
-        """The next prefill starts a row that will hold at most `tokens` (prompt and reply): a
-        cache of fixed shape (torch's compiled static cache) sizes itself by it; others ignore it."""
+    def expect(self, prompt_tokens: int, gen: GenerationConfig) -> None:
+        """The next prefill starts a row for a prompt of `prompt_tokens` generated with `gen`: a
+        cache of fixed shape (torch's compiled static cache) sizes itself by it, MLX's batch of one
+        decides whether to run ahead on the device's argmax; others ignore it."""
 
     @abstractmethod
     def prefill(self, ids: Sequence[int], prefix=None) -> tuple[object, np.ndarray]:
@@ -292,7 +293,7 @@ class BatchGenerator:
         used = 0
         try:
             if r.partial is None:
-                self.cache.expect(len(r.prompt) + r.gen.max_tokens)
+                self.cache.expect(len(r.prompt), r.gen)
                 r.partial, r.reused = self._cached_prefix(r.prompt, r.salt)
                 r.fed = r.reused
             used = int(min(budget, len(r.prompt) - r.fed))
@@ -312,7 +313,7 @@ class BatchGenerator:
     def _sample(self, r: _Request, now: float) -> BatchEvent:
         try:
             allowed = r.matcher.allowed() if r.matcher else None
-            token = sampling.sample(sampling.distribution(r.logits, r.gen, r.prompt, r.output, allowed), r.rng)
+            token = sampling.choose(r.logits, r.gen, r.prompt, r.output, allowed, r.rng)
             return self._emit(r, token, now, r.logits)
         except Exception as e:  # noqa: BLE001 - this row's sampling, grammar or logprobs: it fails alone
             return self._fail(r, e, now)

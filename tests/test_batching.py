@@ -290,3 +290,31 @@ def test_prompt_lookup_inside_an_mlx_batch_is_refused(tiny_model):
 
     with pytest.raises(UserError, match="prompt lookup inside a batch"):
         tiny_model("mlx").batch(draft=NgramDraft(3))
+
+
+def test_mlx_batch_of_one_runs_ahead_on_the_devices_argmax_and_takes_back_a_wrong_guess(tiny_model):
+    """MLX's batch of one launches step n+1 on the device's argmax before the host samples step n
+    (mlx-lm's overlap). The logits are a plain session's whether the host takes the guess or not."""
+    import numpy as np
+
+    from backends.mlx_engine.batch import MLXOneRowCache
+
+    b = tiny_model("mlx")
+    prompt = [5, 9, 2, 7]
+    cache = MLXOneRowCache(b)
+    cache.expect(len(prompt), GenerationConfig(max_tokens=10))
+    row, first = cache.prefill(prompt)
+    cache.add(row)
+    session = b.session()
+    np.testing.assert_allclose(first, session.feed(prompt, keep=1)[-1], atol=1e-5)
+    t0 = int(np.argmax(first))
+    step1 = cache.decode([t0])[0]
+    assert cache.ahead is not None  # the next step is under way
+    guess = int(np.argmax(step1))
+    np.testing.assert_allclose(step1, session.feed([t0], keep=1)[-1], atol=1e-5)
+    step2 = cache.decode([guess])[0]  # the guess taken
+    np.testing.assert_allclose(step2, session.feed([guess], keep=1)[-1], atol=1e-5)
+    other = (int(np.argmax(step2)) + 1) % b.vocab_size  # the host picks another token
+    step3 = cache.decode([other])[0]
+    np.testing.assert_allclose(step3, session.feed([other], keep=1)[-1], atol=1e-5)
+    assert cache.extract(0)[0].offset == len(prompt) + 3  # the last guess taken back: prompt + fed tokens

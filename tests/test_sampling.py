@@ -229,3 +229,34 @@ def test_logprobs_of_many_positions_equal_logprobs_position_by_position():
         want = [reference(logits[i], int(t), top) for i, t in enumerate(tokens)]
         assert logprobs_of(logits, tokens, top, rows_at_once=64) == want
         assert [logprobs(logits[i], int(t), top) for i, t in enumerate(tokens)] == want
+
+
+def test_top_k_and_top_p_without_a_full_sort_keep_the_sorted_rules_tokens():
+    """most_probable/nucleus_order (a partition, then a sort of the candidates) give the tokens a
+    full stable argsort gives: ties by lower id, zeros, flat and peaked distributions."""
+    rng = np.random.default_rng(0)
+    cases = [(rng.normal(0, s, 5000), None) for s in (0.1, 1.0, 8.0)]
+    cases.append((np.repeat(rng.normal(0, 1, 50), 100), None))  # every value 100 times: ties everywhere
+    allowed = np.ones(5000, bool)
+    allowed[rng.choice(5000, 4000, replace=False)] = False  # 4000 tokens a grammar forbids: zeros
+    cases.append((rng.normal(0, 3, 5000), allowed))
+    for logits, allowed in cases:
+        for gen in (GenerationConfig(temperature=0.9, top_k=k, top_p=p) for k in (0, 1, 7, 100, 4999)
+                    for p in (1.0, 0.5, 0.9, 0.999)):
+            x = np.where(allowed, logits, -np.inf) if allowed is not None else np.asarray(logits, np.float64)
+            x = x / gen.temperature
+            want = np.exp(x - x.max())
+            want /= want.sum()
+            keep = np.ones(len(want), bool)
+            if gen.top_k:
+                keep[np.argsort(-want, kind="stable")[gen.top_k:]] = False
+            if gen.top_p < 1.0:
+                q = np.where(keep, want, 0.0)
+                q /= q.sum()
+                order = np.argsort(-q, kind="stable")
+                keep[order[np.cumsum(q[order]) - q[order] >= gen.top_p]] = False
+            want = np.where(keep, want, 0.0)
+            want /= want.sum()
+            got = sampling.distribution(logits, gen, allowed=allowed)
+            np.testing.assert_array_equal(got > 0, want > 0)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)

@@ -15,6 +15,7 @@ from mlx_lm.utils import _get_classes, get_total_parameters, load_model
 
 from backends.folders import hf_folder
 from backends.mlx_engine import quant as mlx_quant
+from backends.mlx_engine.batch import MLXBatchCache, MLXOneRowCache, forward, to_numpy
 from backends.mlx_engine import train as mlx_train
 from backends.base import Backend
 from backends.sessions import KVSession
@@ -47,11 +48,9 @@ class MLXSession(KVSession):
         self.length = 0
 
     def feed(self, ids: Sequence[int], keep: int = 0) -> np.ndarray:
-        logits = self.model(mx.array([list(ids)]), cache=self.cache)[0]
-        if keep:
-            logits = logits[-keep:]
+        logits = forward(self.model, self.cache, ids, keep)
         self.length += len(ids)
-        return np.array(logits.astype(mx.float32))
+        return to_numpy(logits)
 
     def crop(self, length: int) -> None:
         if length < self.length:
@@ -106,9 +105,10 @@ class MLXBackend(Backend):
         return MLXSession(self)
 
     def batch_cache(self):
-        from backends.mlx_engine.batch import MLXBatchCache
-
         return MLXBatchCache(self)
+
+    def one_row_cache(self):
+        return MLXOneRowCache(self)
 
     def batch_logits(self, rows, positions) -> list[np.ndarray]:
         # One right-padded forward pass, no cache (see Backend.batch_logits). mlx-lm

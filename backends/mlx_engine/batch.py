@@ -1,4 +1,5 @@
-"""The MLX engine's batched KV cache (backends/batching.py's BatchCache) on mlx-lm's own batch cache.
+"""The MLX engine's caches for the one scheduler (backends/batching.py's BatchCache): a batch of
+many on mlx-lm's own batch cache (MLXBatchCache), a batch of one on its KV cache (MLXOneRowCache).
 
 mlx-lm's `BatchKVCache` (mlx_lm/models/cache.py) keeps rows left-padded with per-row offsets, so
 RoPE positions and the causal mask are right for every row; `merge`, `extend`, `filter` and
@@ -8,6 +9,15 @@ RoPE positions and the causal mask are right for every row; `merge`, `extend`, `
 after its processors, from the global `mx.random` state: mlx_lm.server turns batching off when a
 request has a seed); with the cache alone, billion's one sampling rule runs on each row's logits
 with the request's own seed, the same on both engines.
+
+A batch of one keeps what made mlx-lm's own `generate_step` fast (MLXOneRowCache): on Metal the
+GPU must not wait for the host. generate_step samples on the device, builds the next step's graph
+and `mx.async_eval`s it before the host reads the token. The scheduler samples on the host
+(billion's one rule, numpy), so for a request whose rule is the argmax of the raw logits (greedy,
+no grammar, no penalty) this cache launches step n+1 on the device's own argmax of step n before
+handing step n's logits to the host: the host's rule then picks the same token and the next
+decode() finds its step already under way. Where the host picks another token (a tie broken the
+other way), the guess is trimmed and the chosen token fed: the tokens are the rule's, always.
 """
 
 from __future__ import annotations
@@ -16,9 +26,26 @@ from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache, trim_prompt_cache
 
 from backends.batching import BatchCache
+from backends.sampling import uses_history
+
+
+def forward(model, cache, ids: Sequence[int], keep: int) -> mx.array:
+    """Logits [keep, vocab] of the last `keep` positions after feeding `ids` (all with keep 0).
+    The positions before them run without their output head, as in mlx-lm's prefill: their
+    logits are never evaluated, so the vocabulary projection of a long prompt is not computed."""
+    ids = list(ids)
+    if 0 < keep < len(ids):
+        model(mx.array([ids[:-keep]]), cache=cache)
+        mx.eval([c.state for c in cache])
+        ids = ids[-keep:]
+    return model(mx.array([ids]), cache=cache)[0]
+
+
+def to_numpy(logits: mx.array) -> np.ndarray:
+    return np.array(logits.astype(mx.float32))
 
 
 class MLXBatchCache(BatchCache):
@@ -33,8 +60,7 @@ class MLXBatchCache(BatchCache):
 
     def prefill(self, ids, prefix=None):
         cache = prefix if prefix is not None else make_prompt_cache(self.model)
-        logits = self.model(mx.array([list(ids)]), cache=cache)[0, -1]
-        return cache, np.array(logits.astype(mx.float32))
+        return cache, to_numpy(forward(self.model, cache, ids, 1)[-1])
 
     def add(self, row: list) -> None:
         joined = [BatchKVCache.merge([layer]) for layer in row]
@@ -68,3 +94,73 @@ class MLXBatchCache(BatchCache):
             copy.offset = length
             out.append(copy)
         return out
+
+
+class MLXOneRowCache(BatchCache):
+    """A batch of one on mlx-lm's KV cache, running ahead on the device's argmax (module docstring)."""
+
+    crop_copies = False  # a row is cropped in place
+
+    def __init__(self, backend):
+        self.model = backend.model
+        self.row: list | None = None
+        self.guess = False  # the row's rule is the argmax of the raw logits: worth running ahead
+        self.left = 0  # decode steps the row may still take (the last one is never run ahead)
+        self.ahead: tuple | None = None  # (the device's guessed token, its step's logits), launched
+
+    def expect(self, prompt_tokens: int, gen) -> None:
+        self.guess = gen.temperature == 0 and gen.grammar is None and not uses_history(gen)
+        self.left = gen.max_tokens - 1
+
+    def _settle(self) -> None:
+        """Forget a step run ahead (its guessed token's keys and values)."""
+        if self.ahead is not None:
+            trim_prompt_cache(self.row, 1)
+            self.ahead = None
+
+    def prefill(self, ids, prefix=None):
+        cache = prefix if prefix is not None else make_prompt_cache(self.model)
+        return cache, to_numpy(forward(self.model, cache, ids, 1)[-1])
+
+    def add(self, row: list) -> None:
+        self.row, self.ahead = row, None
+
+    def decode(self, tokens: Sequence[int]) -> np.ndarray:
+        token = tokens[0]
+        if self.ahead is not None and self.ahead[0].item() == token:
+            logits = self.ahead[1]  # computed, or being computed, since the last call
+            self.ahead = None
+        else:
+            self._settle()
+            logits = self.model(mx.array([[token]]), cache=self.row)[0, -1]
+        self.left -= 1
+        if not (self.guess and self.left > 0):
+            return to_numpy(logits)[None]
+        # what the host reads is queued before the step run ahead (a stream runs in order), so the
+        # host waits for step n only, and samples while the device runs step n+1
+        host, guess = logits.astype(mx.float32), mx.argmax(logits)
+        mx.async_eval(host, guess)
+        after = self.model(guess.reshape(1, 1), cache=self.row)[0, -1]
+        mx.async_eval(after)
+        self.ahead = (guess, after)
+        return np.array(host)[None]
+
+    def verify(self, rows):
+        self._settle()
+        return [to_numpy(forward(self.model, self.row, rows[0], 0))]
+
+    def rewind(self, row: int, count: int) -> None:
+        if count:
+            trim_prompt_cache(self.row, count)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        if not rows:
+            self.row, self.ahead = None, None
+
+    def extract(self, row: int) -> list:
+        self._settle()
+        return self.row  # it leaves the batch: no copy needed
+
+    def crop(self, row_cache: list, length: int) -> list:
+        trim_prompt_cache(row_cache, row_cache[0].offset - length)
+        return row_cache

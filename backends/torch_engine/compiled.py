@@ -102,8 +102,8 @@ class CompiledBatchCache(BatchCache):
         self.row: _Row | None = None
         self.room = 1  # tokens the next row will hold at most (expect)
 
-    def expect(self, tokens: int) -> None:
-        self.room = tokens
+    def expect(self, prompt_tokens: int, gen) -> None:
+        self.room = prompt_tokens + gen.max_tokens
 
     @torch.inference_mode()
     def _forward(self, row: _Row, ids, keep: int) -> torch.Tensor:
