@@ -174,10 +174,15 @@ class Backend(ABC):
 
     @property
     def grammars(self) -> constraints.Grammars:
-        """This model's view for constrained decoding (its tokenizer for llguidance, built on first use)."""
+        """This model's view for constrained decoding (its tokenizer for llguidance, built on first
+        use; its compiled grammars). The server sets it to share one between two threads."""
         if self._grammars is None:
             self._grammars = constraints.Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
         return self._grammars
+
+    @grammars.setter
+    def grammars(self, value: constraints.Grammars) -> None:
+        self._grammars = value
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))

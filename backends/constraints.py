@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -86,12 +87,20 @@ def schema_text(schema) -> str:
 
 class Grammars:
     """One model's view for llguidance: its tokenizer (built once, ~0.3 s for a 49k vocabulary, so
-    lazily and only by the first constrained request), its logits' width and its EOS tokens."""
+    lazily and only by the first constrained request), its logits' width and its EOS tokens.
+
+    A grammar is compiled once: the last COMPILED grammars are kept as pristine matchers, and each
+    generation gets a copy (LLMatcher.deep_copy). The server checks a request's grammar when it
+    parses the request and its batch then starts from that same compiled grammar; clients that
+    send the same schema request after request compile it once."""
+
+    COMPILED = 32
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: Sequence[int]):
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, sorted(eos_ids)
         self._ll = None
         self._lock = threading.Lock()
+        self._compiled: OrderedDict[str, object] = OrderedDict()  # grammar text -> pristine LLMatcher
 
     def _tokenizer(self):
         with self._lock:
@@ -106,15 +115,24 @@ class Grammars:
             return self._ll
 
     def matcher(self, grammar: str) -> "Matcher":
-        return Matcher(_llg().LLMatcher(self._tokenizer(), grammar, log_level=0), self.vocab_size)
+        """A new generation's matcher at the start of `grammar` (ConstraintError if it cannot be enforced)."""
+        tokenizer = self._tokenizer()
+        with self._lock:
+            pristine = self._compiled.pop(grammar, None)
+            if pristine is None:
+                pristine = _llg().LLMatcher(tokenizer, grammar, log_level=0)
+                if pristine.is_error():
+                    raise ConstraintError(f"the grammar cannot be enforced: {pristine.get_error()}")
+            self._compiled[grammar] = pristine  # the most recently used last
+            while len(self._compiled) > self.COMPILED:
+                self._compiled.popitem(last=False)
+            return Matcher(pristine.deep_copy(), self.vocab_size)
 
 
 class Matcher:
     """One generation's place in its grammar."""
 
     def __init__(self, matcher, vocab_size: int):
-        if matcher.is_error():
-            raise ConstraintError(f"the grammar cannot be enforced: {matcher.get_error()}")
         self.m, self.vocab_size = matcher, vocab_size
 
     def allowed(self) -> np.ndarray:

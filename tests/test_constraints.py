@@ -185,3 +185,46 @@ def test_chat_cli_json_schema_and_regex_on_both_engines(tiny_folder, results_dir
     path.write_text(json.dumps({"type": "array", "uniqueItems": True}))
     result = CliRunner().invoke(cli, base + ["--json-schema", str(path)])
     assert result.exit_code != 0 and "uniqueItems" in result.output
+
+
+def count_compiles(monkeypatch) -> list:
+    """Every llguidance matcher compiled from grammar text from now on (one entry each)."""
+    llg = constraints._llg()
+    compiled = []
+
+    class CountingMatcher:  # llguidance.LLMatcher, its constructions counted
+        def __getattr__(self, name):  # grammar_from_json_schema, validate_grammar, ...
+            return getattr(llg.LLMatcher, name)
+
+        def __call__(self, *args, **kw):
+            compiled.append(args[1])
+            return llg.LLMatcher(*args, **kw)
+
+    class Counting:
+        LLMatcher = CountingMatcher()
+
+        def __getattr__(self, name):
+            return getattr(llg, name)
+
+    monkeypatch.setattr(constraints, "_llg", lambda: Counting())
+    return compiled
+
+
+def test_a_grammar_is_compiled_once_and_each_generation_starts_from_a_copy(tokenizer, monkeypatch):
+    g = constraints.Grammars(tokenizer, 49152, [EOS])
+    pattern, other = constraints.regex(r"(yes|no)"), constraints.regex(r"[0-9]+")
+    compiled = count_compiles(monkeypatch)
+    first, second = g.matcher(pattern), g.matcher(pattern)
+    assert compiled == [pattern]  # the second is a copy of the first's compiled grammar
+    first.advance(tokenizer.encode("yes")[0])
+    assert (first.allowed() != second.allowed()).any()  # copies: one advancing leaves the other
+    assert (second.allowed() == first_allowed(g, pattern)).all()  # a copy starts at the start
+    assert len(compiled) == 1
+    g.matcher(other)
+    assert compiled == [pattern, other]
+    with pytest.raises(constraints.ConstraintError):
+        g.matcher('start: "a" | %json { "type": "nonsense" }')
+
+
+def first_allowed(g, grammar):
+    return g.matcher(grammar).allowed()

@@ -497,3 +497,22 @@ def _up(url) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_a_requests_grammar_is_compiled_once(tiny_model, monkeypatch, app_server):
+    """Issue 29: the grammar is checked when the request is parsed and the batch starts from that
+    compiled grammar (it was compiled three times a request); the same schema again compiles nothing."""
+    from tests.test_constraints import count_compiles
+
+    srv = app_server(tiny_model("torch"))
+    compiled = count_compiles(monkeypatch)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "a number"}], "max_tokens": 12,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
+    for _ in range(2):
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+    assert len(compiled) == 1
+    body["response_format"]["json_schema"]["schema"] = {"type": "array"}
+    assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    assert len(compiled) == 2

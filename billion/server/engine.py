@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from backends import sampling
+from backends import constraints, sampling
 from backends.base import Backend
 from backends.batching import BatchGenerator, Output, logprob_entry
 from backends.types import Chunk, GenerationConfig
@@ -89,10 +89,13 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per step at most
         self.draft, self.num_draft = draft, num_draft  # prompt lookup inside the batch (an NgramDraft)
         # requests are parsed, rendered and tokenized in other threads: on a copy of the backend with
-        # its own tokenizer (the worker detokenizes with the original at the same time), one at a time;
-        # copied before new_batch() gives the backend its grammar view, so the copy builds its own
+        # its own tokenizer (the worker detokenizes with the original at the same time), one at a time.
+        # The copy's grammar view (built on its tokenizer, by the thread that checks a request's
+        # grammar first) is the worker's too: a request's grammar is compiled once, when it is checked.
         self.prep = copy.copy(backend)
         self.prep.tokenizer = copy.deepcopy(backend.tokenizer)
+        self.prep.grammars = constraints.Grammars(self.prep.tokenizer, backend.vocab_size, backend.eos_ids)
+        backend.grammars = self.prep.grammars
         self.prep_lock = threading.Lock()
         self.timeout_s = timeout_s
         self.batching = backend.can_batch
