@@ -3,7 +3,8 @@ each engine had of its own before it, in one process, alternately.
 
 The reference loops are the deleted `_token_stream`s, greedy, as they were: torch feeds a
 transformers DynamicCache and takes torch's argmax; MLX runs mlx-lm's `generate_step` (device-side
-sampling, the next step `mx.async_eval`'d before the host reads the token). Both sides generate the
+sampling, the next step `mx.async_eval`'d before the host reads the token); each token then goes
+through the text side (a TextStream), as the old Backend.stream sent them. Both sides generate the
 same tokens from the same prompt (checked); decode tok/s is timed from the first token to the last,
 medians of --reps, the order alternating each rep. The goal (issue 29): ratio >= 0.97.
 
@@ -26,18 +27,15 @@ from billion.loading import LoadOptions, load, resolve
 from billion.records.store import make_record, write_record
 
 
-def reference_loop(backend, prompt: list[int], n: int):
-    """The engine's own greedy loop as it was before the scheduler: a callable -> token timestamps."""
+def own_tokens(backend, prompt: list[int], n: int):
+    """The engine's own greedy loop as it was before the scheduler: a callable -> token ids."""
     if backend.name == "mlx":
         import mlx.core as mx
         from mlx_lm.generate import generate_step
 
         def run():
-            tokens, times = [], []
             for token, _ in generate_step(mx.array(prompt), backend.model, max_tokens=n):
-                tokens.append(int(token))
-                times.append(time.perf_counter())
-            return tokens, times
+                yield int(token)
         return run
 
     import torch
@@ -45,15 +43,30 @@ def reference_loop(backend, prompt: list[int], n: int):
 
     @torch.inference_mode()
     def run():
-        cache, tokens, times = DynamicCache(config=backend.model.config), [], []
+        cache = DynamicCache(config=backend.model.config)
         logits = backend.model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True,
                                logits_to_keep=1).logits[:, -1, :]
         for i in range(n):
             token = logits.argmax(dim=-1)
-            tokens.append(int(token.item()))
-            times.append(time.perf_counter())
+            yield int(token.item())
             if i + 1 < n:
                 logits = backend.model(input_ids=token.view(1, 1), cache=cache, use_cache=True).logits[:, -1, :]
+    return run
+
+
+def reference_loop(backend, prompt: list[int], gen):
+    """The old Backend.stream on the engine's own loop: its tokens through a TextStream, timed as
+    its chunks were (a callable -> (token ids, chunk times))."""
+    from backends.text_stream import TextStream
+
+    tokens_of = own_tokens(backend, prompt, gen.max_tokens)
+
+    def run():
+        text, tokens, times = TextStream(backend.tokenizer, backend.eos_ids, gen), [], []
+        for token in tokens_of():
+            for chunk in text.push(token, time.perf_counter()):
+                tokens.append(chunk.token)
+                times.append(chunk.time_s)
         return tokens, times
     return run
 
@@ -82,7 +95,7 @@ def main() -> None:
             chunks = list(backend.stream(prompt, gen))
             return [c.token for c in chunks], [c.time_s for c in chunks]
 
-        reference = reference_loop(backend, prompt, args.gen_tokens)
+        reference = reference_loop(backend, prompt, gen)
         assert scheduler()[0] == reference()[0], "the scheduler and the engine's own loop disagree"  # and a warm-up
         rates = {"scheduler": [], "own_loop": []}
         for rep in range(args.reps):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import textwrap
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -99,11 +100,17 @@ def source(rec: dict) -> str:
     return f"{src.get('quantization')} GGUF" if src["kind"] == "gguf" else src["kind"]
 
 
+def short_model(model: str) -> str:
+    """A model as charts name it: a file or folder path (another server's model id) by its last part."""
+    return model.rstrip("/").rsplit("/", 1)[-1] if "/" in model and model.startswith(("/", "~", ".")) else model
+
+
 def model_title(rec: dict) -> str:
     """The model spec with its weights' source: `gguf:smollm2-135m (Q4_1 GGUF, dequantized)`."""
     label = source(rec)
     note = {"-": None, "random": "random weights", "tiny": "tiny random model"}.get(label, f"{label}, dequantized")
-    return f"{rec['model']} ({note})" if note else rec["model"]
+    model = short_model(rec["model"])
+    return f"{model} ({note})" if note else model
 
 
 def metric_columns(task: str, records: list[dict]) -> list[str]:
@@ -324,13 +331,17 @@ def _load_level(rec: dict):
 
 def _serve_lines(chosen: dict, metric: str) -> dict[str, list]:
     """(server, model, load) -> record as {line label: [(load, metric)] in load order}; a line is a
-    server, labelled with its model too when the chart holds several models."""
-    several = len({model for _, model, _ in chosen}) > 1
+    server, labelled with its model too when the chart holds one server name with several models
+    (the title names the models)."""
+    models = {}
+    for server, model, _ in chosen:
+        models.setdefault(server, set()).add(model)
     lines: dict[str, list] = {}
     for (server, model, load), r in sorted(chosen.items(), key=lambda kv: kv[0]):
         value = r["metrics"].get(metric)
         if value is not None:
-            lines.setdefault(f"{server} ({model})" if several else server, []).append((load, value))
+            label = f"{server} ({short_model(model)})" if len(models[server]) > 1 else server
+            lines.setdefault(label, []).append((load, value))
     return lines
 
 
@@ -504,7 +515,8 @@ def figure(chart: Chart, chosen: dict):
     recs = list(chosen.values())
     chips = ", ".join(sorted({str(r["environment"].get("chip")) for r in recs}))
     subject = f"{', '.join(dict.fromkeys(model_title(r) for r in recs))} on {chips}"
-    ax.set_title(f"{what}\n{subject}", fontsize=10)
+    # a chart of several servers names each one's model: wrapped, so the plot keeps its width
+    ax.set_title("\n".join([what, *textwrap.wrap(subject, 100)]), fontsize=10)
     if ax.get_legend() is None and not fig.legends:  # a chart may have placed its own, outside its data
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
