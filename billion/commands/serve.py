@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
 from backends.types import UserError
+from billion.net import is_loopback
 from billion.options import engines, load_options, model_options
 from billion.server.limits import Limits
 from billion.ui import console
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def run_server(app, config) -> None:

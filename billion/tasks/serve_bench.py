@@ -28,7 +28,6 @@ Knows nothing of click or records: the command (billion/commands/load.py) writes
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import random
 import time
@@ -44,6 +43,7 @@ except ImportError:  # openai 3 depends on httpx's successor, httpx2 (the same A
 import numpy as np
 
 from backends.types import UserError
+from billion.net import is_loopback
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -77,23 +77,13 @@ class Target:
     name: str | None = None
 
 
-def is_loopback_host(host: str) -> bool:
-    """localhost, 127.0.0.0/8 or ::1."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_loopback(url: str) -> None:
     """UserError unless `url` is http(s) to a loopback host: a load test aimed elsewhere is a
     denial of service on someone else's machine."""
     parts = urlparse(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"{url!r} is not an http:// URL (e.g. http://127.0.0.1:8080)")
-    if not is_loopback_host(parts.hostname):
+    if not is_loopback(parts.hostname):
         raise UserError(f"refusing to load-test {parts.hostname!r}: only loopback servers "
                         "(127.0.0.1, ::1, localhost)")
 
