@@ -318,3 +318,21 @@ def test_mlx_batch_of_one_runs_ahead_on_the_devices_argmax_and_takes_back_a_wron
     step3 = cache.decode([other])[0]
     np.testing.assert_allclose(step3, session.feed([other], keep=1)[-1], atol=1e-5)
     assert cache.extract(0)[0].offset == len(prompt) + 3  # the last guess taken back: prompt + fed tokens
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_single_stream_carries_logprobs_as_a_served_request_does(tiny_model, engine):
+    """Backend.stream is the scheduler's batch of one: gen.logprobs reaches its chunks (the old
+    single-stream loops ignored it), with the values of the engine's own logits."""
+    from backends import sampling
+
+    b = tiny_model(engine)
+    prompt = [5, 9, 2, 7]
+    chunks = list(b.stream(prompt, GenerationConfig(max_tokens=3, ignore_eos=True, logprobs=2)))
+    assert len(chunks) == 3 and all(c.logprobs is not None and len(c.logprobs[2]) == 2 for c in chunks)
+    first = chunks[0]
+    logprob, top = sampling.logprobs(b.session().feed(prompt, keep=1)[-1], first.token, 2)
+    text, got, alternatives = first.logprobs  # (token text, log-probability, top (text, log-probability))
+    assert text == b.tokenizer.decode([first.token]) and got == pytest.approx(logprob, abs=1e-4)
+    assert got == pytest.approx(alternatives[0][1], abs=1e-6)  # greedy: the most likely one
+    assert alternatives[0][0] == b.tokenizer.decode([top[0][0]])
