@@ -94,6 +94,24 @@ class BatchCache(ABC):
         """A one-row cache holding the first `length` tokens of `row_cache` (a copy)."""
 
 
+class OneRowCache(BatchCache):
+    """A batch of one (a single generation, or an engine that serves one request at a time): its
+    row is the one-row cache itself, added, cropped and taken out in place, never copied."""
+
+    crop_copies = False  # a row is cropped in place (a prompt-cache entry is used up)
+    row = None
+
+    def add(self, row) -> None:
+        self.row = row
+
+    def keep(self, rows: Sequence[int]) -> None:
+        if not rows:
+            self.row = None
+
+    def extract(self, row: int):
+        return self.row  # it leaves the batch: no copy needed
+
+
 @dataclass(frozen=True)
 class BatchEvent:
     """One request's news from a step: a token, and why it finished if it did."""

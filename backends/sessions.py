@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from backends.batching import BatchCache
+from backends.batching import OneRowCache
 
 
 class KVSession(ABC):
@@ -33,39 +33,28 @@ class KVSession(ABC):
         """Forget everything after the first `length` tokens."""
 
 
-class SessionBatchCache(BatchCache):
-    """A batch of one on an engine's KV session: what a single generation (Backend.stream) runs on,
-    and an engine without a batched KV cache (the llama.cpp peer holds one context) serves through,
-    one request at a time. Its verify() is one feed, so every engine speculates in a batch of one."""
-
-    crop_copies = False  # a session is cropped in place
+class SessionBatchCache(OneRowCache):
+    """A batch of one on an engine's KV session (its row): what a single generation (Backend.stream)
+    runs on, and an engine without a batched KV cache (the llama.cpp peer holds one context) serves
+    through, one request at a time. Its verify() is one feed, so every engine speculates in a batch
+    of one."""
 
     def __init__(self, backend):
-        self.backend, self.session = backend, None
+        self.backend = backend
 
     def prefill(self, ids, prefix=None):
         session = prefix if prefix is not None else self.backend.session()
         return session, session.feed(list(ids), keep=1)[-1]
 
-    def add(self, row) -> None:
-        self.session = row
-
     def decode(self, tokens):
-        return self.session.feed(list(tokens), keep=1)[-1:]
+        return self.row.feed(list(tokens), keep=1)[-1:]
 
     def verify(self, rows):
-        return [self.session.feed(list(rows[0]), keep=len(rows[0]))]
+        return [self.row.feed(list(rows[0]), keep=len(rows[0]))]
 
     def rewind(self, row: int, count: int) -> None:
         if count:
-            self.session.crop(self.session.length - count)
-
-    def keep(self, rows) -> None:
-        if not rows:
-            self.session = None
-
-    def extract(self, row: int):
-        return self.session  # it leaves the batch: no copy needed
+            self.row.crop(self.row.length - count)
 
     def crop(self, row_cache, length: int):
         row_cache.crop(length)

@@ -28,7 +28,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache, trim_prompt_cache
 
-from backends.batching import BatchCache
+from backends.batching import BatchCache, OneRowCache
 from backends.sampling import uses_history
 
 
@@ -48,6 +48,12 @@ def to_numpy(logits: mx.array) -> np.ndarray:
     return np.array(logits.astype(mx.float32))
 
 
+def prefill(model, ids: Sequence[int], prefix=None) -> tuple[list, np.ndarray]:
+    """BatchCache.prefill on mlx-lm's per-layer KV caches (a new one, or `prefix`, extended)."""
+    cache = prefix if prefix is not None else make_prompt_cache(model)
+    return cache, to_numpy(forward(model, cache, ids, 1)[-1])
+
+
 class MLXBatchCache(BatchCache):
     # no verify(): speculative decoding inside a batch needs each row to forget its own number of
     # rejected proposals, and BatchKVCache cannot (see cannot_verify)
@@ -59,8 +65,7 @@ class MLXBatchCache(BatchCache):
         self.layers: list[BatchKVCache] | None = None
 
     def prefill(self, ids, prefix=None):
-        cache = prefix if prefix is not None else make_prompt_cache(self.model)
-        return cache, to_numpy(forward(self.model, cache, ids, 1)[-1])
+        return prefill(self.model, ids, prefix)
 
     def add(self, row: list) -> None:
         joined = [BatchKVCache.merge([layer]) for layer in row]
@@ -96,14 +101,11 @@ class MLXBatchCache(BatchCache):
         return out
 
 
-class MLXOneRowCache(BatchCache):
+class MLXOneRowCache(OneRowCache):
     """A batch of one on mlx-lm's KV cache, running ahead on the device's argmax (module docstring)."""
-
-    crop_copies = False  # a row is cropped in place
 
     def __init__(self, backend):
         self.model = backend.model
-        self.row: list | None = None
         self.guess = False  # the row's rule is the argmax of the raw logits: worth running ahead
         self.left = 0  # decode steps the row may still take (the last one is never run ahead)
         self.ahead: tuple | None = None  # (the device's guessed token, its step's logits), launched
@@ -119,11 +121,11 @@ class MLXOneRowCache(BatchCache):
             self.ahead = None
 
     def prefill(self, ids, prefix=None):
-        cache = prefix if prefix is not None else make_prompt_cache(self.model)
-        return cache, to_numpy(forward(self.model, cache, ids, 1)[-1])
+        return prefill(self.model, ids, prefix)
 
     def add(self, row: list) -> None:
-        self.row, self.ahead = row, None
+        super().add(row)
+        self.ahead = None
 
     def decode(self, tokens: Sequence[int]) -> np.ndarray:
         token = tokens[0]
@@ -155,11 +157,12 @@ class MLXOneRowCache(BatchCache):
 
     def keep(self, rows: Sequence[int]) -> None:
         if not rows:
-            self.row, self.ahead = None, None
+            self.ahead = None
+        super().keep(rows)
 
     def extract(self, row: int) -> list:
         self._settle()
-        return self.row  # it leaves the batch: no copy needed
+        return super().extract(row)
 
     def crop(self, row_cache: list, length: int) -> list:
         trim_prompt_cache(row_cache, row_cache[0].offset - length)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
-from backends.batching import BatchCache
+from backends.batching import OneRowCache
 from backends.types import UserError
 
 SMALLEST_CACHE = 256
@@ -92,14 +92,11 @@ class _Row:
         return self.cache.get_max_length()
 
 
-class CompiledBatchCache(BatchCache):
-    """A batch of one on the compiled step's static cache (backends/batching.py's BatchCache)."""
-
-    crop_copies = False  # a row is cropped in place
+class CompiledBatchCache(OneRowCache):
+    """A batch of one on the compiled step's static cache (backends/batching.py's OneRowCache)."""
 
     def __init__(self, backend):
         self.model, self.device, self.step = backend.model, backend.device, backend.compiled
-        self.row: _Row | None = None
         self.room = 1  # tokens the next row will hold at most (expect)
 
     def expect(self, prompt_tokens: int, gen) -> None:
@@ -117,9 +114,6 @@ class CompiledBatchCache(BatchCache):
         row = prefix if prefix is not None else _Row(self.step.new_cache(self.room))
         return row, self._forward(row, ids, 1)[-1].numpy()
 
-    def add(self, row: _Row) -> None:
-        self.row = row
-
     @torch.inference_mode()
     def decode(self, tokens):
         token = torch.tensor([[tokens[0]]], device=self.device)
@@ -133,13 +127,6 @@ class CompiledBatchCache(BatchCache):
     def rewind(self, row: int, count: int) -> None:
         if count:
             self._set_length(self.row, self.row.length - count)
-
-    def keep(self, rows) -> None:
-        if not rows:
-            self.row = None
-
-    def extract(self, row: int) -> _Row:
-        return self.row  # it leaves the batch: no copy needed
 
     @torch.inference_mode()
     def crop(self, row_cache: _Row, length: int) -> _Row:

@@ -64,7 +64,6 @@ class Request:
     put: Callable  # hands an item (a Chunk, _DONE or an exception) to the request's event loop
     output: Output  # its text, logprobs and finish reason
     uid: int | None = None  # the batch generator's, once added
-    cached: int = 0  # prompt tokens found in the prompt cache
     tokens: int = 0
     reason: str = "interrupted"
     salt: str | None = None  # its prompt-cache partition (cache_salt, and the API key when there are several)
@@ -98,8 +97,7 @@ class Engine:
         backend.grammars = self.prep.grammars
         self.prep_lock = threading.Lock()
         self.timeout_s = timeout_s
-        self.batching = backend.can_batch
-        self.parallel = parallel if self.batching else 1
+        self.parallel = parallel if backend.can_batch else 1
         self.queue_size = queue_size
         self.pending = 0  # requests submitted and not yet finished by the worker
         self.pending_lock = threading.Lock()
@@ -289,7 +287,6 @@ class Engine:
         out = req.output
         running = out.finish_reason is None
         chunks = out.take(event)
-        req.cached = out.cached_tokens
         for chunk in chunks:
             req.tokens += 1
             req.put(chunk)
@@ -377,7 +374,7 @@ class Generation:
 
     @property
     def cached(self) -> int:
-        return self.request.cached
+        return self.request.output.cached_tokens
 
     def __aiter__(self):
         return self
