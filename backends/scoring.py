@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from backends import sampling
 from backends.types import UserError
 
 
@@ -156,3 +157,52 @@ def score_batched(backend, encoded: Sequence[tuple[list[int], list[int]]],
                 results[i] = (float(sum(s[t] for s, t in zip(steps, cont))),
                               all(int(np.argmax(s)) == t for s, t in zip(steps, cont)))
     return results
+
+
+# ---------------------------------------------------------------- a prompt's own log-probabilities
+
+
+class PromptLogprobs:
+    """A prompt's own tokens' log-probabilities (each given the tokens before it; the first has
+    none): what the server's `echo` with `logprobs` answers, so lm-eval scores over HTTP.
+
+    It keeps the last prompt's KV session and its values: a prompt that shares a prefix with the
+    last one (lm-eval sends each answer of a question as its own request, the same few-shot
+    context before each) reuses the prefix's values and feeds only the rest, so a question costs
+    about one forward pass over HTTP as in process (score_encoded feeds a shared context once).
+    The values reused are those the same feed gives (causal: a position's logits see only the
+    tokens before it). `salt`: reuse only between prompts of the same prompt-cache partition
+    (the server's cache_salt and API key), as the batch's prompt cache does."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.session = None
+        self.ids: list[int] = []  # the last prompt; the session holds all of it but its last token
+        self.values: list[tuple] = []  # its (log-probability, top (id, log-probability) pairs), from ids[1]
+        self.key: tuple = ()  # (top, salt) the values were computed for
+        self.fed = 0  # tokens fed so far (what reuse saves is counted in tests)
+
+    def __call__(self, ids, top: int, salt: str | None = None) -> list[tuple]:
+        """(log-probability, top pairs) of ids[1:], as sampling.logprobs_of gives them."""
+        ids = list(ids)
+        same = 0
+        if self.session is not None and self.key == (top, salt):
+            limit = min(len(ids), len(self.ids))
+            while same < limit and ids[same] == self.ids[same]:
+                same += 1
+        if same < 2:  # nothing to reuse: a fresh session
+            self.session, self.values, same = self.backend.session(), [], 1
+        else:
+            self.session.crop(same - 1)
+            del self.values[same - 1:]
+        rest = ids[same - 1:len(ids) - 1]  # the tokens whose logits score ids[same:]
+        if rest:
+            try:
+                logits = self.session.feed(rest)
+            except BaseException:
+                self.session = None  # half fed: start afresh next time
+                raise
+            self.fed += len(rest)
+            self.values += sampling.logprobs_of(logits, ids[same:], top)
+        self.ids, self.key = ids, (top, salt)
+        return list(self.values)

@@ -68,6 +68,40 @@ def test_empty_context_is_conditioned_on_the_prefix_token(tiny_model):
         assert scored[0][0] == pytest.approx(direct, abs=1e-4)
 
 
+@pytest.mark.parametrize("engine", ["torch", "mlx"])
+def test_prompt_logprobs_reuse_the_last_prompts_prefix_and_equal_a_fresh_forward(tiny_model, engine):
+    """echo's prompt log-probabilities (scoring.PromptLogprobs): equal to one fresh forward pass
+    over the prompt, whatever the last prompt was; a prompt sharing the last one's prefix (of the
+    same salt and top) feeds only its own tokens."""
+    from backends.sampling import logprobs_of
+    from backends.scoring import PromptLogprobs
+
+    backend = tiny_model(engine)
+    base = backend.tokenize("The capital of France is Paris. The capital of Spain is")
+
+    def fresh(ids, top):
+        return logprobs_of(backend.batch_logits([ids], [range(len(ids) - 1)])[0], ids[1:], top)
+
+    def same(a, b):
+        assert len(a) == len(b)
+        for (lp_a, top_a), (lp_b, top_b) in zip(a, b):
+            assert lp_a == pytest.approx(lp_b, abs=1e-4)
+            assert [t for t, _ in top_a] == [t for t, _ in top_b]
+
+    scorer = PromptLogprobs(backend)
+    same(scorer(base + [11], 2), fresh(base + [11], 2))
+    assert scorer.fed == len(base)
+    for prompt, fed in ((base + [12], 1), (base + [12, 13, 14], 2), (base[:5], 0), (base, len(base) - 5)):
+        before = scorer.fed
+        same(scorer(prompt, 2), fresh(prompt, 2))
+        assert scorer.fed - before == fed, prompt
+    before = scorer.fed
+    same(scorer(base, 2, salt="other"), fresh(base, 2))  # another partition: nothing reused
+    assert scorer.fed - before == len(base) - 1
+    same(scorer(base, 0, salt="other"), fresh(base, 0))  # another top: computed afresh
+    assert scorer([base[0]], 1) == []
+
+
 # ---------------------------------------------------------------- the LM class vs lm-eval's hf model
 
 lm_eval = pytest.importorskip("lm_eval")

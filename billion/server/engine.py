@@ -33,9 +33,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from backends import constraints, sampling
+from backends import constraints
 from backends.base import Backend
 from backends.batching import BatchGenerator, Output, logprob_entry
+from backends.scoring import PromptLogprobs
 from backends.types import Chunk, GenerationConfig
 from billion.server import tool_formats
 
@@ -96,6 +97,7 @@ class Engine:
         self.prep.grammars = constraints.Grammars(self.prep.tokenizer, backend.vocab_size, backend.eos_ids)
         backend.grammars = self.prep.grammars
         self.prep_lock = threading.Lock()
+        self.scorer = PromptLogprobs(backend)  # echo's prompt log-probabilities (the worker's)
         self.timeout_s = timeout_s
         self.parallel = parallel if backend.can_batch else 1
         self.queue_size = queue_size
@@ -147,20 +149,20 @@ class Engine:
     def cancel(self, req: Request) -> None:
         self.commands.put(("cancel", req))
 
-    async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[tuple]:
+    async def prompt_logprobs(self, prompt_ids: list[int], top: int, salt: str | None = None) -> list[tuple]:
         """The prompt's own tokens as logprob entries (text, log-probability, top alternatives), the
         first one's log-probability None (nothing predicts it): what `echo` with `logprobs` answers,
-        so lm-eval scores log-likelihoods over HTTP. One forward pass over the prompt, run by the
-        worker thread (it owns the model) between two batch steps."""
+        so lm-eval scores log-likelihoods over HTTP. Run by the worker thread (it owns the model)
+        between two batch steps, on its scoring session (scoring.PromptLogprobs: the prefix the
+        last echoed prompt of the same salt shares is not computed again)."""
         if self.failure is not None:
             raise EngineFailed(self.failure)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
         def work():
-            logits = self.backend.batch_logits([prompt_ids], [range(len(prompt_ids) - 1)])[0]
+            scored = self.scorer(prompt_ids, top, salt)
             first = (self.backend.tokenizer.decode([prompt_ids[0]]), None, ())
-            scored = sampling.logprobs_of(logits, prompt_ids[1:], top)
             return [first] + [logprob_entry(self.backend.tokenizer, token, *e) for token, e in zip(prompt_ids[1:], scored)]
 
         self.commands.put(("call", (work, loop, done)))

@@ -345,14 +345,15 @@ async def respond(request: Request, req: RequestBase, engine: Engine, prompt_ids
     # No answer starts before the first token exists: a full queue (429), a shutdown that refuses
     # the queued request (503) or an error before any token (400) is the answer's status, not an event.
     generations: list[Generation] = []
+    salt = cache_salt(request, req)
     try:
         if echo is not None:
-            entries = await engine.prompt_logprobs(prompt_ids, gen.logprobs) if gen.logprobs is not None else []
+            entries = await engine.prompt_logprobs(prompt_ids, gen.logprobs, salt) if gen.logprobs is not None else []
             for reply in replies:
                 _echo(reply, echo, entries)
         for i in range(req.n):
             seeded = replace(gen, seed=None if gen.seed is None else gen.seed + i)
-            generations.append(Generation(engine, prompt_ids, seeded, cache_salt(request, req)))
+            generations.append(Generation(engine, prompt_ids, seeded, salt))
         # a client that hangs up, in any state, is cancelled (one connection: one watcher for all)
         generations[0].watch(request.receive, request_id(request), siblings=tuple(generations[1:]))
         firsts = await asyncio.gather(*(g.first() for g in generations))
