@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from fastapi import Request
 
-from billion.server.schema import APIError
+from billion.server.errors import APIError
 
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 

@@ -7,9 +7,10 @@ billion/commands/serve.py, loads them; tests pass tiny models). Routes:
   the plain "User: …\\nAssistant:" transcript of billion/tasks/chat.py, which also stops there);
 - POST /v1/completions: a raw text `prompt` (one string, or a list of one string or of token ids,
   or a list of one list of ids); `echo` (with `logprobs`, the prompt's own, for lm-eval);
-- POST /v1/responses: OpenAI's Responses API (responses.py), a translation onto the chat route;
-- POST /v1/messages, POST /v1/messages/count_tokens: Anthropic's Messages API (messages.py), a
-  translation onto the chat route's request and generation;
+- POST /v1/responses: OpenAI's Responses API (dialects/responses.py), a translation onto the chat
+  route's request and generation;
+- POST /v1/messages, POST /v1/messages/count_tokens: Anthropic's Messages API (dialects/messages.py),
+  the same kind of translation;
 - GET /v1/models, GET /health, GET /metrics (Prometheus' text format: metrics.py);
 - POST /tokenize, POST /detokenize, GET /tokenizer_info (vLLM's shapes, which lm-eval's remote
   tokenizer reads): a prompt or messages to token ids and back;
@@ -34,18 +35,21 @@ earlier conversation computes only its new tokens (`usage.prompt_tokens_details.
 The prompt cache is shared by every client of the engine.
 
 Bad requests (malformed JSON, unknown model, wrong types or out-of-range values, a prompt longer
-than the context, n above 16, fields billion does not implement: schema.UNSUPPORTED) get
+than the context, n above 16, fields billion does not implement: requests.UNSUPPORTED) get
 OpenAI-style JSON errors {"error": {"message", "type", "param", "code"}} (Anthropic's shape on
 /v1/messages) with a 4xx status; an engine failure is a 500 with the same shape naming the request's id
 (X-Request-ID on every answer), its traceback in the server log; never a traceback in an answer.
 A failure in one request's work fails that request alone; /health is 503 once an engine's worker
 has died (the CLI then shuts the server down). The server writes no records (`billion load` measures it).
 
-The package: app.py builds the app and its state; schema.py parses and checks requests (and
-shapes errors); routes.py holds the OpenAI routes, shapes their answers (JSON or SSE) and runs
-every dialect's generation (respond); responses.py and messages.py are the other dialects;
-tool_formats/ the ways models write tool calls; engine.py runs each engine's batch in its worker
-thread and hands each request its chunks.
+The package, a request's way through it: app.py builds the app and its state (access.py: API keys
+and local names; limits.py); a dialect's module (dialects/: openai, responses, messages) parses
+its body into the request the server runs (requests.py: the request models and their checks;
+errors.py: the one error type and the statuses), prompts.py renders and tokenizes it and builds
+its grammar (in the engine's tool format, tool_formats/) and GenerationConfig; answers.py runs its
+generations on the engine (engine.py: each engine's batch in its worker thread, each request's
+chunks) and hands their chunks back to the dialect to render. routes.py holds the routes that are
+no dialect (health, the page, metrics, tokenize). A fifth dialect is one new module in dialects/.
 """
 
 from __future__ import annotations
@@ -55,16 +59,29 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
 
 from backends.base import Backend
-from billion.server import messages, responses, routes
-from billion.server.engine import Engine
+from billion.server import dialects, routes
 from billion.server.access import Access
+from billion.server.engine import Engine
+from billion.server.errors import APIError, internal_error, request_id
 from billion.server.limits import Limits
 from billion.server.metrics import ServerMetrics
-from billion.server.schema import APIError
+
+
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return dialects.error_response(e, request.url.path)
+
+
+async def _unexpected_error(request: Request, e: Exception) -> JSONResponse:
+    # this handler runs outside the middleware that sets the header (and counts the answer) on every other one
+    response = dialects.error_response(internal_error(e, request_id(request)), request.url.path)
+    response.headers["X-Request-ID"] = request_id(request) or ""
+    request.app.state.metrics.answered(request.url.path, response.status_code)
+    return response
 
 
 @asynccontextmanager
@@ -102,7 +119,7 @@ class RequestIds:
         try:
             state["api_key"] = scope["app"].state.access.check(Request(scope))
         except APIError as e:
-            return await e.response(scope["path"])(scope, receive, send_with_id)
+            return await dialects.error_response(e, scope["path"])(scope, receive, send_with_id)
         await self.app(scope, receive, send_with_id)
 
 
@@ -130,9 +147,9 @@ def create_app(backends: dict[str, Backend], *, name: str = "billion", parallel:
     app.state.created = int(time.time())
     app.state.results = results
     app.add_middleware(RequestIds)
-    app.add_exception_handler(APIError, routes.api_error)
-    app.add_exception_handler(Exception, routes.unexpected_error)
-    routers = (routes.router, messages.router, responses.router)  # OpenAI's, Anthropic's Messages, OpenAI's Responses
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    routers = (routes.router, *(dialect.router for dialect in dialects.ALL))
     for router in routers:
         app.include_router(router)
     page = "/page"  # the arena's files (page/index.html links them there)

@@ -4,7 +4,7 @@ content blocks, tool_use and tool_result, tools with input_schema, tool_choice, 
 which the server prepares, constrains and runs as any other; the one stream of generation chunks is
 rendered as Anthropic's message and its events (message_start, content_block_start/delta/stop,
 message_delta, message_stop). Errors come in Anthropic's shape ({"type": "error", "error": ...},
-schema.APIError), and `x-api-key` works as well as Bearer (access.py).
+errors.APIError, error_body), and `x-api-key` works as well as Bearer (access.py).
 
 Not honoured, so refused with a 400 naming them: image and document blocks, extended thinking,
 MCP servers, containers, server tools (web search and the like).
@@ -13,7 +13,6 @@ MCP servers, containers, server tools (web search and the like).
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, AsyncIterator, Literal, Union
 
 from fastapi import APIRouter, Request
@@ -21,13 +20,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from billion.server import routes
-from billion.server.engine import Generation
-from billion.server.schema import (APIError, ChatRequest, chat_prompt, chat_request, json_object, refuse_unsupported,
-                                   validated)
+from billion.server.answers import Reply, collected, respond, shown
+from billion.server.errors import APIError, gone, stream_error
+from billion.server.prompts import chat_prompt, prepared
+from billion.server.requests import ChatRequest, chat_request, json_object, read_body, refuse_unsupported, validated
 
 router = APIRouter()
 
+ERROR_PREFIX = "/v1/messages"  # errors under this path come in Anthropic's shape (error_body)
+ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
 STOP_REASON = {"eos": "end_turn", "stop": "stop_sequence", "max_tokens": "max_tokens", "max_time": "max_tokens",
                "tool_calls": "tool_use"}
 UNSUPPORTED = {"thinking": lambda v: v in (None, {"type": "disabled"}), "mcp_servers": lambda v: not v,
@@ -175,18 +177,15 @@ def as_chat(raw: bytes, engines: dict, limits) -> ChatRequest:
 
 @router.post("/v1/messages")
 async def messages(request: Request):
-    state = request.app.state
-    raw = await routes.read_body(request, state.limits.max_body_bytes)
-    req, engine, prompt_ids, gen = await run_in_threadpool(
-        lambda: routes.prepare(as_chat(raw, state.engines, state.limits), state.engines, state.limits))
-    return await routes.respond(request, req, engine, prompt_ids, gen, "chat", answer=_answer, events=_events)
+    req, engine, prompt_ids, gen = await prepared(request, as_chat)
+    return await respond(request, req, engine, prompt_ids, gen, _answer, _events)
 
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request):
     """{"input_tokens"}: the prompt as /v1/messages would render it."""
     state = request.app.state
-    raw = await routes.read_body(request, state.limits.max_body_bytes)
+    raw = await read_body(request, state.limits.max_body_bytes)
 
     def count():
         req = _parse(raw, CountRequest)
@@ -202,11 +201,13 @@ async def count_tokens(request: Request):
 # ---------------------------------------------------------------- the answer
 
 
-def _new_id() -> str:
-    return "msg_" + uuid.uuid4().hex[:24]
+def error_body(e: APIError) -> dict:
+    """An error in Anthropic's shape: {"type": "error", "error": {"type", "message"}}."""
+    kind = ERRORS.get(e.status, "api_error" if e.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": e.message}}
 
 
-def _usage(reply: routes.Reply, output_tokens: int | None = None) -> dict:
+def _usage(reply: Reply, output_tokens: int | None = None) -> dict:
     return {"input_tokens": len(reply.prompt_ids), "output_tokens": reply.tokens if output_tokens is None
             else output_tokens, "cache_read_input_tokens": reply.cached}
 
@@ -216,26 +217,27 @@ def _tool_use(call: dict) -> dict:
             "input": json.loads(call["function"]["arguments"])}
 
 
-def _stop(reply: routes.Reply) -> str:
+def _stop(reply: Reply) -> str:
     return STOP_REASON.get(reply.reason, "end_turn")
 
 
-def _stop_sequence(reply: routes.Reply, chunks: Generation) -> str | None:
+def _stop_sequence(reply: Reply) -> str | None:
     """The stop sequence that ended the reply (None when something else did)."""
-    stops = chunks.request.output.text.stop
+    stops = reply.generation.request.output.text.stop
     return stops.matched if reply.reason == "stop" and stops is not None else None
 
 
-async def _answer(reply: routes.Reply, chunks: Generation, first) -> JSONResponse:
-    text = await routes.collected(reply, chunks, first)
+async def _answer(replies: list[Reply]) -> JSONResponse:
+    reply = replies[0]
+    text = await collected(reply)
     if text is None:
-        return routes.gone()
+        return gone()
     content, calls = reply.tool_format.parse(text) if reply.calls_tools else (text, [])
     reply.called(calls)
     blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [_tool_use(c) for c in calls]
-    return JSONResponse({"id": _new_id(), "type": "message", "role": "assistant", "model": reply.model,
+    return JSONResponse({"id": "msg_" + reply.id, "type": "message", "role": "assistant", "model": reply.model,
                          "content": blocks, "stop_reason": _stop(reply),
-                         "stop_sequence": _stop_sequence(reply, chunks),
+                         "stop_sequence": _stop_sequence(reply),
                          "usage": _usage(reply)})
 
 
@@ -243,14 +245,15 @@ def _sse(kind: str, data: dict) -> str:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _events(request: Request, reply: routes.Reply, chunks: Generation, first) -> AsyncIterator[str]:
+async def _events(request: Request, replies: list[Reply]) -> AsyncIterator[str]:
     """The message as Anthropic streams it: message_start; a text block opened at the first text,
     its deltas, closed; each tool call a tool_use block whose input comes as one input_json_delta;
     message_delta with the stop reason and the output tokens; message_stop."""
+    reply = replies[0]
     index = 0
     text_open = False
     try:
-        message = {"id": _new_id(), "type": "message", "role": "assistant", "model": reply.model, "content": [],
+        message = {"id": "msg_" + reply.id, "type": "message", "role": "assistant", "model": reply.model, "content": [],
                    "stop_reason": None, "stop_sequence": None, "usage": _usage(reply, 0)}
         yield _sse("message_start", {"type": "message_start", "message": message})
 
@@ -263,7 +266,7 @@ async def _events(request: Request, reply: routes.Reply, chunks: Generation, fir
             yield _sse("content_block_delta", {"type": "content_block_delta", "index": index,
                                                "delta": {"type": "text_delta", "text": text}})
 
-        async for piece in routes.shown(reply, chunks, first):
+        async for piece in shown(reply):
             for event in text_delta(piece):
                 yield event
         if reply.gone:
@@ -280,11 +283,10 @@ async def _events(request: Request, reply: routes.Reply, chunks: Generation, fir
             yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
             index += 1
         yield _sse("message_delta", {"type": "message_delta", "delta": {
-                       "stop_reason": _stop(reply), "stop_sequence": _stop_sequence(reply, chunks)},
+                       "stop_reason": _stop(reply), "stop_sequence": _stop_sequence(reply)},
                                      "usage": {"output_tokens": reply.tokens}})
         yield _sse("message_stop", {"type": "message_stop"})
     except Exception as e:  # the status line is sent: the error is an event, in Anthropic's shape
-        yield _sse("error", routes.stream_error(request, e).anthropic_body())
+        yield _sse("error", error_body(stream_error(request, e)))
     finally:
-        await chunks.aclose()
-        reply.ended()
+        await reply.close()

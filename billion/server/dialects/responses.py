@@ -23,11 +23,11 @@ from typing import Any, AsyncIterator, Union
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
-from billion.server import routes
-from billion.server.engine import Generation
-from billion.server.schema import APIError, ChatRequest, chat_request, json_object, refuse_unsupported, validated
+from billion.server.answers import Reply, collected, respond, shown
+from billion.server.errors import APIError, gone, stream_error
+from billion.server.prompts import prepared
+from billion.server.requests import ChatRequest, chat_request, json_object, refuse_unsupported, validated
 
 router = APIRouter()
 
@@ -156,17 +156,15 @@ def as_chat(req: ResponsesRequest, engines: dict, limits) -> ChatRequest:
 
 @router.post("/v1/responses")
 async def responses(request: Request):
-    state = request.app.state
-    raw = await routes.read_body(request, state.limits.max_body_bytes)
+    asked: list[ResponsesRequest] = []  # the request as sent: its fields are echoed in the Response
 
-    def prepare():
-        req = _parse(raw)
-        return req, routes.prepare(as_chat(req, state.engines, state.limits), state.engines, state.limits)
+    def parse(raw: bytes, engines: dict, limits) -> ChatRequest:
+        asked.append(_parse(raw))
+        return as_chat(asked[0], engines, limits)
 
-    asked, (req, engine, prompt_ids, gen) = await run_in_threadpool(prepare)
-    shape = _Shape(asked)
-    return await routes.respond(request, req, engine, prompt_ids, gen, "chat", answer=shape.answer,
-                                events=shape.events)
+    req, engine, prompt_ids, gen = await prepared(request, parse)
+    shape = _Shape(asked[0])
+    return await respond(request, req, engine, prompt_ids, gen, shape.answer, shape.events)
 
 
 # ---------------------------------------------------------------- the answer
@@ -184,7 +182,7 @@ class _Shape:
         self.id, self.created = _id("resp"), int(time.time())
         self.message_id = _id("msg")
 
-    def response(self, reply: routes.Reply, status: str, output: list) -> dict:
+    def response(self, reply: Reply, status: str, output: list) -> dict:
         asked = self.asked
         incomplete = status == "incomplete"
         body = {"id": self.id, "object": "response", "created_at": self.created, "status": status,
@@ -214,18 +212,20 @@ class _Shape:
                 "arguments": call["function"]["arguments"], "status": "completed"}
 
     @staticmethod
-    def status(reply: routes.Reply) -> str:
+    def status(reply: Reply) -> str:
         return "incomplete" if reply.reason in ("max_tokens", "max_time") else "completed"
 
-    async def answer(self, reply: routes.Reply, chunks: Generation, first) -> JSONResponse:
-        text = await routes.collected(reply, chunks, first)
+    async def answer(self, replies: list[Reply]) -> JSONResponse:
+        reply = replies[0]
+        text = await collected(reply)
         if text is None:
-            return routes.gone()
+            return gone()
         content, calls = reply.tool_format.parse(text) if reply.calls_tools else (text, [])
         output = ([self.message(content)] if content or not calls else []) + [self.call_item(c) for c in calls]
         return JSONResponse(self.response(reply, self.status(reply), output))
 
-    async def events(self, request: Request, reply: routes.Reply, chunks: Generation, first) -> AsyncIterator[str]:
+    async def events(self, request: Request, replies: list[Reply]) -> AsyncIterator[str]:
+        reply = replies[0]
         sequence = 0
 
         def sse(kind: str, **data) -> str:
@@ -252,7 +252,7 @@ class _Shape:
             start = self.response(reply, "in_progress", [])
             yield sse("response.created", response=start)
             yield sse("response.in_progress", response=start)
-            async for piece in routes.shown(reply, chunks, first):
+            async for piece in shown(reply):
                 for event in delta(piece):
                     yield event
             if reply.gone:
@@ -278,8 +278,7 @@ class _Shape:
             yield sse("response.completed" if status == "completed" else "response.incomplete",
                       response=self.response(reply, status, output))
         except Exception as e:  # the status line is sent: the failure is an event
-            err = routes.stream_error(request, e)
+            err = stream_error(request, e)
             yield sse("error", code=err.code, message=err.message, param=err.param)
         finally:
-            await chunks.aclose()
-            reply.ended()
+            await reply.close()
