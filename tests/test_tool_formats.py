@@ -1,7 +1,8 @@
 """Tool-call formats chosen from the model's chat template (billion/server/tool_formats/): detected
 on real published templates (llama.cpp's copies, tests/templates.py) and on SmolLM2's own from the
 packaged GGUF; each format's calls rendered into a history by the real template and parsed back;
-each format's grammar held to its own call text; and calls made end to end by the real
+each format's grammar held to its own call text (Mistral's to its one [TOOL_CALLS] token where the
+tokenizer has it, and read back from the text detokenizing leaves); and calls made end to end by the real
 SmolLM2-135M through `billion serve`'s app, with no --chat-template (the generic format) and with
 Llama 3.2's template (its JSON format)."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from unittest import mock
 
 import pytest
 
@@ -117,6 +119,132 @@ def test_each_formats_grammar_takes_its_own_calls_and_refuses_others(tokenizer, 
     else:
         assert complete(fmt.grammar([WEATHER], "auto"), '{"response": "It is sunny."}')
         assert fmt.parse('{"response": "It is sunny."}') == ("It is sunny.", [])
+
+
+CALL_JSON = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+BAD_JSON = '[{"name": "get_time", "arguments": {}}]'
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer(tokenizer):
+    """SmolLM2's tokenizer with [TOOL_CALLS] added as one special token, as Mistral's tokenizers
+    have it (and, like theirs, able to spell the text in ordinary tokens too)."""
+    with_token = copy.deepcopy(tokenizer)
+    with_token.add_special_tokens({"additional_special_tokens": [mistral.TRIGGER]})
+    return with_token
+
+
+def _takes(tokenizer, grammar: str, tokens: list[int]) -> bool:
+    """Whether `grammar`, compiled for `tokenizer`, takes `tokens` as a whole reply (EOS may follow)."""
+    from backends.constraints import Grammars
+
+    matcher = Grammars(tokenizer, len(tokenizer), [2]).matcher(grammar)
+    if matcher.valid_prefix(tokens) != len(tokens):
+        return False
+    for token in tokens:
+        matcher.advance(token)
+    return bool(matcher.allowed()[2])
+
+
+def test_mistral_grammar_takes_the_one_special_token_where_the_tokenizer_has_it(tokenizer, mistral_tokenizer):
+    from backends.constraints import Grammars
+
+    tok = mistral_tokenizer
+    token = tok.convert_tokens_to_ids(mistral.TRIGGER)
+    assert token == len(tok) - 1 and token in tok.all_special_ids
+
+    def encode(text):
+        return tok.encode(text, add_special_tokens=False)
+
+    # the text written in ordinary tokens (the same ids without the added token, which encode would take)
+    spelled = tokenizer.encode(mistral.TRIGGER + CALL_JSON, add_special_tokens=False)
+    assert token not in spelled and tok.decode(spelled) == mistral.TRIGGER + CALL_JSON
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}, "auto"):
+        grammar = mistral.grammar([WEATHER], choice, parallel=False, tokenizer=tok)
+        assert _takes(tok, grammar, [token] + encode(CALL_JSON)), choice
+        assert not _takes(tok, grammar, [token] + encode(BAD_JSON)), choice
+        assert not _takes(tok, grammar, spelled), choice  # the text spelling: refused, even as free text
+        assert not _takes(tok, grammar, encode(CALL_JSON)), choice  # nor the calls without the token
+    required = mistral.grammar([WEATHER], "required", tokenizer=tok)
+    # the first token of a "required" reply can only be [TOOL_CALLS], the one token
+    assert list(Grammars(tok, len(tok), [2]).matcher(required).allowed().nonzero()[0]) == [token]
+    assert not _takes(tok, required, encode("It is sunny."))
+    auto = mistral.grammar([WEATHER], "auto", tokenizer=tok)
+    assert _takes(tok, auto, encode("It is sunny."))
+    assert _takes(tok, auto, encode("Let me check.") + [token] + encode(CALL_JSON))
+
+
+def test_a_served_request_gets_the_grammar_of_its_models_tokenizer(tokenizer, mistral_tokenizer):
+    """The server builds a request's tool grammar for its model's tokenizer (prompts.output_grammar):
+    Mistral's special token where the model has it."""
+    from types import SimpleNamespace
+
+    from backends.constraints import Grammars
+    from billion.server.prompts import output_grammar
+    from billion.server.requests import ChatRequest
+
+    req = ChatRequest(model="m", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+                      tool_choice="required")
+    for tok, trigger in ((mistral_tokenizer, f"<[{mistral.trigger_token(mistral_tokenizer)}]>"),
+                         (tokenizer, json.dumps(mistral.TRIGGER))):
+        backend = SimpleNamespace(tokenizer=tok, grammars=Grammars(tok, len(tok), [2]))
+        assert f"call_start: {trigger}\n" in output_grammar(req, backend, mistral)
+
+
+@pytest.mark.parametrize("added", [None, "ordinary"])
+def test_mistral_grammar_spells_the_trigger_where_the_tokenizer_has_no_such_token(tokenizer, added):
+    """SmolLM2's tokenizer (served with --tool-format mistral) has no [TOOL_CALLS]; given it as an
+    ordinary added token, that token writes the text like any other: both take the text."""
+    tok = tokenizer
+    if added:
+        tok = copy.deepcopy(tokenizer)
+        tok.add_tokens([mistral.TRIGGER])
+        assert tok.encode(mistral.TRIGGER, add_special_tokens=False) == [len(tok) - 1]
+
+    def encode(text):
+        return tok.encode(text, add_special_tokens=False)
+
+    for choice in ("required", "auto"):
+        grammar = mistral.grammar([WEATHER], choice, parallel=False, tokenizer=tok)
+        assert _takes(tok, grammar, encode(mistral.TRIGGER + CALL_JSON)), choice
+        assert not _takes(tok, grammar, encode(mistral.TRIGGER + BAD_JSON)), choice
+        assert not _takes(tok, grammar, encode(CALL_JSON)), choice
+    auto = mistral.grammar([WEATHER], "auto", tokenizer=tok)
+    assert _takes(tok, auto, encode("It is sunny."))
+    assert _takes(tok, auto, encode("Let me check. " + mistral.TRIGGER + CALL_JSON))
+    assert not _takes(tok, auto, encode("Let me check. " + mistral.TRIGGER + BAD_JSON))
+
+
+@pytest.mark.parametrize("before", ["", "Let me check."])
+def test_a_reply_with_the_special_token_reads_back(mistral_tokenizer, before):
+    """Detokenizing (backends/text_stream.py, as every engine's replies are) skips special tokens,
+    so [TOOL_CALLS] leaves no text; the calls are read from the array after it, whole and streamed."""
+    from backends.text_stream import IncrementalDetokenizer
+
+    tok = mistral_tokenizer
+    tokens = (tok.encode(before, add_special_tokens=False) + [tok.convert_tokens_to_ids(mistral.TRIGGER)]
+              + tok.encode('[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                           '{"name": "get_weather", "arguments": {"city": "Rome"}}]', add_special_tokens=False))
+    assert _takes(tok, mistral.grammar([WEATHER], "auto" if before else "required", tokenizer=tok), tokens)
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.add(token) for token in tokens]
+    text = "".join(pieces)
+    assert mistral.TRIGGER not in text and text.startswith(before + "[{")
+    content, calls = mistral.parse(text)
+    assert content == (before or None)
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Paris"}, {"city": "Rome"}]
+    stream = mistral.stream()
+    shown = "".join(stream.push(piece) for piece in pieces)
+    rest, streamed = stream.finish()
+    assert shown + rest == before
+    assert [c["function"]["arguments"] for c in streamed] == [c["function"]["arguments"] for c in calls]
+    # the text spelling reads back the same, and a reply without calls is content, streamed whole
+    assert mistral.parse(f"{before} {mistral.TRIGGER}{CALL_JSON}")[0] == (before or None)
+    stream = mistral.stream()
+    shown = "".join(stream.push(piece) for piece in [before, " [TOOL", "_CALLS][{", CALL_JSON[2:]])
+    assert shown == before + " " and stream.finish() == ("", [mock.ANY])
+    stream = mistral.stream()
+    assert "".join(stream.push(p) for p in ["It is [1] ", "sunny."]) + stream.finish()[0] == "It is [1] sunny."
 
 
 def _served(backend, chat_template=None):

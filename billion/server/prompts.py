@@ -51,7 +51,7 @@ def output_grammar(req: RequestBase, backend: Backend, tool_format=hermes) -> st
     param = "tools" if calls_tools else "response_format"
     try:
         grammar = (tool_format.grammar([t.model_dump() for t in req.tools], req.tool_choice or "auto",
-                                       parallel=req.parallel_tool_calls is not False)
+                                       parallel=req.parallel_tool_calls is not False, tokenizer=backend.tokenizer)
                    if calls_tools else _format_grammar(req.response_format))
         if grammar is not None:
             backend.grammars.matcher(grammar)

@@ -67,7 +67,7 @@ def signatures(tools: list[dict]) -> dict[str, dict]:
     return found
 
 
-def grammar(tools: list[dict], choice="auto", parallel: bool = True) -> str | None:
+def grammar(tools: list[dict], choice="auto", parallel: bool = True, tokenizer=None) -> str | None:
     """The Lark grammar (llguidance's dialect) that a reply to a request with these tools must
     follow, or None for tool_choice "none" (a free reply):
     - "auto": any text, but once the model writes <tool_call> only calls of these tools may follow
@@ -184,11 +184,12 @@ class ToolStream:
     """A streamed reply's content, sent as it comes, and its calls, read at the end. Text that
     could be the start of the trigger (<tool_call>; a format's own, llama3.py's) is held back; from
     the trigger on nothing is content (the calls are sent whole by finish), unless the reply ends
-    inside a call. `read`: how the reply from the trigger on is parsed (content, calls)."""
+    inside a call. `read`: how the reply from the trigger on is parsed (content, calls); `triggers`:
+    the texts any of which starts the calls."""
 
-    def __init__(self, read=None, trigger: str = CALL_START):
+    def __init__(self, read=None, triggers: tuple[str, ...] = (CALL_START,)):
         self._read = read or parse
-        self._trigger = StopText((trigger,))
+        self._trigger = StopText(triggers)
         self._tail: str | None = None  # the reply from the first trigger on, once it appears
 
     def push(self, piece: str) -> str:

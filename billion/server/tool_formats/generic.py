@@ -57,7 +57,7 @@ def for_template(messages: list[dict], tool_list: list[dict] | None) -> tuple[li
     return out, None
 
 
-def grammar(tool_list: list[dict], choice="auto", parallel: bool = True) -> str | None:
+def grammar(tool_list: list[dict], choice="auto", parallel: bool = True, tokenizer=None) -> str | None:
     """The reply as one JSON object: {"tool_calls": [...]} (one call at most when not parallel),
     or for "auto" {"response": "..."} as well."""
     chosen = tools.chosen(tool_list, choice)

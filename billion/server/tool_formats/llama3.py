@@ -33,7 +33,7 @@ def _lark_string(text: str) -> str:
     return json.dumps(text)  # a Lark string literal takes JSON's escapes
 
 
-def grammar(tool_list: list[dict], choice="auto", parallel: bool = True) -> str | None:
+def grammar(tool_list: list[dict], choice="auto", parallel: bool = True, tokenizer=None) -> str | None:
     """One call, `{"name": N, "parameters": {...}}`, N one of the tools (tool_choice's, when named):
     the whole reply for "required" and a named function; for "auto" any text, until the model
     writes `{"name": "`, from which only a call may follow (a lazy rule, as hermes' trigger).
@@ -77,4 +77,4 @@ def parse(text: str) -> tuple[str | None, list[dict]]:
 
 
 def stream() -> tools.ToolStream:
-    return tools.ToolStream(parse, trigger=TRIGGER)
+    return tools.ToolStream(parse, triggers=(TRIGGER,))

@@ -4,9 +4,15 @@ template (tools in [AVAILABLE_TOOLS], results in [TOOL_RESULTS]) to call tools b
     [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]
 
 Their templates demand call ids of 9 letters or digits, so OpenAI's ids (call_...) are mapped to
-such ids, the same one for a call and for its result. `[TOOL_CALLS]` is a special token in
-Mistral's tokenizers: the grammar spells it as text (which any tokenizer can write and which
-detokenizing keeps), so a Mistral model is held to writing it that way."""
+such ids, the same one for a call and for its result.
+
+`[TOOL_CALLS]` is one special token in Mistral's tokenizers, and the model was taught to write
+that token, not the text in pieces: the grammar holds it to that token where the tokenizer has it
+(trigger_token), and to the text `[TOOL_CALLS]` where it has not (another model served with
+--tool-format mistral). Detokenizing skips special tokens, so the token leaves no text: the reply
+reads `[{"name": ...}]`, and the calls are found at `[{"name"` (CALLS_START), which the grammar
+forces right after the trigger and keeps out of the free text before it, as it keeps
+`[TOOL_CALLS]` written as text."""
 
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from billion.server import tools
 
 NAME = "mistral"
 TRIGGER = "[TOOL_CALLS]"
+CALLS_START = '[{"name"'  # how the grammar's array of calls begins (tools.JSON_STYLE: no whitespace)
+FREE_TEXT = r'TEXT: /(.|\n)*/ & ~/(?s:.*)(\[TOOL_CALLS\]|\[\{"name")(?s:.*)/'  # holds neither start of calls
 
 
 def template_problem(chat_template: str | None) -> str | None:
@@ -42,31 +50,48 @@ def for_template(messages: list[dict], tool_list: list[dict] | None) -> tuple[li
     return out, tool_list
 
 
-def grammar(tool_list: list[dict], choice="auto", parallel: bool = True) -> str | None:
+def trigger_token(tokenizer) -> int | None:
+    """The id of `[TOOL_CALLS]` where `tokenizer` has it as one special token (Mistral's), else None."""
+    if tokenizer is None:
+        return None
+    token = tokenizer.convert_tokens_to_ids(TRIGGER)
+    special = getattr(tokenizer, "added_tokens_decoder", {}).get(token)
+    # (an unknown token converts to the unknown token's id: its text tells them apart)
+    return token if special is not None and special.special and special.content == TRIGGER else None
+
+
+def grammar(tool_list: list[dict], choice="auto", parallel: bool = True, tokenizer=None) -> str | None:
     """`[TOOL_CALLS]` and a JSON array of calls (one when not parallel): the whole reply for
-    "required" and a named function; for "auto", text until the model writes `[TOOL_CALLS]`."""
+    "required" and a named function; for "auto", free text until the model writes `[TOOL_CALLS]`.
+    The trigger is the tokenizer's special token where it has one (llguidance names it by id,
+    `<[id]>`; free text ends at it), else the text, which a lazy rule waits for. The free text may
+    not hold `[TOOL_CALLS]` or CALLS_START written as text, so what parse finds is the grammar's calls."""
     chosen = tools.chosen(tool_list, choice)
     if chosen is None:
         return None
     call = tools.call_schema(chosen)
     calls = {"x-guidance": tools.JSON_STYLE, "type": "array", "items": call, "minItems": 1,
              **({} if parallel else {"maxItems": 1})}
-    trigger = json.dumps(TRIGGER)
-    if choice == "auto":
-        head = ["start: TEXT | calls", f"call_start[lazy]: TEXT {trigger}", r"TEXT: /(.|\n)*/"]
-    else:
+    token = trigger_token(tokenizer)
+    trigger = json.dumps(TRIGGER) if token is None else f"<[{token}]>"
+    if choice != "auto":
         head = ["start: calls", f"call_start: {trigger}"]
+    elif token is None:  # a lazy rule cannot hold a special token, and text needs one to end at
+        head = ["start: TEXT | calls", f"call_start[lazy]: TEXT {trigger}", FREE_TEXT]
+    else:
+        head = ["start: TEXT | TEXT calls", f"call_start: {trigger}", FREE_TEXT]
     rules = ["%llguidance {}", *head, f"calls: call_start %json {constraints.schema_text(calls)}"]
     return constraints.lark("\n".join(rules) + "\n", "the tools' grammar")
 
 
 def parse(text: str) -> tuple[str | None, list[dict]]:
-    """(content, calls): the text before [TOOL_CALLS] (None if nothing) and the calls in the array
-    after it; a reply that is not such an array (or ends inside it) is content as it stands."""
-    start = text.find(TRIGGER)
+    """(content, calls): the text before the calls (None if nothing) and the calls in the array
+    after `[TOOL_CALLS]` written as text, or at CALLS_START where the special token left no text;
+    a reply that is not such an array (or ends inside it) is content as it stands."""
+    start = min((at for at in (text.find(TRIGGER), text.find(CALLS_START)) if at >= 0), default=-1)
     if start < 0:
         return text, []
-    at = start + len(TRIGGER)
+    at = start + len(TRIGGER) if text.startswith(TRIGGER, start) else start
     while at < len(text) and text[at].isspace():
         at += 1
     try:
@@ -79,4 +104,5 @@ def parse(text: str) -> tuple[str | None, list[dict]]:
 
 
 def stream() -> tools.ToolStream:
-    return tools.ToolStream(parse, trigger=TRIGGER)
+    """Calls start at `[TOOL_CALLS]` as text, or at CALLS_START where it was the special token."""
+    return tools.ToolStream(parse, triggers=(TRIGGER, CALLS_START))
