@@ -382,6 +382,8 @@ class Generation:
         return self
 
     async def __anext__(self) -> Chunk:
+        if self.ended and self.queue.empty():  # its end was read (by first(), or it was closed): no more
+            raise StopAsyncIteration
         item = await self.queue.get()
         if item is _DONE or isinstance(item, BaseException):
             self.ended = True
