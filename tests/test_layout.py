@@ -105,3 +105,25 @@ def test_tokens_come_from_the_one_scheduler_only():
     offenders = {name: token_loops(f.read_text()) for package in ("backends", "billion")
                  for name, f in modules(package).items() if name not in SCHEDULER}
     assert {name: lines for name, lines in offenders.items() if lines} == {}
+
+
+def test_a_dialect_is_one_module_the_server_finds_and_holds_no_generation_logic():
+    """billion/server/dialects/: every module there is served (its router, its error shape), so a
+    new API is one new file; and a dialect only translates: it imports nothing from the engines,
+    the grammars or the tool formats (answers.py and prompts.py do that for every dialect)."""
+    from billion.server import dialects
+    from billion.server.app import create_app
+
+    folder = ROOT / "billion" / "server" / "dialects"
+    found = {f"billion.server.dialects.{f.stem}" for f in folder.glob("*.py") if f.stem != "__init__"}
+    assert {d.__name__ for d in dialects.ALL} == found and len(found) >= 3
+    app = create_app({})
+    served = set(app.openapi()["paths"])
+    for dialect in dialects.ALL:
+        assert {r.path for r in dialect.router.routes} <= served, dialect.__name__
+        for name in imports_of(folder / f"{dialect.__name__.rsplit('.', 1)[1]}.py", "backends") | \
+                imports_of(folder / f"{dialect.__name__.rsplit('.', 1)[1]}.py", "billion"):
+            assert not name.startswith(("backends", "billion.server.engine", "billion.server.tool_formats",
+                                        "billion.server.tools")), (dialect.__name__, name)
+    shaped = [d for d in dialects.ALL if hasattr(d, "error_body")]
+    assert [d.ERROR_PREFIX for d in shaped] == ["/v1/messages"]  # Anthropic's; the others answer OpenAI's

@@ -88,6 +88,15 @@ def single_prompt(req: CompletionRequest) -> str | list[int]:
     return prompt
 
 
+def echo_text(req: CompletionRequest, engine, prompt_ids: list[int]) -> str:
+    """The prompt as `echo` repeats it: its text as sent, or its token ids decoded."""
+    prompt = single_prompt(req)
+    if isinstance(prompt, str):
+        return prompt
+    with engine.prep_lock:
+        return engine.prep.tokenizer.decode(prompt_ids)
+
+
 def completion_prompt(req: CompletionRequest, backend: Backend) -> list[int]:
     """The prompt's token ids: one string (alone or in a list of one) tokenized, or token ids as given."""
     prompt = single_prompt(req)

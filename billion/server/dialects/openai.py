@@ -18,9 +18,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from billion.server.answers import Reply, collected, respond, shown
-from billion.server.engine import Engine
 from billion.server.errors import gone, stream_error
-from billion.server.prompts import prepared, single_prompt
+from billion.server.prompts import echo_text, prepared
 from billion.server.requests import ChatRequest, CompletionRequest, parse_request
 
 router = APIRouter()
@@ -43,17 +42,8 @@ async def chat_completions(request: Request):
 @router.post("/v1/completions")
 async def completions(request: Request):
     req, engine, prompt_ids, gen = await prepared(request, _parsed_as(CompletionRequest))
-    echo = await run_in_threadpool(_echo_text, req, engine, prompt_ids) if req.echo else None
+    echo = await run_in_threadpool(echo_text, req, engine, prompt_ids) if req.echo else None
     return await respond(request, req, engine, prompt_ids, gen, answer, events, kind="text", echo=echo)
-
-
-def _echo_text(req: CompletionRequest, engine: Engine, prompt_ids: list[int]) -> str:
-    """The prompt as `echo` repeats it: its text as sent, or its token ids decoded."""
-    prompt = single_prompt(req)
-    if isinstance(prompt, str):
-        return prompt
-    with engine.prep_lock:
-        return engine.prep.tokenizer.decode(prompt_ids)
 
 
 # ---------------------------------------------------------------- the answer
