@@ -55,7 +55,11 @@ def main() -> None:
     t = time.perf_counter()
     backend = load(args.engine, model, LoadOptions(dtype="float32"))
     try:
-        in_process = summarise(evaluate(lm_class()(backend=backend, batch_size=1), cfg, manager))
+        # lm-eval's API models cut context + continuation to max_length - 1 tokens (a token is kept
+        # for the one they generate), its hf model (as billion's LM) the scored row to max_length:
+        # cut the same, so that prompts past the context are scored on the same tokens both ways
+        fit = backend.context_length - 2
+        in_process = summarise(evaluate(lm_class()(backend=backend, batch_size=1, max_length=fit), cfg, manager))
     finally:
         backend.close()
     in_process_s = time.perf_counter() - t
@@ -65,7 +69,8 @@ def main() -> None:
     try:
         t = time.perf_counter()
         lm = LocalCompletionsAPI(base_url=url + "/v1/completions", model=args.model, tokenizer_backend="huggingface",
-                                 tokenizer=str(model.folder), add_bos_token=True, num_concurrent=1, max_retries=1)
+                                 tokenizer=str(model.folder), add_bos_token=True, num_concurrent=1, max_retries=1,
+                                 max_length=fit + 2)
         over_http = summarise(evaluate(lm, cfg, manager))
         http_s = time.perf_counter() - t
     finally:
