@@ -429,6 +429,7 @@ class Output:
         self.error: Exception | None = None  # with "error": the request's own failure
         self.cached_tokens = 0  # prompt tokens its prefill found in the prompt cache
         self.logprobs: deque = deque()  # each generated token's entry, until its chunk takes it
+        self.eos_logprobs: tuple | None = None  # the entry of the EOS that ended it (which makes no chunk)
 
     def take(self, event: BatchEvent) -> list[Chunk]:
         """The chunks `event` completes. A stop string finishes the text before the batch knows:
@@ -445,7 +446,10 @@ class Output:
             self.finish_reason = self.text.finished or event.finish_reason
             self.error = event.error
         # chunks come one per token in order (EOS makes none), so the oldest entry is the chunk's
-        return [replace(c, logprobs=self.logprobs.popleft()) if self.logprobs else c for c in chunks]
+        chunks = [replace(c, logprobs=self.logprobs.popleft()) if self.logprobs else c for c in chunks]
+        if self.finish_reason == "eos" and self.logprobs:  # vLLM lists it; lm-eval reads its place
+            self.eos_logprobs = self.logprobs.popleft()
+        return chunks
 
 
 def logprob_entry(tokenizer, token: int, logprob: float, top: tuple) -> tuple:

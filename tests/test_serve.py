@@ -120,7 +120,12 @@ def test_a_reply_with_no_text_is_answered_at_once_json_and_streamed(server, tiny
     assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 0)
     echoed = server.client.completions.create(echo=True, logprobs=1, **kw)
     assert echoed.choices[0].text == backend.tokenizer.decode(prompt)
-    assert len(echoed.choices[0].logprobs.tokens) == 2 and echoed.choices[0].logprobs.token_logprobs[0] is None
+    # the prompt's two entries (the first null), then the EOS that ended the reply, as vLLM lists it:
+    # lm-eval's local-completions reads every entry but the last as the prompt's
+    logprobs = echoed.choices[0].logprobs
+    assert len(logprobs.tokens) == 3 and logprobs.token_logprobs[0] is None
+    x = backend.batch_logits([prompt], [[1]])[0][0].astype(np.float64)
+    assert logprobs.token_logprobs[2] == pytest.approx(-np.log(np.exp(x - x.max()).sum()), abs=1e-4)  # the argmax
     streamed = list(server.client.completions.create(stream=True, **kw))
     assert "".join(c.choices[0].text for c in streamed) == "" and streamed[-1].choices[0].finish_reason == "stop"
 

@@ -86,6 +86,17 @@ class Reply:
             self.offset += len(entry[0])
         self.offset = len(text)  # the completion's text follows the prompt's
 
+    def finished(self) -> None:
+        """Its generation ended (not abandoned): past its time, it says so; a completion (kind
+        "text") ended at EOS with logprobs lists the EOS token's entry last, as vLLM does:
+        lm-eval's local-completions reads an echoed prompt's log-probabilities as every entry but
+        the last, the generated one (a chat reply's content logprobs stay its text's)."""
+        request = self.generation.request
+        if request.reason == "max_time":
+            self.reason = "max_time"
+        if self.kind == "text" and self.logprobs and request.output.eos_logprobs is not None:
+            self.entries.append((request.output.eos_logprobs, self.offset))
+
     def called(self, calls: list) -> None:
         """The reply's tool calls, once read. A reply that ended at EOS after tool calls finishes
         with "tool_calls" (one cut by a limit keeps its own reason)."""
@@ -184,8 +195,7 @@ async def collected(reply: Reply) -> str | None:
         await reply.close()
     if reply.generation.client_gone:
         return None
-    if reply.generation.request.reason == "max_time":
-        reply.reason = "max_time"
+    reply.finished()
     return "".join(text)
 
 
@@ -203,8 +213,7 @@ async def shown(reply: Reply) -> AsyncIterator[str]:
     if reply.generation.client_gone:
         reply.gone = True
         return
-    if reply.generation.request.reason == "max_time":
-        reply.reason = "max_time"
+    reply.finished()
     found: list = []
     if calls:
         rest, found = calls.finish()
