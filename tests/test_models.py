@@ -57,3 +57,22 @@ def test_tiny_folder_keeps_hub_config_keys(tiny_folder, alias):
     assert set(hub) <= set(config)
     for key in ("model_type", "architectures", "tie_word_embeddings", "hidden_act"):
         assert config[key] == hub[key]
+
+
+def test_a_synthetic_folder_may_carry_a_real_tokenizer(tmp_path, real_folder):
+    """build_folder(tokenizer=...): the architecture with random weights and a published tokenizer
+    (what llama.cpp's converter takes), its vocabulary sizing the embeddings, its EOS the model's."""
+    from transformers import AutoTokenizer
+
+    import backends
+    from backends.folders.synthetic import build_folder
+    from backends.types import GenerationConfig
+    from billion.models import card_for
+
+    card = card_for("tinyllama")
+    real = AutoTokenizer.from_pretrained(real_folder)
+    out = build_folder(tmp_path / "f", card.config, card.family, tiny=True, tokenizer=real)
+    backend = backends.get("torch").load(out, device="cpu", dtype="float32")
+    assert backend.vocab_size == len(real) and backend.eos_ids == {real.eos_token_id}
+    assert backend.tokenize("hello world") == real("hello world")["input_ids"]
+    assert len(backend.generate(backend.tokenize("hello"), GenerationConfig(max_tokens=3, ignore_eos=True))) == 3

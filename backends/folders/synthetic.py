@@ -129,15 +129,16 @@ def count_parameters(config: dict) -> int:
     return total
 
 
-def build_folder(out: Path, config: dict, family: str, *, tiny: bool, seed: int = 0) -> Path:
-    """Write an HF-format folder at `out` (atomically: built aside, then renamed)."""
+def build_folder(out: Path, config: dict, family: str, *, tiny: bool, seed: int = 0, tokenizer=None) -> Path:
+    """Write an HF-format folder at `out` (atomically: built aside, then renamed). `tokenizer`: a
+    real one to carry instead of the home-made one (its vocabulary sizes the embeddings), so that
+    tools that know only published tokenizers (llama.cpp's converter) take the folder."""
     import torch
     from safetensors.torch import save_file
 
     out = Path(out)
     if (out / "config.json").is_file():
         return out
-    tokenizer = _train_tokenizer(family)
     config = dict(config)
     if tiny:
         config.update(TINY[config["model_type"]], vocab_size=1024, max_position_embeddings=512)
@@ -145,7 +146,12 @@ def build_folder(out: Path, config: dict, family: str, *, tiny: bool, seed: int 
             config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
         if config.get("rope_scaling"):  # llama3 scaling needs original context < context
             config["rope_scaling"] = dict(config["rope_scaling"], original_max_position_embeddings=128)
-    _, eos, _, gen_eos, _ = SPECIALS[family]
+    if tokenizer is None:
+        tokenizer = _train_tokenizer(family)
+        _, eos, _, gen_eos, _ = SPECIALS[family]
+    else:
+        config["vocab_size"] = len(tokenizer)
+        eos, gen_eos = tokenizer.eos_token, [tokenizer.eos_token]
     config["bos_token_id"] = tokenizer.bos_token_id
     config["eos_token_id"] = tokenizer.convert_tokens_to_ids(eos)
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in gen_eos]
