@@ -136,11 +136,21 @@ def mistral_tokenizer(tokenizer):
     return with_token
 
 
-def _takes(tokenizer, grammar: str, tokens: list[int]) -> bool:
-    """Whether `grammar`, compiled for `tokenizer`, takes `tokens` as a whole reply (EOS may follow)."""
+def _grammars(tokenizer):
+    """One Grammars per tokenizer (its llguidance view takes a while to build)."""
     from backends.constraints import Grammars
 
-    matcher = Grammars(tokenizer, len(tokenizer), [2]).matcher(grammar)
+    if id(tokenizer) not in _GRAMMARS:
+        _GRAMMARS[id(tokenizer)] = (tokenizer, Grammars(tokenizer, len(tokenizer), [2]))
+    return _GRAMMARS[id(tokenizer)][1]
+
+
+_GRAMMARS: dict = {}
+
+
+def _takes(tokenizer, grammar: str, tokens: list[int]) -> bool:
+    """Whether `grammar`, compiled for `tokenizer`, takes `tokens` as a whole reply (EOS may follow)."""
+    matcher = _grammars(tokenizer).matcher(grammar)
     if matcher.valid_prefix(tokens) != len(tokens):
         return False
     for token in tokens:
@@ -149,8 +159,6 @@ def _takes(tokenizer, grammar: str, tokens: list[int]) -> bool:
 
 
 def test_mistral_grammar_takes_the_one_special_token_where_the_tokenizer_has_it(tokenizer, mistral_tokenizer):
-    from backends.constraints import Grammars
-
     tok = mistral_tokenizer
     token = tok.convert_tokens_to_ids(mistral.TRIGGER)
     assert token == len(tok) - 1 and token in tok.all_special_ids
@@ -169,7 +177,7 @@ def test_mistral_grammar_takes_the_one_special_token_where_the_tokenizer_has_it(
         assert not _takes(tok, grammar, encode(CALL_JSON)), choice  # nor the calls without the token
     required = mistral.grammar([WEATHER], "required", tokenizer=tok)
     # the first token of a "required" reply can only be [TOOL_CALLS], the one token
-    assert list(Grammars(tok, len(tok), [2]).matcher(required).allowed().nonzero()[0]) == [token]
+    assert list(_grammars(tok).matcher(required).allowed().nonzero()[0]) == [token]
     assert not _takes(tok, required, encode("It is sunny."))
     auto = mistral.grammar([WEATHER], "auto", tokenizer=tok)
     assert _takes(tok, auto, encode("It is sunny."))
@@ -181,7 +189,6 @@ def test_a_served_request_gets_the_grammar_of_its_models_tokenizer(tokenizer, mi
     Mistral's special token where the model has it."""
     from types import SimpleNamespace
 
-    from backends.constraints import Grammars
     from billion.server.prompts import output_grammar
     from billion.server.requests import ChatRequest
 
@@ -189,7 +196,7 @@ def test_a_served_request_gets_the_grammar_of_its_models_tokenizer(tokenizer, mi
                       tool_choice="required")
     for tok, trigger in ((mistral_tokenizer, f"<[{mistral.trigger_token(mistral_tokenizer)}]>"),
                          (tokenizer, json.dumps(mistral.TRIGGER))):
-        backend = SimpleNamespace(tokenizer=tok, grammars=Grammars(tok, len(tok), [2]))
+        backend = SimpleNamespace(tokenizer=tok, grammars=_grammars(tok))
         assert f"call_start: {trigger}\n" in output_grammar(req, backend, mistral)
 
 
