@@ -398,7 +398,7 @@ class BatchGenerator:
         for key in self.prompt_cache:
             if key[0] != salt:
                 continue
-            n = _common_prefix(key[1:], prompt, len(prompt) - 1)
+            n = common_prefix(key[1:], prompt, len(prompt) - 1)
             if n > best_n:
                 best, best_n = key, n
         if best is None:
@@ -409,8 +409,9 @@ class BatchGenerator:
         return self.cache.crop(row, best_n), best_n
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n, limit = 0, min(len(a), len(b), limit)
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """How many tokens `a` and `b` share from the start (at most `limit`)."""
+    n, limit = 0, min(len(a), len(b), len(a) if limit is None else limit)
     while n < limit and a[n] == b[n]:
         n += 1
     return n

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from backends import sampling
+from backends.batching import common_prefix
 from backends.types import UserError
 
 
@@ -185,11 +186,7 @@ class PromptLogprobs:
     def __call__(self, ids, top: int, salt: str | None = None) -> list[tuple]:
         """(log-probability, top pairs) of ids[1:], as sampling.logprobs_of gives them."""
         ids = list(ids)
-        same = 0
-        if self.session is not None and self.key == (top, salt):
-            limit = min(len(ids), len(self.ids))
-            while same < limit and ids[same] == self.ids[same]:
-                same += 1
+        same = common_prefix(ids, self.ids) if self.session is not None and self.key == (top, salt) else 0
         if same < 2:  # nothing to reuse: a fresh session
             self.session, self.values, same = self.backend.session(), [], 1
         else:

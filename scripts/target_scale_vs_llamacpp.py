@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llama_batched_bench import sweep  # noqa: E402  scripts/llama_batched_bench.py, beside this file
+from llama_batched_bench import VERSION, sweep  # noqa: E402  scripts/llama_batched_bench.py, beside this file
 
 from backends import host  # noqa: E402
 from backends.folders import billion_home  # noqa: E402
@@ -39,8 +39,6 @@ from backends.llamacpp_engine.convert import gguf_file  # noqa: E402
 from billion.loading import resolve  # noqa: E402
 from billion.models import card_for  # noqa: E402
 from billion.records.store import make_record, write_record  # noqa: E402
-
-VERSION = "0.3.36"  # the llama-cpp-python sdist setup_llamacpp.sh unpacks the converter from
 
 
 def folder(alias: str, tokenizer_from: str) -> Path:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.types import UserError
+from backends.batching import common_prefix
 from backends.training import Example
+from backends.types import UserError
 from billion.tasks.jsonl import json_lines
 
 SAMPLE = Path(__file__).parent.parent / "data" / "sample_instructions.jsonl"
@@ -149,15 +150,6 @@ def _end_id(backend) -> int:
     return eos if eos is not None else next(iter(backend.eos_ids))
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _chat_example(backend, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Ids of the whole conversation; mask 1 on each assistant turn (its text and end token).
 
@@ -172,7 +164,7 @@ def _chat_example(backend, messages: list[dict]) -> tuple[list[int], list[int]]:
             continue
         before = backend.apply_chat_template(messages[:i], add_generation_prompt=True) if i else []
         upto = backend.apply_chat_template(messages[:i + 1], add_generation_prompt=False)
-        start, end = _common_prefix(before, upto), _common_prefix(upto, ids)
+        start, end = common_prefix(before, upto), common_prefix(upto, ids)
         for j in range(start, end):
             mask[j] = 1
     return ids, mask
