@@ -13,15 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONC=${1:-1,2,4,8}
 REQUESTS=${2:-8}
-MODEL=${BILLION_MODEL:-gguf:smollm2-135m}
-VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-TOOLS=${BILLION_HOME:-$HOME/.cache/billion}/llama.cpp-$VERSION
-SERVER=${LLAMA_SERVER:-$TOOLS/bin/llama-server}
-PY=.venv/bin/python
-[ -x "$SERVER" ] || { echo "no llama-server at $SERVER: run bash scripts/setup_llamacpp.sh --tools"; exit 1; }
-FOLDER=$("$PY" -c "from billion.loading import resolve; print(resolve('$MODEL', progress=False).folder)")
-GGUF=$("$PY" -c "from backends.llamacpp_engine.convert import gguf_file; from pathlib import Path; \
-print(gguf_file(Path('$FOLDER'), '$VERSION', 'float32', None))")
+source scripts/llama_server_env.sh  # MODEL, SERVER, FOLDER, GGUF
 
 wait_up() { for _ in $(seq 1 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 1; done; echo "$1 did not come up"; return 1; }
 pids=()

@@ -11,15 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${1:-3}
-MODEL=${BILLION_MODEL:-gguf:smollm2-135m}
-VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-TOOLS=${BILLION_HOME:-$HOME/.cache/billion}/llama.cpp-$VERSION
-SERVER=${LLAMA_SERVER:-$TOOLS/bin/llama-server}
-PY=.venv/bin/python
-[ -x "$SERVER" ] || { echo "no llama-server at $SERVER: run bash scripts/setup_llamacpp.sh --tools"; exit 1; }
-# llama.cpp's own F32 conversion of the folder billion loads (cached, as the llama.cpp peer engine makes it)
-GGUF=$("$PY" -c "from billion.loading import resolve; from backends.llamacpp_engine.convert import gguf_file; \
-print(gguf_file(resolve('$MODEL', progress=False).folder, '$VERSION', 'float32', None))")
+source scripts/llama_server_env.sh  # MODEL, SERVER, FOLDER, GGUF
 
 wait_up() { for _ in $(seq 1 120); do curl -sf "$1/health" >/dev/null 2>&1 && return 0; sleep 1; done; return 1; }
 load() {  # url server-label [model id]
