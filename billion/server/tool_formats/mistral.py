@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from backends import constraints
 from billion.server import tools
@@ -25,7 +26,8 @@ from billion.server import tools
 NAME = "mistral"
 TRIGGER = "[TOOL_CALLS]"
 CALLS_START = '[{"name"'  # how the grammar's array of calls begins (tools.JSON_STYLE: no whitespace)
-FREE_TEXT = r'TEXT: /(.|\n)*/ & ~/(?s:.*)(\[TOOL_CALLS\]|\[\{"name")(?s:.*)/'  # holds neither start of calls
+# free text before the calls: it holds neither of their starts written as text
+FREE_TEXT = rf"TEXT: /(.|\n)*/ & ~/(?s:.*)({re.escape(TRIGGER)}|{re.escape(CALLS_START)})(?s:.*)/"
 
 
 def template_problem(chat_template: str | None) -> str | None:
