@@ -106,16 +106,17 @@ def test_completions_streamed_and_not(server, tiny_model):
     assert full.usage.completion_tokens == 20 and full.choices[0].finish_reason == "length"
 
 
-def test_a_reply_with_no_text_is_answered_at_once_json_and_streamed(server, tiny_model):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_reply_with_no_text_is_answered_at_once_json_and_streamed(server, tiny_model, engine):
     """A generation that ends before its first chunk (its first token EOS, which lm-eval's
     one-token scoring requests meet) is answered at once with empty text, JSON and streamed,
     echo included (it used to wait forever for a second end)."""
     import numpy as np
 
-    backend = tiny_model("torch")
+    backend = tiny_model(engine)
     prompt = next([1, i] for i in range(3, 1000)
                   if int(np.argmax(backend.batch_logits([[1, i]], [[1]])[0][0])) in backend.eos_ids)
-    kw = dict(model="tiny@torch", prompt=prompt, max_tokens=1, temperature=0, timeout=20)
+    kw = dict(model=f"tiny@{engine}", prompt=prompt, max_tokens=1, temperature=0, timeout=20)
     r = server.client.completions.create(**kw)
     assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 0)
     echoed = server.client.completions.create(echo=True, logprobs=1, **kw)
