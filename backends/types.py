@@ -86,3 +86,5 @@ class ModelInfo:
     source: dict | None = None
     # how decoding is compiled (torch --compile), with the compile time once paid; None: eager
     compiled: str | None = None
+    # the matmul kernels where they are not the framework's default (torch on x86 CPUs: oneDNN)
+    kernels: str | None = None

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from backends import host
 from backends.folders import hf_folder
+from backends.torch_engine import cpu_linear
 from backends.torch_engine import quant as torch_quant
 from backends.torch_engine import quant_adapters, quant_folder
 from backends.base import Backend
@@ -70,6 +71,7 @@ class TorchSession(KVSession):
 class TorchBackend(Backend):
     name = "torch"
     compiles = True
+    kernels: str | None = None  # the CPU matmul path where it is not torch's default (cpu_linear)
 
     @classmethod
     def _load(cls, path: Path, *, device=None, dtype=None, trust_remote_code=False,
@@ -98,7 +100,10 @@ class TorchBackend(Backend):
             quantization = quant_folder.folder_description(folder_q if isinstance(folder_q, dict) else folder_q.to_dict())
         if quantize:
             quantization = torch_quant.quantize_model(model, quantize, group_size, device)
-        return cls(model, tokenizer, Path(path), model.config.to_dict(), device, dtype, quantization)
+        backend = cls(model, tokenizer, Path(path), model.config.to_dict(), device, dtype, quantization)
+        if device == "cpu" and (routed := cpu_linear.route(model)):
+            backend.kernels = f"{cpu_linear.KERNEL} ({routed} layers)"
+        return backend
 
     def _compile_decode(self) -> None:
         from backends.torch_engine.compiled import CompiledDecode
@@ -161,6 +166,7 @@ class TorchBackend(Backend):
             weight_bytes=weight_bytes, decode_bytes_per_token=weight_bytes - embed_bytes,
             vocab_size=self.vocab_size, context_length=self.context_length, quantization=self.quantization,
             source=self.source, compiled=self.compiled.describe() if self.compiled else None,
+            kernels=self.kernels,
             versions={"torch": torch.__version__, "transformers": transformers.__version__})
 
     def memory_bandwidth(self) -> tuple[float | None, str]:

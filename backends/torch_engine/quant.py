@@ -29,6 +29,7 @@ import time
 import torch
 from torch import nn
 
+from backends.torch_engine import cpu_linear
 from backends.types import UserError
 
 log = logging.getLogger("billion")
@@ -140,6 +141,7 @@ def quantize_model(model, scheme: str, group_size: int, device: str, *, serializ
     if getattr(model, "hf_quantizer", None) is not None:
         raise UserError("this model folder is already quantized (its config.json has a quantization_config); "
                         "load it without --quantize")
+    cpu_linear.unroute(model)  # a quantized weight keeps its own kernel (`billion quantize` quantizes a loaded model)
     if scheme.startswith("bnb-"):
         _bitsandbytes(model, scheme, group_size, device, dtype)
         what = ("bitsandbytes LLM.int8() (threshold 6.0)" if scheme == "bnb-int8"
