@@ -6,10 +6,12 @@
 #  2. llama.cpp's HF -> GGUF converter (convert_hf_to_gguf.py, its conversion/ package and its
 #     own gguf-py), which only the source distribution carries, unpacked to
 #     $BILLION_HOME/llama.cpp-<version>, where the engine looks for it.
-#  3. With --tools: llama.cpp's own llama-server and llama-batched-bench, built with cmake from the
-#     same source distribution into $BILLION_HOME/llama.cpp-<version>/bin (another ~10 minutes),
-#     for the batching comparisons (docs/llamacpp.md): the peer's server with parallel slots and
-#     its batched decoding, beside billion serve and billion bench --batch.
+#  3. With --tools: llama.cpp's own llama-server, llama-bench, llama-batched-bench and
+#     test-backend-ops, built with cmake from the same source distribution into
+#     $BILLION_HOME/llama.cpp-<version>/bin (another ~10 minutes), for the comparisons
+#     (docs/llamacpp.md): the peer's server with parallel slots, its decode speed alone and
+#     batched, beside billion serve, billion bench and bench --batch, and its matmul kernels'
+#     GB/s per shape beside torch's (scripts/cpu_matmul_probe.py --llama-cpp).
 # On macOS pip builds it with Metal; for CUDA set CMAKE_ARGS="-DGGML_CUDA=on" first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,15 +36,17 @@ if [ ! -f "$tools/convert_hf_to_gguf.py" ]; then
   rm -rf "$tools" && mv "$tmp/$top" "$tools" && rm -rf "$tmp"
 fi
 "$PY" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'installed; converter in $tools')"
-if [ "${1:-}" = "--tools" ] && [ ! -x "$tools/bin/llama-server" ]; then
-  echo "building llama-server and llama-batched-bench (about 10 minutes on 2 cores)..."
+TOOLS="llama-server llama-bench llama-batched-bench test-backend-ops"
+missing=$(for t in $TOOLS; do [ -x "$tools/bin/$t" ] || echo "$t"; done)
+if [ "${1:-}" = "--tools" ] && [ -n "$missing" ]; then
+  echo "building $(echo $missing) (about 10 minutes on 2 cores)..."
   src=$(mktemp -d)
   tar xzf "$sdist" -C "$src" "llama_cpp_python-$VERSION/vendor/llama.cpp"
   llama="$src/llama_cpp_python-$VERSION/vendor/llama.cpp"
   cmake -S "$llama" -B "$llama/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
-  cmake --build "$llama/build" -j "$(nproc)" --target llama-server llama-batched-bench >/dev/null
-  mkdir -p "$tools/bin" && cp "$llama/build/bin/llama-server" "$llama/build/bin/llama-batched-bench" "$tools/bin/"
+    -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
+  cmake --build "$llama/build" -j "$(nproc)" --target $missing >/dev/null
+  mkdir -p "$tools/bin" && for t in $missing; do cp "$llama/build/bin/$t" "$tools/bin/"; done
   rm -rf "$src"
-  echo "llama-server and llama-batched-bench in $tools/bin"
+  echo "$(echo $missing) in $tools/bin"
 fi

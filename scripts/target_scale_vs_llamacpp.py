@@ -14,6 +14,7 @@ bench --batch 8` against `llama-batched-bench` (S_TG, aggregate decode tok/s).
 
     bash scripts/setup_llamacpp.sh --tools    # the converter and llama-bench, llama-batched-bench
     .venv/bin/python scripts/target_scale_vs_llamacpp.py --dtypes float32,bfloat16 --batch 1,8
+    .venv/bin/python scripts/target_scale_vs_llamacpp.py -m gguf:smollm2-135m --dtypes float32  # the real 135M
 
 Prints a table and writes one `target_scale` record under --results-dir (billion's own `bench`
 and `bench_batch` records are written beside it).
@@ -74,6 +75,8 @@ def llama_bench(binary: Path, gguf: Path, n: int, runs: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--alias", default="tinyllama")
+    ap.add_argument("-m", "--model", default=None,
+                    help="Time this model spec's own folder instead (e.g. the real gguf:smollm2-135m).")
     ap.add_argument("--tokenizer-from", default="gguf:smollm2-135m")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--batch", default="1,8")
@@ -85,7 +88,7 @@ def main() -> None:
     started = time.time()
     bin_dir = billion_home() / f"llama.cpp-{VERSION}" / "bin"
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-    path = folder(args.alias, args.tokenizer_from)
+    path = resolve(args.model, progress=False).folder if args.model else folder(args.alias, args.tokenizer_from)
     config = json.loads((path / "config.json").read_text())
     rows = []
     for dtype in args.dtypes.split(","):
@@ -104,7 +107,8 @@ def main() -> None:
             print(f"{dtype:9} batch {batch}: billion {ours:7.2f} tok/s, llama.cpp {theirs:7.2f} tok/s, "
                   f"ratio {ours / theirs:.2f}", flush=True)
     record = make_record("target_scale", "torch", str(path), {
-        "alias": args.alias, "tokenizer_from": args.tokenizer_from, "parameters": count_parameters(config),
+        "model": args.model, "alias": None if args.model else args.alias,
+        "tokenizer_from": None if args.model else args.tokenizer_from, "parameters": count_parameters(config),
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
         "llama_cpp": VERSION}, {"rows": rows}, started=started)
     print(f"record: {write_record(record, args.results_dir)}")

@@ -28,7 +28,9 @@ def test_a_cpu_model_runs_its_linear_layers_through_onednn_with_the_same_logits(
     b = tiny_model("torch")
     linears = [m for m in b.model.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is cpu_linear.OneDNNLinear for m in linears)
-    assert b.info().kernels == f"oneDNN linear ({len(linears)} layers)"
+    assert b.info().kernels == f"oneDNN linear, packed ({len(linears)} layers)"
+    assert all(m.weight.is_mkldnn for m in linears)  # packed in place: no dense copy kept
+    assert b.info().weight_bytes == sum(p.numel() * 4 for p in b.model.parameters())
     ids = torch.tensor([[5, 17, 200, 3, 99, 41]])
 
     def logits():
@@ -41,14 +43,23 @@ def test_a_cpu_model_runs_its_linear_layers_through_onednn_with_the_same_logits(
     try:
         assert "mkldnn::_linear_pointwise" not in _ops(logits)
         assert torch.allclose(routed, logits(), atol=1e-5, rtol=1e-5)
+        assert not any(p.is_mkldnn for p in b.model.parameters())
     finally:
         assert cpu_linear.route(b.model) == len(linears)
 
 
 @x86
-def test_gradients_take_torchs_own_path():
+def test_a_head_tied_to_the_embedding_stays_dense(tiny_model):
+    b = tiny_model("torch", "llama-3.2-1b")  # ties its output head to its input embedding
+    head, embedding = b.model.get_output_embeddings(), b.model.get_input_embeddings()
+    assert type(head) is cpu_linear.OneDNNLinear and head.weight is embedding.weight and not head.weight.is_mkldnn
+    assert all(m.weight.is_mkldnn for m in b.model.modules() if type(m) is cpu_linear.OneDNNLinear and m is not head)
+
+
+@x86
+def test_gradients_take_torchs_own_path():  # what LoRA training runs on (TorchBackend.lora_train)
     layer = nn.Sequential(nn.Linear(16, 8))
-    assert cpu_linear.route(layer) == 1
+    assert cpu_linear.route(layer, pack=False) == 1
     x = torch.randn(3, 16, requires_grad=True)
     layer(x).sum().backward()  # oneDNN's op has no backward: this would raise
     assert x.grad is not None and layer[0].weight.grad is not None

@@ -101,13 +101,22 @@ class TorchBackend(Backend):
         if quantize:
             quantization = torch_quant.quantize_model(model, quantize, group_size, device)
         backend = cls(model, tokenizer, Path(path), model.config.to_dict(), device, dtype, quantization)
-        if device == "cpu" and (routed := cpu_linear.route(model)):
-            backend.kernels = f"{cpu_linear.KERNEL} ({routed} layers)"
+        backend._route(pack=True)
         return backend
+
+    def _route(self, pack: bool) -> None:
+        """On a CPU, run the linear layers on oneDNN (cpu_linear), their weights packed only while
+        nothing will change, differentiate or trace them (training, adapters, --compile: pack=False)."""
+        if self.device != "cpu":
+            return
+        cpu_linear.unroute(self.model)
+        routed = cpu_linear.route(self.model, pack=pack)
+        self.kernels = f"{cpu_linear.KERNEL}{', packed' if pack else ''} ({routed} layers)" if routed else None
 
     def _compile_decode(self) -> None:
         from backends.torch_engine.compiled import CompiledDecode
 
+        self._route(pack=False)
         self.compiled = CompiledDecode(self.model, self.device, self.context_length)
 
     def session(self) -> TorchSession:
@@ -196,11 +205,13 @@ class TorchBackend(Backend):
     def lora_train(self, train, val, config, out_dir, on_step=None, resume=False):
         from backends.torch_engine import train as torch_train
 
+        self._route(pack=False)
         return torch_train.train(self, train, val, config, out_dir, on_step=on_step, resume=resume)
 
     def apply_adapter(self, adapter_dir: Path) -> None:
         from backends.torch_engine import train as torch_train
 
+        self._route(pack=False)
         torch_train.apply_adapter(self, adapter_dir)
 
     def close(self) -> None:
