@@ -27,9 +27,12 @@ def _ops(call) -> set[str]:
 def test_a_cpu_model_runs_its_linear_layers_through_onednn_with_the_same_logits(tiny_model):
     b = tiny_model("torch")
     linears = [m for m in b.model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(type(m) is cpu_linear.OneDNNLinear for m in linears)
+    b.batch(max_batch=1)  # a batch of one reads the weights as stored
+    assert linears and all(type(m) is cpu_linear.OneDNNLinear and not m.weight.is_mkldnn for m in linears)
+    assert b.info().kernels == f"oneDNN linear ({len(linears)} layers)"
+    b.batch(max_batch=4)  # a batch of several reads them in oneDNN's packed layout, packed in place
+    assert all(m.weight.is_mkldnn for m in linears)
     assert b.info().kernels == f"oneDNN linear, packed ({len(linears)} layers)"
-    assert all(m.weight.is_mkldnn for m in linears)  # packed in place: no dense copy kept
     assert b.info().weight_bytes == sum(p.numel() * 4 for p in b.model.parameters())
     ids = torch.tensor([[5, 17, 200, 3, 99, 41]])
 
@@ -45,15 +48,26 @@ def test_a_cpu_model_runs_its_linear_layers_through_onednn_with_the_same_logits(
         assert torch.allclose(routed, logits(), atol=1e-5, rtol=1e-5)
         assert not any(p.is_mkldnn for p in b.model.parameters())
     finally:
-        assert cpu_linear.route(b.model) == len(linears)
+        assert cpu_linear.route(b.model) == len(linears)  # packed again, as the backend left it
 
 
 @x86
 def test_a_head_tied_to_the_embedding_stays_dense(tiny_model):
     b = tiny_model("torch", "llama-3.2-1b")  # ties its output head to its input embedding
+    b.batch(max_batch=4)
     head, embedding = b.model.get_output_embeddings(), b.model.get_input_embeddings()
     assert type(head) is cpu_linear.OneDNNLinear and head.weight is embedding.weight and not head.weight.is_mkldnn
     assert all(m.weight.is_mkldnn for m in b.model.modules() if type(m) is cpu_linear.OneDNNLinear and m is not head)
+
+
+@x86
+def test_training_and_compile_keep_the_weights_dense(tiny_folder):
+    b = backends.get("torch").load(tiny_folder(), device="cpu", dtype="float32")
+    b._keep_dense()  # what lora_train, apply_adapter and --compile call first
+    b.batch(max_batch=4)
+    assert not any(p.is_mkldnn for p in b.model.parameters())
+    assert b.info().kernels.startswith("oneDNN linear (")
+    b.close()
 
 
 @x86

@@ -4,9 +4,10 @@ Decode multiplies one row (or a batch's few rows) by every weight matrix, so its
 per second the matmul kernel reads. For a float32 `F.linear`, torch's x86 build calls MKL, which on
 the CPU measured here gains nothing from a second thread at one row and reads less still at 8;
 oneDNN's `mkldnn._linear_pointwise` (the kernel torch.compile's CPU freezing lowers linear layers
-to) reads 1.3-2.8x faster from 1 to 16 rows and is still ahead at 512, and faster again on a weight
-reordered into its own blocked layout ("packed"): 1.4x a batch of 8's aggregate decode on
-SmolLM2-135M, about the same at one row (`scripts/cpu_matmul_probe.py`, docs/measurements.md).
+to) reads 1.3-2.8x faster from 1 to 16 rows and is still ahead at 512; and on a weight reordered
+into its own blocked layout for 8 rows ("packed") a batch of 8 decodes 1.4-1.5x faster again, while
+one row is no faster (SmolLM2-135M) or slower (TinyLlama-1.1B's shape, 0.7x): so TorchBackend packs
+only for a batch of several (`scripts/cpu_matmul_probe.py`, docs/measurements.md).
 
 `route` turns each plain float32/bfloat16 `nn.Linear` of a CPU model into a `OneDNNLinear`, the
 same module with its forward changed, and (pack=True) its weight replaced, one layer at a time so
@@ -29,9 +30,9 @@ from torch import nn
 
 KERNEL = "oneDNN linear"
 DTYPES = (torch.float32, torch.bfloat16)
-# The batch size oneDNN lays a packed weight out for. Measured on SmolLM2-135M: packed for 8 rows,
-# a batch of 8 decodes 1.4x faster than on the dense weight, 4 rows 1.25x, one row the same or a
-# little faster (docs/measurements.md).
+# The batch size oneDNN lays a packed weight out for: packed for 8 rows, a batch of 8 decodes 1.4x
+# (SmolLM2-135M) to 1.5x (TinyLlama-1.1B's shape) faster than on the dense weight, 4 rows 1.25x
+# (docs/measurements.md).
 PACK_ROWS = 8
 
 
