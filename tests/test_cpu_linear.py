@@ -61,6 +61,15 @@ def test_a_head_tied_to_the_embedding_stays_dense(tiny_model):
 
 
 @x86
+def test_bfloat16_packs_for_one_row_too(tiny_folder):
+    b = backends.get("torch").load(tiny_folder(), device="cpu", dtype="bfloat16")
+    b.batch(max_batch=1)
+    assert all(m.weight.is_mkldnn for m in b.model.modules() if type(m) is cpu_linear.OneDNNLinear)
+    assert len(b.generate([5, 17, 200], GenerationConfig(max_tokens=4, ignore_eos=True))) == 4
+    b.close()
+
+
+@x86
 def test_training_and_compile_keep_the_weights_dense(tiny_folder):
     b = backends.get("torch").load(tiny_folder(), device="cpu", dtype="float32")
     b._keep_dense()  # what lora_train, apply_adapter and --compile call first

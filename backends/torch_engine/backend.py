@@ -103,14 +103,13 @@ class TorchBackend(Backend):
         if quantize:
             quantization = torch_quant.quantize_model(model, quantize, group_size, device)
         backend = cls(model, tokenizer, Path(path), model.config.to_dict(), device, dtype, quantization)
-        backend._route(pack=False)
+        backend._route(pack=cpu_linear.packs(False, model.dtype))
         return backend
 
     def _route(self, pack: bool) -> None:
         """On a CPU, run the linear layers on oneDNN (cpu_linear), their weights in oneDNN's packed
-        layout for a batch of several rows, as stored for one row: measured on TinyLlama-1.1B's
-        shape, packed weights decode a batch of 8 1.5x faster than stored ones and one row 0.7x
-        as fast (docs/measurements.md). The layout follows the scheduler last made (batch_cache,
+        layout where that is faster (`cpu_linear.packs`: a batch of several rows; one row in
+        bfloat16), as stored otherwise. The layout follows the scheduler last made (batch_cache,
         one_row_cache); once training, an adapter or --compile wants the weights as they are
         (`_keep_dense`), they stay unpacked."""
         if self.device != "cpu":
@@ -139,11 +138,11 @@ class TorchBackend(Backend):
     def batch_cache(self):
         from backends.torch_engine.batch import TorchBatchCache
 
-        self._route(pack=True)
+        self._route(pack=cpu_linear.packs(True, self.model.dtype))
         return TorchBatchCache(self)
 
     def one_row_cache(self):
-        self._route(pack=False)
+        self._route(pack=cpu_linear.packs(False, self.model.dtype))
         if self.compiled is None:
             return super().one_row_cache()
         from backends.torch_engine.compiled import CompiledBatchCache

@@ -6,8 +6,9 @@ the CPU measured here gains nothing from a second thread at one row and reads le
 oneDNN's `mkldnn._linear_pointwise` (the kernel torch.compile's CPU freezing lowers linear layers
 to) reads 1.3-2.8x faster from 1 to 16 rows and is still ahead at 512; and on a weight reordered
 into its own blocked layout for 8 rows ("packed") a batch of 8 decodes 1.4-1.5x faster again, while
-one row is no faster (SmolLM2-135M) or slower (TinyLlama-1.1B's shape, 0.7x): so TorchBackend packs
-only for a batch of several (`scripts/cpu_matmul_probe.py`, docs/measurements.md).
+one float32 row is no faster (SmolLM2-135M) or slower (TinyLlama-1.1B's shape, 0.7x), a bfloat16
+row 1.2x faster: `packs` says when TorchBackend packs (`scripts/cpu_matmul_probe.py`,
+docs/measurements.md).
 
 `route` turns each plain float32/bfloat16 `nn.Linear` of a CPU model into a `OneDNNLinear`, the
 same module with its forward changed, and (pack=True) its weight replaced, one layer at a time so
@@ -34,6 +35,12 @@ DTYPES = (torch.float32, torch.bfloat16)
 # (SmolLM2-135M) to 1.5x (TinyLlama-1.1B's shape) faster than on the dense weight, 4 rows 1.25x
 # (docs/measurements.md).
 PACK_ROWS = 8
+
+
+def packs(several_rows: bool, dtype: torch.dtype) -> bool:
+    """Whether packed weights are the faster layout: for a batch of several rows, and in bfloat16
+    for one row too (1.2x there, where float32's one row is 0.7x as fast on TinyLlama-1.1B's shape)."""
+    return several_rows or dtype == torch.bfloat16
 
 
 def available() -> bool:
