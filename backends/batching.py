@@ -63,6 +63,11 @@ class BatchCache(ABC):
         """A one-row cache holding `ids` after `prefix` (a one-row cache of earlier tokens, which
         may be used up), and float32 logits [vocab] of the last position."""
 
+    def prefill_many(self, prompts: Sequence[Sequence[int]]) -> list[tuple[object, np.ndarray]]:
+        """prefill() of each prompt from nothing (no prefix), as (one-row cache, logits) pairs: in
+        one forward pass where the engine can (torch), one by one here."""
+        return [self.prefill(ids) for ids in prompts]
+
     @abstractmethod
     def add(self, row) -> None:
         """Append a one-row cache as the batch's last row (left-padded to the batch's length)."""
@@ -206,13 +211,21 @@ class BatchGenerator:
         self._cancelled.add(uid)
 
     def step(self, news: Callable[[], bool] | None = None) -> list[BatchEvent]:
-        """Admit waiting requests into free rows (each prefilled alone, its first token sampled from
-        the prefill), then decode one token for every row in one forward pass. `news()` true after
+        """Admit waiting requests into free rows (whole prompts that arrived together prefilled
+        together, a prompt with a cached prefix or one too long for this step's prefill budget
+        alone; each first token sampled from the prefill), then decode one token for every row in one forward pass. `news()` true after
         a prefill stops admitting for this step: the driver has something to say first (the server:
         a cancel is waiting, so a client that leaves costs at most the prefill under way)."""
         events = self._drop_cancelled()
         budget = self.prefill_chunk or float("inf")
         while (self.prefilling or self.waiting) and len(self.rows) < self.max_batch and budget > 0:
+            together = self._whole_prompts(budget)
+            if len(together) > 1:
+                events += self._admit_together(together)
+                budget -= sum(len(r.prompt) for r in together)
+                if news is not None and news():
+                    break
+                continue
             r, self.prefilling = self.prefilling or self.waiting.popleft(), None
             event, used = self._admit(r, budget)
             budget -= used
@@ -303,6 +316,38 @@ class BatchGenerator:
         """The uids still waiting for a slot."""
         return [r.uid for r in self.waiting]
 
+    def _whole_prompts(self, budget: float) -> list[_Request]:
+        """The waiting requests, from the front, that can be prefilled together: whole prompts
+        within `budget`, with free rows for them, nothing of them in the prompt cache (a cached
+        prefix is prefilled from, alone), none part-way in."""
+        together: list[_Request] = []
+        room = self.max_batch - len(self.rows)
+        for r in itertools.islice(self.waiting, room) if not self.prefilling else ():
+            if len(r.prompt) > budget or self._cached_prefix_length(r.prompt, r.salt)[1]:
+                break
+            together.append(r)
+            budget -= len(r.prompt)
+        return together
+
+    def _admit_together(self, together: list[_Request]) -> list[BatchEvent]:
+        """Prefill several whole prompts in one forward pass (BatchCache.prefill_many); each joins the
+        batch and samples its first token. If that pass fails, each is admitted alone (and fails alone)."""
+        for _ in together:
+            self.waiting.popleft()
+        try:
+            for r in together:
+                self.cache.expect(len(r.prompt), r.gen)
+            done = self.cache.prefill_many([r.prompt for r in together])
+        except Exception:  # noqa: BLE001 - which request's? each alone says
+            return [self._admit(r, float("inf"))[0] for r in together]
+        events = []
+        for r, (row, logits) in zip(together, done):
+            r.logits, r.fed = logits, len(r.prompt)
+            self.cache.add(row)
+            self.rows.append(r)
+            events.append(self._sample(r, time.perf_counter()))
+        return events
+
     def _admit(self, r: _Request, budget: float) -> tuple[BatchEvent | None, int]:
         """Prefill up to `budget` more of the request's prompt, alone; once all of it is in, it joins
         the batch and its first token is sampled from the prefill. (its event or None while prompt
@@ -391,9 +436,9 @@ class BatchGenerator:
         while len(self.prompt_cache) > self.prompt_cache_size:
             self.prompt_cache.popitem(last=False)
 
-    def _cached_prefix(self, prompt: list[int], salt: str | None) -> tuple[object | None, int]:
-        """The longest prefix of `prompt` cached under `salt` (all but its last token, which is fed
-        again for the next-token logits), as a one-row cache of its own, and its length."""
+    def _cached_prefix_length(self, prompt: list[int], salt: str | None) -> tuple[tuple | None, int]:
+        """The prompt-cache key under `salt` sharing the longest prefix with `prompt` (all but its
+        last token, which is fed again for the next-token logits), and that length."""
         best, best_n = None, 0
         for key in self.prompt_cache:
             if key[0] != salt:
@@ -401,6 +446,11 @@ class BatchGenerator:
             n = common_prefix(key[1:], prompt, len(prompt) - 1)
             if n > best_n:
                 best, best_n = key, n
+        return best, best_n
+
+    def _cached_prefix(self, prompt: list[int], salt: str | None) -> tuple[object | None, int]:
+        """The longest prefix of `prompt` cached under `salt`, as a one-row cache of its own, and its length."""
+        best, best_n = self._cached_prefix_length(prompt, salt)
         if best is None:
             return None, 0
         row = self.prompt_cache[best] if self.cache.crop_copies else self.prompt_cache.pop(best)

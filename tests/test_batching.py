@@ -66,6 +66,32 @@ def test_each_sequence_gets_its_own_tokens_whatever_shares_the_batch(engine, tin
     assert not batch.rows and not batch.waiting
 
 
+def test_prompts_that_arrive_together_are_prefilled_in_one_forward_pass(tiny_model):
+    """Whole prompts waiting together go in as one left-padded forward pass (torch's prefill_many),
+    each then with the tokens it gets alone; a prompt whose prefix is in the prompt cache goes in alone."""
+    b = tiny_model("torch")
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, b.vocab_size, n).tolist() for n in (5, 12, 3)]
+    gen = GenerationConfig(max_tokens=5, ignore_eos=True)
+    want = [alone(b, p, gen) for p in prompts]
+    batch = b.batch(max_batch=4)
+    shapes = []
+    hook = b.model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                             with_kwargs=True)
+    try:
+        uids = [batch.add(p, gen) for p in prompts]
+        tokens, _, _ = drive(batch)
+        assert shapes[:2] == [(3, 12), (3, 1)]  # the three prompts in one pass, then a decode step of three rows
+        assert [tokens[u] for u in uids] == want
+        shapes.clear()
+        again = [batch.add(prompts[0] + want[0][:2], gen), batch.add(prompts[1], gen)]  # both found in the cache
+        drive(batch)
+        assert shapes[0][0] == 1 and shapes[1][0] == 1  # each alone, from its cached prefix
+        assert len(again) == 2
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_prompt_prefilled_in_chunks_gives_the_tokens_of_a_whole_one(engine, tiny_model):
     """prefill_chunk (billion serve --prefill-chunk): a long prompt goes in 7 tokens a step while the

@@ -216,33 +216,39 @@ def test_a_client_that_hangs_up_during_its_prefill_leaves_before_decoding(tiny_m
 
 
 def test_a_client_that_leaves_while_others_are_prefilled_is_never_prefilled(tiny_model, monkeypatch, app_server):
-    """Requests admitted in one step are prefilled one after another: a cancel that arrives meanwhile
-    stops the admissions, so the client that left costs at most the prefill under way."""
-    calls, gates = [], [threading.Event() for _ in range(3)]
+    """A cancel that arrives while a prefill is under way stops that step's admissions: the client
+    that left is dropped before its prompt goes in, alone or with others that arrived with it, so it
+    costs at most the prefill under way; the one that stayed is answered."""
+    prefilled, gate = [], threading.Event()
 
     def gated(prefill):
         def run(ids, prefix=None):
-            calls.append(len(calls))
-            gates[calls[-1]].wait(30)
+            prefilled.append(1)
+            if len(prefilled) == 1:
+                gate.wait(30)
             return prefill(ids, prefix)
         return run
 
+    def counted(prefill_many):
+        def run(prompts):
+            prefilled.extend([len(prompts)])
+            return prefill_many(prompts)
+        return run
+
     backend = tiny_model("torch")
-    patch_cache(monkeypatch, backend, prefill=gated)
+    patch_cache(monkeypatch, backend, prefill=gated, prefill_many=counted)
     srv = app_server(backend)
     engine = srv.app.state.engines["tiny"]
     first = send(srv.url, "tiny", 1, False)
-    wait_for(lambda: len(calls) == 1, "the first prefill did not start")
+    wait_for(lambda: len(prefilled) == 1, "the first prefill did not start")
     others = send(srv.url, "tiny", 2, False)  # they wait for the next step, together
     wait_for(lambda: engine.commands.qsize() == 2, "the others did not arrive")
-    gates[0].set()
-    wait_for(lambda: len(calls) == 2, "the second prefill did not start")
-    hang_up(others[1:])  # the third leaves while the second is prefilled
-    wait_for(lambda: not engine.commands.empty(), "the server did not see the client leave")
-    gates[1].set()
+    hang_up(others[1:])  # the third leaves while the first is prefilled
+    wait_for(lambda: engine.commands.qsize() == 3, "the server did not see the client leave")
+    gate.set()
     wait_for(lambda: engine.pending == 2, "the client that left was not dropped", timeout=20)
-    assert len(calls) == 2  # it was never prefilled
-    gates[2].set()
+    wait_for(lambda: len(prefilled) == 2, "the second prefill did not start")
+    assert prefilled == [1, 1]  # the one that stayed went in alone; the one that left never did
     hang_up(first + others[:1])
 
 

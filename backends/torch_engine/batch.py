@@ -37,6 +37,22 @@ class TorchBatchCache(BatchCache):
         logits = self.model(input_ids=inp, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         return cache, logits.float().cpu().numpy()
 
+    @torch.inference_mode()
+    def prefill_many(self, prompts):
+        # left-padded to one length, the padding masked and each row's positions counted from its
+        # first real token: the same keys, values and last logits as prefilling each alone
+        if len(prompts) < 2:
+            return super().prefill_many(prompts)
+        width = max(len(ids) for ids in prompts)
+        inp = torch.tensor([[0] * (width - len(ids)) + list(ids) for ids in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device)
+        cache = self._new_cache()
+        logits = self.model(input_ids=inp, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float().cpu().numpy()
+        rows = [self._row_cache([(layer.keys[i:i + 1, :, width - len(ids):], layer.values[i:i + 1, :, width - len(ids):])
+                                 for layer in cache.layers]) for i, ids in enumerate(prompts)]
+        return list(zip(rows, logits))
+
     def add(self, row: DynamicCache) -> None:
         length = row.get_seq_length()
         if self.cache is None:
