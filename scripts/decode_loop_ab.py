@@ -7,6 +7,7 @@ other, --rounds times, each run in its own process. Reports the median decode to
 each side and the ratio after / before per engine. Nothing else should run on the machine.
 
     .venv/bin/python scripts/decode_loop_ab.py -m gguf:smollm2-135m -b torch,mlx -n 128 --rounds 5
+    .venv/bin/python scripts/decode_loop_ab.py -b torch --batch 8 --before 7a9d6a1   # a batch of 8 (aggregate)
 
 Writes one `decode_loop_ab` record per engine under --results-dir.
 """
@@ -39,17 +40,19 @@ def worktree(rev: str) -> Path:
 
 
 def bench_once(tree: Path, args, engine: str) -> dict:
-    """One `billion bench` process run from `tree`: its record's metrics."""
+    """One `billion bench` process run from `tree`: its record's metrics (with --batch, the batch's
+    aggregate decode tok/s as decode_tps)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "billion", "bench", "-m", args.model, "-b", engine,
                "-p", str(args.prompt_tokens), "-n", str(args.gen_tokens), "-r", str(args.runs),
-               "--no-parity", "--results-dir", out]
+               "--results-dir", out] + (["--batch", str(args.batch)] if args.batch > 1 else ["--no-parity"])
         env = {**os.environ, "PYTHONPATH": str(tree)}
         done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"bench failed in {tree}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-        (record,) = [json.loads(p.read_text()) for p in Path(out).glob("bench-*.json")]
-        return record["metrics"]
+        (record,) = [json.loads(p.read_text()) for p in Path(out).glob("bench*.json")]
+        metrics = record["metrics"]
+        return {**metrics, "decode_tps": metrics["aggregate_decode_tps"]} if args.batch > 1 else metrics
 
 
 def main() -> None:
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("-n", "--gen-tokens", type=int, default=128)
     parser.add_argument("-r", "--runs", type=int, default=3, help="timed runs inside each bench process")
     parser.add_argument("--rounds", type=int, default=5, help="bench processes per side, alternating")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (bench --batch)")
     parser.add_argument("--before", default=BEFORE)
     parser.add_argument("--results-dir", default="results")
     args = parser.parse_args()
@@ -80,7 +84,7 @@ def main() -> None:
               f"(after / before {ratio:.3f}); ttft {med['after']['ttft_s'] * 1e3:.1f} vs "
               f"{med['before']['ttft_s'] * 1e3:.1f} ms")
         record = make_record("decode_loop_ab", engine, args.model,
-                             config={"before": args.before, "prompt_tokens": args.prompt_tokens,
+                             config={"before": args.before, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
                                      "gen_tokens": args.gen_tokens, "runs": args.runs, "rounds": args.rounds},
                              metrics={"decode_tps_after": med["after"]["decode_tps"],
                                       "decode_tps_before": med["before"]["decode_tps"],
