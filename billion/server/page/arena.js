@@ -371,6 +371,14 @@ function update(turn, model) {
     view.reply.append(Object.assign(document.createElement('div'), { className: 'error', textContent: reply.error }));
   }
   markDivergence(turn);
+  // every column's line: the mark may have moved in a column that finished before this one started
+  for (const [m, v] of Object.entries(state.views.get(turn))) {
+    if (turn.replies[m]) drawMetrics(v, turn.replies[m]);
+  }
+  view.transcript.scrollTop = view.transcript.scrollHeight;
+}
+
+function drawMetrics(view, reply) {
   const parts = [];
   if (reply.ttftMs !== null) {
     parts.push(`TTFT ${reply.ttftMs.toFixed(0)} ms` +
@@ -384,7 +392,6 @@ function update(turn, model) {
   view.metrics.textContent = parts.join(' · ');
   Object.assign(view.metrics.dataset, { count: reply.tokens.length, finish: reply.finish || '',
                                         ttft: reply.ttftMs ?? '', serverTtft: reply.serverTtftMs ?? '' });
-  view.transcript.scrollTop = view.transcript.scrollHeight;
 }
 
 function markDivergence(turn) {
