@@ -21,7 +21,8 @@ backend half the machine's cores, one thread here, so its figures sit in the 1-t
 
     .venv/bin/python scripts/cpu_matmul_probe.py --profile-model gguf:smollm2-135m   # where decode goes
 
-Prints GB/s (weight bytes read per second) per kernel and row count; writes one `cpu_matmul_probe`
+Prints GB/s (weight bytes read per second) per kernel and row count, and what one call costs with
+(almost) nothing to read, for torch's `F.linear` and oneDNN; writes one `cpu_matmul_probe`
 record under --results-dir, `lscpu`'s model name in it. With --profile-model, also torch's
 profiler over 16 decode steps of that model (billion's torch engine, float32): the share of the
 time each operator takes, in the record too.
@@ -99,6 +100,22 @@ def kernels(weights: list[torch.Tensor], rows: int):
         pass
     xn = x.numpy()
     yield "numpy float32 (its BLAS)", f32, [w.numpy() for w in weights], lambda w: xn @ w.T
+
+
+def call_overhead_us(calls: int = 20000) -> dict:
+    """Microseconds one call costs where there is almost nothing to read (a 64 x 64 weight, one row):
+    what a model of many small matrices pays per layer before any weight is read."""
+    x, w = torch.randn(1, 64), torch.randn(64, 64)
+    out = {}
+    for name, call in (("torch F.linear", lambda: nn.functional.linear(x, w)), ("torch oneDNN", lambda: onednn(x)(w))):
+        with torch.inference_mode():
+            for _ in range(calls // 10):
+                call()
+            start = time.perf_counter()
+            for _ in range(calls):
+                call()
+        out[name] = (time.perf_counter() - start) / calls * 1e6
+    return out
 
 
 def llama_cpp_rows(binary: Path, rows_list: list[int]) -> list[dict]:
@@ -206,7 +223,9 @@ def main() -> None:
             cells.append(" / ".join(f"{row[k]:5.1f}" if k in row else "    -" for k in
                                     (f"gbs_{t}_threads" for t in thread_counts)))
         print(f"  {name:36s} " + "".join(f"{c:>16s}" for c in cells))
-    metrics = {"rows": results, "threads": all_threads, "cpu": cpu}
+    overhead = call_overhead_us()
+    print("per call on a 64 x 64 weight: " + ", ".join(f"{k} {v:.1f} us" for k, v in overhead.items()))
+    metrics = {"rows": results, "threads": all_threads, "cpu": cpu, "call_overhead_us": overhead}
     if model is not None:
         metrics["decode_profile"] = profile_decode(model)
         print(f"torch decode of {args.profile_model} (prompt 128 tokens, 16 steps, float32), self CPU time:")

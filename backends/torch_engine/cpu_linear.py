@@ -5,10 +5,10 @@ per second the matmul kernel reads. For a float32 `F.linear`, torch's x86 build 
 the CPU measured here gains nothing from a second thread at one row and reads less still at 8;
 oneDNN's `mkldnn._linear_pointwise` (the kernel torch.compile's CPU freezing lowers linear layers
 to) reads 1.3-2.8x faster from 1 to 16 rows and is still ahead at 512; and on a weight reordered
-into its own blocked layout for 8 rows ("packed") a batch of 8 decodes 1.4-1.5x faster again, while
-one float32 row is no faster (SmolLM2-135M) or slower (TinyLlama-1.1B's shape, 0.7x), a bfloat16
-row 1.2x faster: `packs` says when TorchBackend packs (`scripts/cpu_matmul_probe.py`,
-docs/measurements.md).
+into its own blocked layout for 8 rows ("packed") a batch of 8 decodes 1.2x (SmolLM2-135M) to 1.5x
+(TinyLlama-1.1B's shape) faster again, while one float32 row gains 4% (135M) or loses a quarter
+(1.1B: 0.77x), and one bfloat16 row decodes 1.8x faster: `packs` says when TorchBackend packs
+(`scripts/cpu_matmul_probe.py`, `scripts/cpu_linear_layouts.py`, docs/measurements.md).
 
 `route` turns each plain float32/bfloat16 `nn.Linear` of a CPU model into a `OneDNNLinear`, the
 same module with its forward changed, and (pack=True) its weight replaced, one layer at a time so
@@ -31,15 +31,15 @@ from torch import nn
 
 KERNEL = "oneDNN linear"
 DTYPES = (torch.float32, torch.bfloat16)
-# The batch size oneDNN lays a packed weight out for: packed for 8 rows, a batch of 8 decodes 1.4x
-# (SmolLM2-135M) to 1.5x (TinyLlama-1.1B's shape) faster than on the dense weight, 4 rows 1.25x
-# (docs/measurements.md).
+# The batch size oneDNN lays a packed weight out for: packed for 8 rows, a batch of 8 decodes 1.2x
+# (SmolLM2-135M) to 1.5x (TinyLlama-1.1B's shape) faster than on the weight as stored
+# (scripts/cpu_linear_layouts.py; docs/measurements.md).
 PACK_ROWS = 8
 
 
 def packs(several_rows: bool, dtype: torch.dtype) -> bool:
     """Whether packed weights are the faster layout: for a batch of several rows, and in bfloat16
-    for one row too (1.2x there, where float32's one row is 0.7x as fast on TinyLlama-1.1B's shape)."""
+    for one row too (1.8x there, where one float32 row is 0.77x as fast on TinyLlama-1.1B's shape)."""
     return several_rows or dtype == torch.bfloat16
 
 
