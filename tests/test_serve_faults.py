@@ -318,6 +318,8 @@ def alone(backend, prompt="a", max_tokens=16):
 
 
 def test_a_request_whose_prefill_runs_out_of_memory_fails_alone(tiny_model, monkeypatch, app_server):
+    """Alone, or prefilled together with the others (then the pass that fails is retried prompt by
+    prompt, and only the long one fails)."""
     def short_only(prefill):
         def run(ids, prefix=None):
             if len(ids) > 100:
@@ -325,8 +327,15 @@ def test_a_request_whose_prefill_runs_out_of_memory_fails_alone(tiny_model, monk
             return prefill(ids, prefix)
         return run
 
+    def short_ones_only(prefill_many):
+        def run(prompts):
+            if any(len(ids) > 100 for ids in prompts):
+                raise MemoryError("simulated: no room for these prompts' caches")
+            return prefill_many(prompts)
+        return run
+
     backend = tiny_model("torch")
-    patch_cache(monkeypatch, backend, prefill=short_only)
+    patch_cache(monkeypatch, backend, prefill=short_only, prefill_many=short_ones_only)
     srv = app_server(backend)
     answers = {}
 
