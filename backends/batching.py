@@ -213,9 +213,10 @@ class BatchGenerator:
     def step(self, news: Callable[[], bool] | None = None) -> list[BatchEvent]:
         """Admit waiting requests into free rows (whole prompts that arrived together prefilled
         together, a prompt with a cached prefix or one too long for this step's prefill budget
-        alone; each first token sampled from the prefill), then decode one token for every row in one forward pass. `news()` true after
-        a prefill stops admitting for this step: the driver has something to say first (the server:
-        a cancel is waiting, so a client that leaves costs at most the prefill under way)."""
+        alone; each first token sampled from the prefill), then decode one token for every row in
+        one forward pass. `news()` true after a prefill stops admitting for this step: the driver
+        has something to say first (the server: a cancel is waiting, so a client that leaves costs
+        at most the prefill under way)."""
         events = self._drop_cancelled()
         budget = self.prefill_chunk or float("inf")
         while (self.prefilling or self.waiting) and len(self.rows) < self.max_batch and budget > 0:
@@ -343,9 +344,7 @@ class BatchGenerator:
         events = []
         for r, (row, logits) in zip(together, done):
             r.logits, r.fed = logits, len(r.prompt)
-            self.cache.add(row)
-            self.rows.append(r)
-            events.append(self._sample(r, time.perf_counter()))
+            events.append(self._join(r, row))
         return events
 
     def _admit(self, r: _Request, budget: float) -> tuple[BatchEvent | None, int]:
@@ -368,10 +367,14 @@ class BatchGenerator:
         if r.fed < len(r.prompt):
             return None, used
         row, r.partial = r.partial, None
+        return self._join(r, row), used
+
+    def _join(self, r: _Request, row) -> BatchEvent:
+        """A request whose prompt is all in (`row`, its one-row cache) joins the batch as its last
+        row; its first token comes from the prefill's logits."""
         self.cache.add(row)
         self.rows.append(r)
-        event = self._sample(r, time.perf_counter())  # the first token comes from the prefill
-        return replace(event, cached_tokens=r.reused), used
+        return replace(self._sample(r, time.perf_counter()), cached_tokens=r.reused)
 
     def _sample(self, r: _Request, now: float) -> BatchEvent:
         try:

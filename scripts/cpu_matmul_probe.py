@@ -23,7 +23,7 @@ backend half the machine's cores, one thread here, so its figures sit in the 1-t
 
 Prints GB/s (weight bytes read per second) per kernel and row count, and what one call costs with
 (almost) nothing to read, for torch's `F.linear` and oneDNN; writes one `cpu_matmul_probe`
-record under --results-dir, `lscpu`'s model name in it. With --profile-model, also torch's
+record under --results-dir (the chip named in its machine, as in every record). With --profile-model, also torch's
 profiler over 16 decode steps of that model (billion's torch engine, float32): the share of the
 time each operator takes, in the record too.
 """
@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from backends import host
 from backends.folders import billion_home
 from billion.records.store import make_record, write_record
 
@@ -135,14 +136,6 @@ def llama_cpp_rows(binary: Path, rows_list: list[int]) -> list[dict]:
     return found
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except FileNotFoundError:
-        return "?"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-
-
 def _linear(w: torch.Tensor) -> nn.Linear:
     layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
     layer.weight = nn.Parameter(w.clone(), requires_grad=False)
@@ -200,7 +193,7 @@ def main() -> None:
     weights = [torch.randn(args.out, args.inp) for _ in range(args.layers)]
     all_threads = torch.get_num_threads()
     thread_counts = sorted({1, all_threads})
-    cpu = cpu_model()
+    cpu = host.chip_name()
     results = []
     print(f"{cpu}; {args.layers} x [{args.out} x {args.inp}] float32 = "
           f"{sum(w.numel() * 4 for w in weights) / 1e6:.0f} MB; torch {torch.__version__}, {all_threads} threads")
@@ -225,7 +218,7 @@ def main() -> None:
         print(f"  {name:36s} " + "".join(f"{c:>16s}" for c in cells))
     overhead = call_overhead_us()
     print("per call on a 64 x 64 weight: " + ", ".join(f"{k} {v:.1f} us" for k, v in overhead.items()))
-    metrics = {"rows": results, "threads": all_threads, "cpu": cpu, "call_overhead_us": overhead}
+    metrics = {"rows": results, "threads": all_threads, "call_overhead_us": overhead}
     if model is not None:
         metrics["decode_profile"] = profile_decode(model)
         print(f"torch decode of {args.profile_model} (prompt 128 tokens, 16 steps, float32), self CPU time:")

@@ -41,8 +41,6 @@ class TorchBatchCache(BatchCache):
     def prefill_many(self, prompts):
         # left-padded to one length, the padding masked and each row's positions counted from its
         # first real token: the same keys, values and last logits as prefilling each alone
-        if len(prompts) < 2:
-            return super().prefill_many(prompts)
         width = max(len(ids) for ids in prompts)
         inp = torch.tensor([[0] * (width - len(ids)) + list(ids) for ids in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device)
